@@ -1,0 +1,408 @@
+//! [`ArcCache`]: `(TypeId, DataKey)` → the live `Arc` deserialized from that key, if any.
+//!
+//! It is what makes paging in preserve sharing: a node that two parents point to is
+//! deserialized once and both parents get the same `Arc`.
+//!
+//! Entries are **weak**: the cache never keeps a value alive. When the last strong handle
+//! elsewhere is dropped the value is freed, and its entry is pruned later (amortized over
+//! insertions, or at once by [`ArcCache::prune`]), so the map stays proportional to the values
+//! that are alive.
+
+use std::any::TypeId;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
+
+use dashmap::DashMap;
+
+use crate::erase::{ArcEraseDyn, WeakEraseDyn};
+use crate::key::{DataKey, KeyHasherBuilder};
+
+/// Entries created between two automatic prunes, at the least.
+const MIN_PRUNE_INTERVAL: usize = 1024;
+
+type Weakened = Option<Box<dyn WeakEraseDyn>>;
+
+/// One `(TypeId, DataKey)`'s entry. Its mutex is held while the value is being loaded, so
+/// concurrent loaders of the same key wait for the first one instead of loading again.
+#[derive(Default)]
+struct Slot(Mutex<Weakened>);
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, Weakened> {
+        // A loader that panicked leaves the slot empty or holding a valid weak handle: both
+        // are consistent states, so poisoning carries no information here.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn try_lock(&self) -> Option<MutexGuard<'_, Weakened>> {
+        match self.0.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
+fn live(slot: &Weakened) -> Option<Box<dyn ArcEraseDyn>> {
+    slot.as_ref()?.upgrade()
+}
+
+fn live_typed<T: ?Sized + Send + Sync + 'static>(slot: &Weakened) -> Option<Arc<T>> {
+    slot.as_ref()?.as_any().downcast_ref::<Weak<T>>()?.upgrade()
+}
+
+/// A map from `(TypeId, DataKey)` to a **weak** handle of the `Arc` deserialized from that key.
+///
+/// - The first value registered for a key wins; later registrations get the winner back.
+/// - A lookup returns a live `Arc` or nothing: an entry never keeps its value alive.
+/// - [`get_or_load`](Self::get_or_load) runs its loader at most once at a time per key:
+///   concurrent callers for the same key wait and share its result.
+/// - Dead entries are pruned (amortized over insertions), so the map stays proportional to
+///   the live values.
+///
+/// The `TypeId` distinguishes views of the same content: `Arc<T>` and `Arc<dyn Trait>`
+/// loaded from one key are two entries. The typed helpers use `TypeId::of::<T>()` of the
+/// pointee `T`.
+///
+/// ```
+/// use std::sync::Arc;
+/// use pagestore::{ArcCache, DataKey};
+///
+/// let cache = ArcCache::new();
+/// let key: DataKey = "0123456789abcdef0123456789abcdef".parse().unwrap();
+/// let first = cache.get_or_load_typed(key, || Ok(Arc::new(String::from("loaded"))))?;
+/// let again = cache.get_or_load_typed::<String>(key, || unreachable!("still alive"))?;
+/// assert!(Arc::ptr_eq(&first, &again));
+/// drop((first, again));
+/// assert!(cache.get_typed::<String>(key).is_none(), "weak: dropped values are gone");
+/// # anyhow::Ok(())
+/// ```
+pub struct ArcCache {
+    slots: DashMap<(TypeId, DataKey), Arc<Slot>, KeyHasherBuilder>,
+    created_since_prune: AtomicUsize,
+    prune_interval: AtomicUsize,
+    pruning: AtomicBool,
+}
+
+impl Default for ArcCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ArcCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        ArcCache {
+            slots: DashMap::with_hasher(KeyHasherBuilder),
+            created_since_prune: AtomicUsize::new(0),
+            prune_interval: AtomicUsize::new(MIN_PRUNE_INTERVAL),
+            pruning: AtomicBool::new(false),
+        }
+    }
+
+    /// The live value for `(type_id, key)`, if any.
+    ///
+    /// Does not wait for a load in progress: while another thread is loading this key it
+    /// returns `None`.
+    pub fn get(&self, type_id: TypeId, key: DataKey) -> Option<Box<dyn ArcEraseDyn>> {
+        let slot = self.slots.get(&(type_id, key))?;
+        // try_lock: waiting here would hold the shard's read lock while the loader may need
+        // its write lock to insert the entries of the children it loads.
+        live(&*slot.try_lock()?)
+    }
+
+    /// The live `Arc<T>` for `key`, if any (entry `TypeId::of::<T>()`). Allocates nothing.
+    pub fn get_typed<T: ?Sized + Send + Sync + 'static>(&self, key: DataKey) -> Option<Arc<T>> {
+        let slot = self.slots.get(&(TypeId::of::<T>(), key))?;
+        live_typed::<T>(&*slot.try_lock()?)
+    }
+
+    /// Registers `value` as the value of `(type_id, key)` unless a live one is there already.
+    ///
+    /// Returns `None` when `value` was registered, and `Some(winner)` when another live value
+    /// was registered first: the caller should then use (and return to its callers) the
+    /// winner, so that every holder of `key` shares one `Arc`.
+    pub fn register(
+        &self,
+        type_id: TypeId,
+        key: DataKey,
+        value: Box<dyn ArcEraseDyn>,
+    ) -> Option<Box<dyn ArcEraseDyn>> {
+        let slot = self.slot(type_id, key);
+        let mut current = slot.lock();
+        if let Some(winner) = live(&current) {
+            return Some(winner);
+        }
+        *current = Some(value.downgrade());
+        None
+    }
+
+    /// The live value of `(type_id, key)`, or the value `load` returns, which is registered.
+    ///
+    /// While one caller runs `load` for a key, other callers for the same key wait and then
+    /// share its value, so a value is loaded at most once at a time. If `load` fails, its
+    /// error is returned to its caller and the next waiter tries again.
+    ///
+    /// `load` may load *other* keys (a node's children) through this cache, but must not
+    /// load or register the key it is loading: that would wait for itself. (A content
+    /// address cannot be its own descendant, so a graph loader never does.)
+    pub fn get_or_load(
+        &self,
+        type_id: TypeId,
+        key: DataKey,
+        load: impl FnOnce() -> anyhow::Result<Box<dyn ArcEraseDyn>>,
+    ) -> anyhow::Result<Box<dyn ArcEraseDyn>> {
+        if let Some(hit) = self.get(type_id, key) {
+            return Ok(hit);
+        }
+        let slot = self.slot(type_id, key);
+        let mut current = slot.lock();
+        if let Some(winner) = live(&current) {
+            return Ok(winner);
+        }
+        let value = load()?;
+        *current = Some(value.downgrade());
+        Ok(value)
+    }
+
+    /// Typed [`get_or_load`](Self::get_or_load) for entry `(TypeId::of::<T>(), key)`.
+    pub fn get_or_load_typed<T: ?Sized + Send + Sync + 'static>(
+        &self,
+        key: DataKey,
+        load: impl FnOnce() -> anyhow::Result<Arc<T>>,
+    ) -> anyhow::Result<Arc<T>> {
+        if let Some(hit) = self.get_typed::<T>(key) {
+            return Ok(hit);
+        }
+        let slot = self.slot(TypeId::of::<T>(), key);
+        let mut current = slot.lock();
+        if let Some(winner) = live_typed::<T>(&current) {
+            return Ok(winner);
+        }
+        let value = load()?;
+        *current = Some(Box::new(Arc::downgrade(&value)));
+        Ok(value)
+    }
+
+    /// The number of entries, dead ones not yet pruned included.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the cache has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Removes every entry whose value has been dropped; returns how many it removed.
+    pub fn prune(&self) -> usize {
+        let before = self.slots.len();
+        self.slots.retain(|_, slot| {
+            // An entry another thread holds (about to load or register into it) stays: removing
+            // it would let a second entry for the same key appear beside it. `retain` holds the
+            // shard's write lock, so no new holder can appear while we look.
+            if Arc::strong_count(slot) > 1 {
+                return true;
+            }
+            match slot.try_lock() {
+                Some(current) => current.as_ref().is_some_and(|weak| !weak.is_expired()),
+                None => true,
+            }
+        });
+        let after = self.slots.len();
+        self.created_since_prune.store(0, Ordering::Relaxed);
+        self.prune_interval
+            .store((2 * after).max(MIN_PRUNE_INTERVAL), Ordering::Relaxed);
+        before.saturating_sub(after)
+    }
+
+    /// Removes every entry. Values stay alive as long as their holders keep them.
+    pub fn clear(&self) {
+        self.slots.clear();
+    }
+
+    /// The entry for `(type_id, key)`, created if absent. The returned handle keeps it from
+    /// being pruned.
+    fn slot(&self, type_id: TypeId, key: DataKey) -> Arc<Slot> {
+        if let Some(slot) = self.slots.get(&(type_id, key)) {
+            return Arc::clone(&slot);
+        }
+        let mut created = false;
+        let slot = Arc::clone(&self.slots.entry((type_id, key)).or_insert_with(|| {
+            created = true;
+            Arc::default()
+        }));
+        if created {
+            self.maybe_prune();
+        }
+        slot
+    }
+
+    /// Prunes once the entries created since the last prune reach the interval (twice the
+    /// live entries then), so pruning costs O(1) amortized per entry created.
+    fn maybe_prune(&self) {
+        let created = self.created_since_prune.fetch_add(1, Ordering::Relaxed) + 1;
+        if created < self.prune_interval.load(Ordering::Relaxed) {
+            return;
+        }
+        if self
+            .pruning
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.prune();
+            self.pruning.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl std::fmt::Debug for ArcCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArcCache")
+            .field("entries", &self.slots.len())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Barrier;
+    use std::sync::atomic::AtomicU32;
+
+    fn key(n: u8) -> DataKey {
+        DataKey::from_bytes([n.max(1); 16]).unwrap()
+    }
+
+    #[test]
+    fn first_registration_wins() {
+        let cache = ArcCache::new();
+        let first = Arc::new(1u32);
+        let second = Arc::new(1u32);
+        let id = TypeId::of::<u32>();
+        assert!(
+            cache
+                .register(id, key(1), Box::new(first.clone()))
+                .is_none()
+        );
+        let winner = cache
+            .register(id, key(1), Box::new(second))
+            .expect("first is alive");
+        assert!(Arc::ptr_eq(
+            &crate::erase::downcast_arc::<u32>(&*winner).unwrap(),
+            &first
+        ));
+    }
+
+    #[test]
+    fn a_dead_entry_is_replaced() {
+        let cache = ArcCache::new();
+        let id = TypeId::of::<u32>();
+        assert!(
+            cache
+                .register(id, key(1), Box::new(Arc::new(1u32)))
+                .is_none()
+        );
+        assert!(cache.get(id, key(1)).is_none());
+        let second = Arc::new(2u32);
+        assert!(
+            cache
+                .register(id, key(1), Box::new(second.clone()))
+                .is_none()
+        );
+        assert!(Arc::ptr_eq(
+            &cache.get_typed::<u32>(key(1)).unwrap(),
+            &second
+        ));
+    }
+
+    #[test]
+    fn type_ids_separate_views_of_one_key() {
+        let cache = ArcCache::new();
+        let a = cache
+            .get_or_load_typed(key(1), || Ok(Arc::new(1u32)))
+            .unwrap();
+        let b = cache
+            .get_or_load_typed(key(1), || Ok(Arc::new(1u64)))
+            .unwrap();
+        assert_eq!((*a, *b), (1, 1));
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn a_failed_load_is_retried() {
+        let cache = ArcCache::new();
+        assert!(
+            cache
+                .get_or_load_typed::<u32>(key(1), || anyhow::bail!("no"))
+                .is_err()
+        );
+        let value = cache
+            .get_or_load_typed(key(1), || Ok(Arc::new(7u32)))
+            .unwrap();
+        assert_eq!(*value, 7);
+    }
+
+    #[test]
+    fn concurrent_loaders_load_once() {
+        let cache = ArcCache::new();
+        let loads = AtomicU32::new(0);
+        let barrier = Barrier::new(8);
+        let results: Vec<Arc<u32>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        cache
+                            .get_or_load_typed(key(9), || {
+                                loads.fetch_add(1, Ordering::SeqCst);
+                                std::thread::sleep(std::time::Duration::from_millis(20));
+                                Ok(Arc::new(9u32))
+                            })
+                            .unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        assert!(results.iter().all(|r| Arc::ptr_eq(r, &results[0])));
+    }
+
+    #[test]
+    fn nested_loads_of_other_keys_do_not_deadlock() {
+        let cache = ArcCache::new();
+        let parent = cache
+            .get_or_load_typed(key(1), || {
+                let child = cache.get_or_load_typed(key(2), || Ok(Arc::new(2u32)))?;
+                Ok(Arc::new(*child + 1))
+            })
+            .unwrap();
+        assert_eq!(*parent, 3);
+    }
+
+    #[test]
+    fn dead_entries_are_pruned_and_growth_is_bounded() {
+        let cache = ArcCache::new();
+        let keep = cache
+            .get_or_load_typed(key(1), || Ok(Arc::new(0u64)))
+            .unwrap();
+        for n in 0..20_000u64 {
+            let mut bytes = [0u8; 16];
+            bytes[..8].copy_from_slice(&(n + 10).to_le_bytes());
+            let k = DataKey::from_bytes(bytes).unwrap();
+            drop(cache.get_or_load_typed(k, || Ok(Arc::new(n))).unwrap());
+        }
+        assert!(
+            cache.len() <= 2 * MIN_PRUNE_INTERVAL + 1,
+            "len {}",
+            cache.len()
+        );
+        cache.prune();
+        assert_eq!(cache.len(), 1);
+        assert!(Arc::ptr_eq(&cache.get_typed::<u64>(key(1)).unwrap(), &keep));
+    }
+}

@@ -1,0 +1,135 @@
+//! [`Error`]: what pagestore itself reports.
+//!
+//! The [`PagableStorage`](crate::PagableStorage) trait returns [`anyhow::Result`], the error
+//! type of the ecosystem it plugs into. Errors that pagestore raises travel inside it as an
+//! [`Error`], which a caller recovers with [`anyhow::Error::downcast_ref`]:
+//!
+//! ```
+//! use pagestore::{DataKey, Error, InMemoryPagableStorage, PagableStorage};
+//!
+//! let storage = InMemoryPagableStorage::new();
+//! let key: DataKey = "0123456789abcdef0123456789abcdef".parse().unwrap();
+//! let err = storage.fetch_data_blocking(&key).unwrap_err();
+//! match err.downcast_ref::<Error>() {
+//!     Some(Error::NotFound(missing)) => assert_eq!(*missing, key),
+//!     other => panic!("unexpected: {other:?}"),
+//! }
+//! // Or, for the common question, without matching:
+//! assert!(Error::is_not_found(&err));
+//! ```
+
+use std::path::PathBuf;
+
+use crate::key::DataKey;
+
+/// An error raised by pagestore. Carried inside [`anyhow::Error`] by the storage trait; see the
+/// [module docs](self) for how to get it back out.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No node is stored under this key.
+    #[error(
+        "no data stored under key {0}: it was never stored here, or was stored in another store \
+         or before a reset"
+    )]
+    NotFound(DataKey),
+
+    /// The record stored under `key` is damaged: it does not decode, or its content does not
+    /// hash to `key`. The damaged bytes are never returned.
+    #[error(
+        "the record stored under key {key} is corrupt ({reason}); run verify() to find all damaged \
+         records, and store the value again from its source"
+    )]
+    Corrupt {
+        /// The key whose record is damaged.
+        key: DataKey,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// An I/O operation on `path` failed.
+    #[error("could not {operation} {}: {source}", path.display())]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// What pagestore was doing, as a verb phrase ("create directory", "open database").
+        operation: &'static str,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An earlier write failed, so the store no longer knows what reached disk; it refuses
+    /// further writes instead of pretending they succeed.
+    #[error(
+        "an earlier write failed ({cause}); data stored since the last successful flush may be \
+         lost. Close and re-open the store"
+    )]
+    Poisoned {
+        /// The first failure, as text.
+        cause: String,
+    },
+}
+
+impl Error {
+    /// Whether `err` (as returned by the storage trait) is a [`Error::NotFound`].
+    pub fn is_not_found(err: &anyhow::Error) -> bool {
+        matches!(err.downcast_ref::<Error>(), Some(Error::NotFound(_)))
+    }
+
+    /// Whether `err` (as returned by the storage trait) is a [`Error::Corrupt`].
+    pub fn is_corrupt(err: &anyhow::Error) -> bool {
+        matches!(err.downcast_ref::<Error>(), Some(Error::Corrupt { .. }))
+    }
+
+    /// Wraps an I/O error with the path and operation it concerns.
+    pub(crate) fn io(
+        operation: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io {
+            path,
+            operation,
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_key_in_hex_and_say_what_to_do() {
+        let key: DataKey = "000102030405060708090a0b0c0d0e0f".parse().unwrap();
+        let msg = Error::Corrupt {
+            key,
+            reason: "bad".into(),
+        }
+        .to_string();
+        assert!(msg.contains("000102030405060708090a0b0c0d0e0f"), "{msg}");
+        assert!(msg.contains("verify()"), "{msg}");
+        let msg = Error::NotFound(key).to_string();
+        assert!(msg.contains("000102030405060708090a0b0c0d0e0f"), "{msg}");
+        let io = Error::io("open database", "/x/pagable.db")(std::io::ErrorKind::NotFound.into());
+        assert!(
+            io.to_string()
+                .starts_with("could not open database /x/pagable.db"),
+            "{io}"
+        );
+    }
+
+    #[test]
+    fn downcasts_through_anyhow() {
+        let key: DataKey = "000102030405060708090a0b0c0d0e0f".parse().unwrap();
+        let err = anyhow::Error::from(Error::NotFound(key));
+        assert!(Error::is_not_found(&err));
+        assert!(!Error::is_corrupt(&err));
+        let err = err.context("while paging in");
+        assert!(
+            Error::is_not_found(&err),
+            "context keeps the error reachable"
+        );
+    }
+}

@@ -1,0 +1,69 @@
+//! Page `Arc`-shared object graphs out to a content-addressed store and back in, with sharing
+//! preserved.
+//!
+//! Large programs (build systems, compilers, language servers) hold huge graphs of
+//! `Arc`-shared data. pagestore stores each node as a [`PagableData`] — its serialized bytes
+//! plus the [`DataKey`]s of the nodes it points to — under a key that hashes both, so equal
+//! subgraphs are stored once whoever wrote them (a Merkle DAG). A [`PagableStorage`] backend
+//! holds the nodes; its [`ArcCache`] makes a node loaded twice come back as the *same* `Arc`.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use pagestore::{InMemoryPagableStorage, PagableData, PagableStorage};
+//!
+//! let storage: Arc<dyn PagableStorage> = Arc::new(InMemoryPagableStorage::new());
+//!
+//! // Children first: a parent's key covers its children's keys.
+//! let leaf = storage.store_data(PagableData { data: b"shared leaf".to_vec(), arcs: vec![] })?;
+//! let left = storage.store_data(PagableData { data: b"left".to_vec(), arcs: vec![leaf] })?;
+//! let right = storage.store_data(PagableData { data: b"right".to_vec(), arcs: vec![leaf] })?;
+//! let root = storage.store_data(PagableData { data: b"root".to_vec(), arcs: vec![left, right] })?;
+//! storage.flush()?;
+//!
+//! // Same content, same key: storing it again is free and changes nothing.
+//! let again = storage.store_data(PagableData { data: b"shared leaf".to_vec(), arcs: vec![] })?;
+//! assert_eq!(again, leaf);
+//!
+//! let node = storage.fetch_data_blocking(&root)?;
+//! assert_eq!(node.data, b"root");
+//! assert_eq!(node.arcs, [left, right]);
+//! # anyhow::Ok(())
+//! ```
+//!
+//! # Guarantees
+//!
+//! - A key is the blake3-128 hash of a node's content and children's keys, byte-for-byte the
+//!   one the reference implementation (`pagable` 0.3.3) computes; records use its encoding
+//!   (see [`codec`]).
+//! - Read-your-writes: once `store_data` returns, every thread can fetch the key.
+//! - The arc cache holds values weakly and loads each `(TypeId, DataKey)` at most once at a
+//!   time; it never keeps a value alive and it prunes itself.
+//! - Bad bytes are typed errors ([`Error`]), never panics and never wrong data.
+//!
+//! # Features
+//!
+//! - **`tokio`** (default): async fetches run the backend's blocking read on tokio's blocking
+//!   pool, so an async caller never stalls a runtime worker. Without it they read inline.
+
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod codec;
+pub mod data;
+pub mod erase;
+pub mod error;
+pub mod key;
+pub mod paging;
+pub mod session;
+pub mod storage;
+
+pub use cache::ArcCache;
+pub use data::PagableData;
+pub use erase::{ArcEraseDyn, WeakEraseDyn};
+pub use error::Error;
+pub use key::{DataKey, ParseKeyError};
+pub use paging::PagingQueue;
+pub use session::SessionContext;
+pub use storage::PagableStorage;
+pub use storage::memory::InMemoryPagableStorage;
