@@ -67,3 +67,8 @@ pub use paging::PagingQueue;
 pub use session::SessionContext;
 pub use storage::PagableStorage;
 pub use storage::memory::InMemoryPagableStorage;
+
+/// The README's examples compile and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
