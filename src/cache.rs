@@ -45,9 +45,12 @@ impl Slot {
             .upgrade()
     }
 
-    /// Whether pruning may remove it: its value is gone and nobody is loading it.
+    /// Whether pruning may remove it: its value is gone and nobody is loading it. A load
+    /// lock only the entry holds is an orphan (its loader panicked) and does not count;
+    /// pruning holds the shard's write lock, so nobody can join it meanwhile.
     fn is_dead(&self) -> bool {
-        self.loading.is_none() && self.value.as_ref().is_none_or(|weak| weak.is_expired())
+        self.loading.as_ref().is_none_or(|lock| Arc::strong_count(lock) == 1)
+            && self.value.as_ref().is_none_or(|weak| weak.is_expired())
     }
 }
 
@@ -381,6 +384,18 @@ mod tests {
             .get_or_load_typed(key(1), || Ok(Arc::new(7u32)))
             .unwrap();
         assert_eq!(*value, 7);
+    }
+
+    #[test]
+    fn a_panicking_loader_leaves_a_usable_prunable_entry() {
+        let cache = ArcCache::new();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            cache.get_or_load_typed::<u32>(key(1), || panic!("loader bug"))
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(cache.prune(), 1, "the orphaned entry is pruned");
+        let value = cache.get_or_load_typed(key(1), || Ok(Arc::new(5u32))).unwrap();
+        assert_eq!(*value, 5);
     }
 
     #[test]
