@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use pagestore::{DataKey, PagableData, PagableStorage, SqliteBackedPagableStorage};
+use pagestore::{DataKey, Durability, PagableData, PagableStorage, SqliteBackedPagableStorage};
 
 /// Node `i`: 64..=256 pseudo-random bytes, like the anchor harness's small blobs.
 fn node(i: u64) -> PagableData {
@@ -127,5 +127,55 @@ fn fetch(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, store, flush, fetch);
+/// A SQLite read while another thread stores and commits big batches. With no journal
+/// (Cache) a read that meets a commit waits for it on SQLite's busy handler; in WAL mode
+/// (Durable) it reads the last committed snapshot without waiting.
+fn fetch_while_writing(c: &mut Criterion) {
+    for (name, durability) in [
+        ("cache", Durability::Cache),
+        ("durable", Durability::Durable),
+    ] {
+        fetch_while_writing_in(c, name, durability);
+    }
+}
+
+fn fetch_while_writing_in(c: &mut Criterion, name: &str, durability: Durability) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const N: u64 = 100_000;
+    let mut group = c.benchmark_group("sqlite/fetch_while_writing");
+    group.throughput(Throughput::Elements(1));
+    let dir = tempfile::tempdir().unwrap();
+    let storage = pagestore::SqliteOptions::default()
+        .durability(durability)
+        .open(dir.path())
+        .unwrap();
+    let keys: Vec<DataKey> = (0..N)
+        .map(|i| storage.store_data(node(i)).unwrap())
+        .collect();
+    storage.flush().unwrap();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut i = N;
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..20_000 {
+                    i += 1;
+                    storage.store_data(node(i)).unwrap();
+                }
+                storage.flush().unwrap();
+            }
+        });
+        let mut n = 0usize;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                n = (n + 7919) % keys.len();
+                black_box(storage.fetch_data_blocking(&keys[n]).unwrap())
+            })
+        });
+        stop.store(true, Ordering::Relaxed);
+    });
+    group.finish();
+}
+
+criterion_group!(benches, store, flush, fetch, fetch_while_writing);
 criterion_main!(benches);
