@@ -91,9 +91,9 @@
 //!
 //! - **external** (the default, `#[typetag::serde]`) and **adjacent**
 //!   (`#[typetag::serde(tag = "type", content = "value")]`) work;
-//! - **internal** (`#[typetag::serde(tag = "type")]`) does not: it needs
-//!   `deserialize_any`, which postcard cannot provide (page-in fails with a
-//!   [`Deserialize`](crate::Error::Deserialize) error).
+//! - **internal** (`#[typetag::serde(tag = "type")]`) works for struct impls only: an
+//!   **enum** impl needs `deserialize_any`, which postcard cannot provide, so its page-in fails
+//!   with a [`Deserialize`](crate::Error::Deserialize) error. Prefer external tagging.
 //!
 //! The tag is the impl's type name unless renamed, and it is stored: give each impl a stable
 //! `#[typetag::serde(name = "...")]` so that renaming or moving a type does not orphan stored

@@ -202,9 +202,10 @@ pub(crate) fn walk<T: ?Sized + Serialize>(
                 for &child in children.iter().rev() {
                     match nodes[child as usize].state {
                         State::Done(_) => {}
-                        State::New => stack.push(child),
-                        // An open child is on the path from the root to here: a cycle.
-                        State::Open { .. } => {
+                        State::New if child != top => stack.push(child),
+                        // An open child is on the path from the root to here (or is this
+                        // node itself): a cycle.
+                        State::New | State::Open { .. } => {
                             return Err(Error::Serialize {
                                 type_name: nodes[child as usize].value.type_name(),
                                 reason: "the graph has a cycle (a shared value reaches itself \

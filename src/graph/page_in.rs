@@ -286,7 +286,40 @@ fn custom_message<X: DeserializeOwned>(key: DataKey, node: &Arc<PagableData>) ->
     };
     with_state(|state| state.frames.pop());
     take_stashed();
-    message
+    if message != postcard::Error::SerdeDeCustom.to_string() {
+        return message;
+    }
+    // The message was lost at a nested serde layer. For a typetag trait object, name the tag
+    // and ask typetag itself whether it knows it.
+    if let Some(unknown) = unknown_typetag::<X>(&node.data) {
+        return unknown;
+    }
+    "a custom serde error whose message postcard does not keep; for a `dyn Trait`, check that \
+     the stored typetag name is registered in this program and that the trait is not \
+     internally tagged with an enum impl"
+        .into()
+}
+
+/// typetag's own message ("unknown variant `cat`, expected one of …") when `data` is an
+/// externally tagged trait object whose tag this program does not register.
+fn unknown_typetag<X: DeserializeOwned>(data: &[u8]) -> Option<String> {
+    if !std::any::type_name::<X>().starts_with("alloc::boxed::Box<dyn ") {
+        return None;
+    }
+    // Externally tagged in postcard: a one-entry map, then the tag as a string.
+    let (len, rest) = postcard::take_from_bytes::<usize>(data).ok()?;
+    let (tag, _) = postcard::take_from_bytes::<&str>(rest).ok()?;
+    if len != 1 {
+        return None;
+    }
+    // Ask typetag through a self-describing deserializer, which keeps its message.
+    let probe = serde::de::value::MapDeserializer::<_, serde::de::value::Error>::new(
+        std::iter::once((tag, ())),
+    );
+    match X::deserialize(probe) {
+        Err(err) if err.to_string().starts_with("unknown variant") => Some(err.to_string()),
+        _ => None,
+    }
 }
 
 /// Installs a fresh page-in session on this thread; the previous one (a page-in nested in a
