@@ -110,6 +110,7 @@
 //! [`Serialize`](crate::Error::Serialize).
 
 mod adapters;
+mod held;
 mod out;
 mod page_in;
 mod shared;

@@ -11,7 +11,6 @@
 //! the deferred child from depth zero, then retries. A million-deep chain thus costs about two
 //! deserializations per node instead of a million stack frames.
 
-use std::any::TypeId;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,11 +18,11 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use crate::data::PagableData;
-use crate::erase::{ArcEraseDyn, downcast_arc};
 use crate::error::Error;
 use crate::key::{DataKey, KeyHasherBuilder};
 use crate::storage::PagableStorage;
 
+use super::held::Held;
 use super::shared::OUTSIDE_SESSION;
 
 /// How many nested nodes one attempt deserializes before deferring the next child. Each level
@@ -64,10 +63,9 @@ struct InState {
     /// Records fetched ahead of time (by `page_in_async`); others are fetched on demand.
     prefetched: Records,
     frames: Vec<Frame>,
-    /// Every shared value this call resolved, held strongly so that an attempt that unwinds
-    /// keeps its finished work, in the order resolved (children before parents).
-    loaded: Vec<Box<dyn ArcEraseDyn>>,
-    index: HashMap<(TypeId, DataKey), usize, KeyHasherBuilder>,
+    /// Every shared value this call loaded, held strongly so that an attempt that unwinds
+    /// keeps its finished work.
+    held: Held,
     deferred: Option<Deferred>,
     /// The real error behind the serde custom error a failing `Shared` returned: postcard keeps
     /// no message, so the error travels here.
@@ -126,10 +124,8 @@ where
             );
         };
         frame.next += 1;
-        if let Some(&slot) = state.index.get(&(TypeId::of::<T>(), key)) {
-            if let Some(arc) = downcast_arc::<T>(&*state.loaded[slot]) {
-                return Step::Hit(arc);
-            }
+        if let Some(arc) = state.held.get::<T>(key) {
+            return Step::Hit(arc);
         }
         if state.frames.len() >= MAX_DEPTH {
             state.deferred = Some(Deferred {
@@ -158,16 +154,17 @@ where
     T: ?Sized + Send + Sync + 'static,
     Box<T>: DeserializeOwned,
 {
+    let mut loaded_here = false;
     let arc = storage.arc_cache().get_or_load_typed::<T>(key, || {
+        loaded_here = true;
         let node = fetch(storage, key)?;
         decode_node::<Box<T>>(key, node).map(Arc::from)
     })?;
-    with_state(|state| {
-        state
-            .index
-            .insert((TypeId::of::<T>(), key), state.loaded.len());
-        state.loaded.push(Box::new(Arc::clone(&arc)));
-    });
+    // A value that was already alive is held by someone else; only what this call loaded needs
+    // holding (and the table costs an allocation per entry).
+    if loaded_here {
+        with_state(|state| state.held.insert(key, &arc));
+    }
     Ok(arc)
 }
 
@@ -334,8 +331,7 @@ impl Session {
             storage,
             prefetched,
             frames: Vec::new(),
-            loaded: Vec::new(),
-            index: HashMap::default(),
+            held: Held::default(),
             deferred: None,
             error: None,
         };
@@ -348,13 +344,9 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         let mine = IN.with(|cell| cell.replace(self.previous.take()));
-        if let Some(mut state) = mine {
-            // Parents first: each value's children are still held below it, so no drop
-            // recurses down a chain (which, a million deep, would overflow the stack).
-            while let Some(value) = state.loaded.pop() {
-                drop(value);
-            }
-        }
+        // Held releases parents first, so no drop recurses down a chain (which, a million
+        // deep, would overflow the stack).
+        drop(mine);
     }
 }
 
@@ -369,6 +361,12 @@ pub(crate) fn run<T: DeserializeOwned>(
         None => storage.fetch_data_blocking(&key)?,
     };
     let _session = Session::install(storage, prefetched);
+    // The root's fan-out is a cheap hint of the table's size; growing it step by step costs
+    // rehashes and large allocations.
+    with_state(|state| {
+        let hint = root.arcs.len().min(1 << 20);
+        state.held.reserve(hint);
+    });
     let mut pending: Vec<Deferred> = Vec::new();
     loop {
         let attempt = match pending.last() {
