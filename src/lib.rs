@@ -44,6 +44,10 @@
 //!
 //! - **`tokio`** (default): async fetches run the backend's blocking read on tokio's blocking
 //!   pool, so an async caller never stalls a runtime worker. Without it they read inline.
+//! - **`serde_with`**: [`graph::AsShared`], a `serde_with` adapter that pages plain `Arc<T>`
+//!   fields as shared children inside `Vec`, `Option`, maps, … (`#[serde_as(as =
+//!   "Vec<AsShared>")]`). Without it, `Arc<T>` fields still page through the
+//!   [`graph::arc`] `with` module, and [`Shared<T>`] needs neither.
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]

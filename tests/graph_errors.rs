@@ -301,3 +301,22 @@ fn a_serialize_impl_on_another_thread_loses_the_session() {
         "{err:#}"
     );
 }
+
+#[tokio::test]
+async fn page_in_async_reports_a_missing_child_by_key() {
+    let storage = storage();
+    let missing: DataKey = "0123456789abcdef0123456789abcdef".parse().unwrap();
+    let root = storage
+        .store_data(PagableData {
+            data: postcard::to_allocvec("name").unwrap(),
+            arcs: vec![missing],
+        })
+        .unwrap();
+    let err = pagestore::page_in_async::<Holder>(&storage, root)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(pagestore_error(&err), Error::NotFound(key) if *key == missing),
+        "{err:#}"
+    );
+}

@@ -299,3 +299,83 @@ async fn page_in_async_matches_page_in() {
     assert!(Shared::ptr_eq(&back.kids[0], &back.kids[1]));
     assert!(Shared::ptr_eq(&back.shape, &back.kids[1].shape));
 }
+
+/// A storage that records the order of `store_data` calls.
+#[derive(Default)]
+struct Recording {
+    inner: InMemoryPagableStorage,
+    order: std::sync::Mutex<Vec<pagestore::PagableData>>,
+}
+
+#[async_trait::async_trait]
+impl PagableStorage for Recording {
+    fn store_data(&self, data: pagestore::PagableData) -> anyhow::Result<pagestore::DataKey> {
+        self.order.lock().unwrap().push(data.clone());
+        self.inner.store_data(data)
+    }
+    fn flush(&self) -> anyhow::Result<()> {
+        self.inner.flush()
+    }
+    fn fetch_data_blocking(
+        &self,
+        key: &pagestore::DataKey,
+    ) -> anyhow::Result<Arc<pagestore::PagableData>> {
+        self.inner.fetch_data_blocking(key)
+    }
+    async fn fetch_data(
+        &self,
+        key: &pagestore::DataKey,
+    ) -> anyhow::Result<Arc<pagestore::PagableData>> {
+        self.inner.fetch_data(key).await
+    }
+    fn arc_cache(&self) -> &pagestore::ArcCache {
+        self.inner.arc_cache()
+    }
+    fn schedule_for_paging(&self, arc: Box<dyn pagestore::ArcEraseDyn>) {
+        self.inner.schedule_for_paging(arc)
+    }
+    fn session_context(&self) -> &pagestore::SessionContext {
+        self.inner.session_context()
+    }
+}
+
+#[test]
+fn children_are_stored_before_parents_and_each_content_once() {
+    let storage = Arc::new(Recording::default());
+    let shape = circle(1.0);
+    let mut level: Vec<Shared<Node>> = vec![];
+    for depth in 0..5 {
+        let kids = level.clone();
+        level = (0..3)
+            .map(|i| {
+                Shared::new(Node {
+                    label: format!("{depth}-{}", i % 2),
+                    shape: shape.clone(),
+                    kids: kids.clone(),
+                })
+            })
+            .collect();
+    }
+    let key = page_out(&storage, &level).unwrap();
+    let order = storage.order.lock().unwrap();
+    let mut stored = std::collections::HashSet::new();
+    for data in order.iter() {
+        for child in &data.arcs {
+            assert!(
+                stored.contains(child),
+                "a child was stored after its parent"
+            );
+        }
+        assert!(
+            stored.insert(data.compute_key()),
+            "stored twice in one call"
+        );
+    }
+    assert_eq!(
+        order.last().unwrap().compute_key(),
+        key,
+        "the root is stored last"
+    );
+    // Two distinct labels per level (i % 2), five levels, the shape and the root.
+    assert_eq!(order.len(), 2 * 5 + 1 + 1);
+}

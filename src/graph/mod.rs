@@ -55,7 +55,8 @@
 //!
 //! *Distinct* means distinct `(view type, allocation)`: an `Arc<Circle>` and an
 //! `Arc<dyn Shape>` of one allocation are two nodes, since they serialize differently (the
-//! `dyn` view carries a type tag).
+//! `dyn` view carries a type tag). The memo of what was already serialized lives for one
+//! call: paging the same graph out twice serializes it twice (and stores nothing new).
 //!
 //! Paging in resolves each child key through the storage's [`ArcCache`](crate::ArcCache) by
 //! `(TypeId, key)`: a value still alive in memory is reused as is (the same `Arc`), and one that
