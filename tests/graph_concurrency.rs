@@ -9,11 +9,13 @@ use pagestore::{InMemoryPagableStorage, Shared, page_in, page_out};
 use proptest::prelude::*;
 use serde::{Deserialize, Deserializer, Serialize};
 
-static DESERIALIZED: AtomicUsize = AtomicUsize::new(0);
+/// Deserializations per test (tests run in parallel): indexed by `Counted::test`.
+static DESERIALIZED: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 
 /// A node that counts its deserializations.
 #[derive(Debug, Serialize, PartialEq)]
 struct Counted {
+    test: u8,
     id: u32,
     kids: Vec<Shared<Counted>>,
 }
@@ -22,12 +24,14 @@ impl<'de> Deserialize<'de> for Counted {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
         struct Raw {
+            test: u8,
             id: u32,
             kids: Vec<Shared<Counted>>,
         }
         let raw = Raw::deserialize(deserializer)?;
-        DESERIALIZED.fetch_add(1, Ordering::SeqCst);
+        DESERIALIZED[usize::from(raw.test % 2)].fetch_add(1, Ordering::SeqCst);
         Ok(Counted {
+            test: raw.test,
             id: raw.id,
             kids: raw.kids,
         })
@@ -35,7 +39,7 @@ impl<'de> Deserialize<'de> for Counted {
 }
 
 /// A DAG of `n` nodes where node i points to up to three earlier nodes.
-fn dag(n: u32) -> Vec<Shared<Counted>> {
+fn dag(test: u8, n: u32) -> Vec<Shared<Counted>> {
     let mut nodes: Vec<Shared<Counted>> = Vec::new();
     for id in 0..n {
         let kids = [id / 2, id / 3, id.saturating_sub(1)]
@@ -43,7 +47,7 @@ fn dag(n: u32) -> Vec<Shared<Counted>> {
             .filter(|&k| k < id)
             .map(|k| nodes[k as usize].clone())
             .collect();
-        nodes.push(Shared::new(Counted { id, kids }));
+        nodes.push(Shared::new(Counted { test, id, kids }));
     }
     nodes
 }
@@ -67,10 +71,10 @@ fn collect<'a>(node: &'a Shared<Counted>, seen: &mut HashMap<u32, &'a Shared<Cou
 fn eight_threads_paging_in_one_graph_get_one_arc_per_node() {
     const N: u32 = 2_000;
     let storage = Arc::new(InMemoryPagableStorage::new());
-    let root = dag(N);
+    let root = dag(0, N);
     let key = page_out(&storage, &root).unwrap();
     drop(root);
-    let before = DESERIALIZED.load(Ordering::SeqCst);
+    let before = DESERIALIZED[0].load(Ordering::SeqCst);
     let barrier = Barrier::new(8);
     let results: Vec<Vec<Shared<Counted>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
@@ -84,7 +88,7 @@ fn eight_threads_paging_in_one_graph_get_one_arc_per_node() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(
-        DESERIALIZED.load(Ordering::SeqCst) - before,
+        DESERIALIZED[0].load(Ordering::SeqCst) - before,
         N as usize,
         "each node deserialized once"
     );
@@ -99,6 +103,49 @@ fn eight_threads_paging_in_one_graph_get_one_arc_per_node() {
         }
         assert_eq!(seen.len(), N as usize);
     }
+}
+
+#[test]
+fn threads_paging_in_overlapping_graphs_share_their_common_nodes() {
+    const N: u32 = 1_500;
+    let storage = Arc::new(InMemoryPagableStorage::new());
+    let all = dag(1, N);
+    // Eight different roots over one DAG: every third, fifth, … node, and the last ones.
+    let keys: Vec<_> = (0..8usize)
+        .map(|t| {
+            let root: Vec<Shared<Counted>> = all.iter().skip(t).step_by(t + 2).cloned().collect();
+            page_out(&storage, &root).unwrap()
+        })
+        .collect();
+    drop(all);
+    let barrier = Barrier::new(8);
+    let results: Vec<Vec<Shared<Counted>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = keys
+            .iter()
+            .map(|&key| {
+                let barrier = &barrier;
+                let storage = &storage;
+                s.spawn(move || {
+                    barrier.wait();
+                    page_in::<Vec<Shared<Counted>>>(storage, key).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // One Arc per node id across every thread's graph.
+    let mut seen = HashMap::new();
+    for result in &results {
+        for node in result {
+            collect(node, &mut seen);
+        }
+    }
+    assert!(seen.len() > 1_000, "the roots reach most of the DAG");
+    assert_eq!(
+        DESERIALIZED[1].load(Ordering::SeqCst),
+        seen.len(),
+        "each reached node deserialized once"
+    );
 }
 
 proptest! {

@@ -64,8 +64,14 @@
 //! the same time.
 //!
 //! Neither direction recurses per level, so a million-deep chain pages out and in on an
-//! ordinary thread stack. *Dropping* such a chain recurses in Rust's own drop glue: use
-//! [`drop_deep`].
+//! ordinary thread stack. Page-out keeps an explicit work stack. Page-in deserializes a node
+//! when its parent's deserializer reaches it (only then is its type known), so it does recurse,
+//! but at most 64 nodes deep: the child below is deferred, the attempt unwinds (keeping every
+//! node it finished), and the driver loads the deferred child first and retries. On graphs
+//! deeper than that, the nodes of an unwound path are partly deserialized once more before
+//! their real deserialization (a chain costs about twice a shallow graph per node); a finished
+//! node is never deserialized twice. *Dropping* a deep chain recurses in Rust's own drop glue:
+//! use [`drop_deep`].
 //!
 //! # Rules
 //!

@@ -140,7 +140,7 @@ where
         None => Err(OUTSIDE_SESSION.to_string()),
         Some(Step::Hit(arc)) => Ok(arc),
         Some(Step::Fail(err)) => Err(stash(err)),
-        Some(Step::Load(key, storage)) => match load::<T>(&*storage, key) {
+        Some(Step::Load(key, storage)) => match load::<T>(&*storage, key, false) {
             Ok(arc) => Ok(arc),
             Err(err) => Err(stash(err)),
         },
@@ -149,7 +149,7 @@ where
 
 /// The value of `(T, key)`: live in the arc cache, or fetched and deserialized once (other
 /// threads loading the same entry wait for this one); then held by the call's table.
-fn load<T>(storage: &dyn PagableStorage, key: DataKey) -> anyhow::Result<Arc<T>>
+fn load<T>(storage: &dyn PagableStorage, key: DataKey, hold: bool) -> anyhow::Result<Arc<T>>
 where
     T: ?Sized + Send + Sync + 'static,
     Box<T>: DeserializeOwned,
@@ -161,8 +161,9 @@ where
         decode_node::<Box<T>>(key, node).map(Arc::from)
     })?;
     // A value that was already alive is held by someone else; only what this call loaded needs
-    // holding (and the table costs an allocation per entry).
-    if loaded_here {
+    // holding, unless the caller (a deferred load, whose value nothing else holds until the
+    // retry) asks.
+    if loaded_here || hold {
         with_state(|state| state.held.insert(key, &arc));
     }
     Ok(arc)
@@ -175,7 +176,7 @@ where
 {
     let storage = with_state(|state| Arc::clone(&state.storage))
         .ok_or_else(|| anyhow::anyhow!(OUTSIDE_SESSION))?;
-    load::<T>(&*storage, key).map(drop)
+    load::<T>(&*storage, key, true).map(drop)
 }
 
 fn fetch(storage: &dyn PagableStorage, key: DataKey) -> anyhow::Result<Arc<PagableData>> {
