@@ -59,6 +59,18 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// SQLite failed while pagestore was doing `operation` on the database at `path`.
+    #[error("SQLite could not {operation} {}: {source}", path.display())]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// What pagestore was doing, as a verb phrase ("commit a batch to", "read a record from").
+        operation: &'static str,
+        /// The underlying error.
+        #[source]
+        source: rusqlite::Error,
+    },
+
     /// A value could not be serialized for page-out: its `Serialize` impl failed, a
     /// [`Shared`](crate::Shared) was met outside the page-out's thread, or the graph has a cycle.
     #[error("could not page out a value of type `{type_name}`: {reason}")]
@@ -109,14 +121,28 @@ impl Error {
     }
 
     /// Wraps an I/O error with the path and operation it concerns.
-    // Used by the SQLite backend (branch `sqlite`); unused on this branch until it merges.
-    #[allow(dead_code)]
+    #[allow(dead_code)] // the first users are the persistent backends
     pub(crate) fn io(
         operation: &'static str,
         path: impl Into<PathBuf>,
     ) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io {
+            path,
+            operation,
+            source,
+        }
+    }
+}
+
+impl Error {
+    /// Wraps a SQLite error with the database path and the operation it concerns.
+    pub(crate) fn sqlite(
+        operation: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(rusqlite::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Sqlite {
             path,
             operation,
             source,

@@ -1,0 +1,395 @@
+//! The write path: a bounded buffer that callers fill, and one background thread that
+//! commits it batch by batch.
+//!
+//! - `store_data` hashes and encodes on the caller's thread, then, under one short lock,
+//!   puts the record in the *pending* map (so every thread reads it at once) and in the
+//!   batch being filled. Doing both under the same lock is what keeps the ordering invariant
+//!   across threads: a caller that finds a child in the pending map and then stores a parent
+//!   queues the parent after the child.
+//! - A batch is sealed when it holds half the row or byte budget (or at `flush`); the writer
+//!   commits sealed batches in order, one transaction each, so a parent is never committed
+//!   before its children. While one batch commits the next one fills: hashing and inserting
+//!   overlap. When the whole budget is in flight, callers wait (back-pressure).
+//! - The pending map holds records *weakly*; the batch owns them. Once a batch is committed
+//!   it is dropped, which frees its records, and its keys stay in the map as dead entries:
+//!   the map is then also the set of committed keys that makes storing them again cost only a
+//!   hash and a lookup. Nothing is done per key after a commit. The map is bounded
+//!   (`dedup_keys`): when it is full, the dead entries are dropped and repeats of them fall
+//!   back to the writer's `INSERT OR IGNORE`.
+//! - A failed commit latches a sticky error: every later `store_data` and `flush` returns
+//!   [`Error::Poisoned`] until the store is reopened.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::pool::ReaderPool;
+use crate::error::Error;
+use crate::key::{DataKey, KeyHasherBuilder};
+
+/// An encoded record, owned by the batch that will commit it.
+pub(super) type Record = Arc<Vec<u8>>;
+
+/// A key as the map stores it: 8-byte aligned, so an entry with its `Weak` is 24 bytes
+/// (a `DataKey` is 16-byte aligned, which would pad the entry to 32).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct PackedKey([u64; 2]);
+
+impl PackedKey {
+    fn new(key: &DataKey) -> Self {
+        let bytes = key.as_bytes();
+        let (lo, hi) = bytes.split_at(8);
+        Self([
+            u64::from_le_bytes(lo.try_into().expect("8 bytes")),
+            u64::from_le_bytes(hi.try_into().expect("8 bytes")),
+        ])
+    }
+}
+
+impl std::hash::Hash for PackedKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Uniform bits already (see DataKey's Hash).
+        state.write_u64(self.0[0]);
+    }
+}
+
+/// Rows per `INSERT` statement: a few rows per statement saves per-statement overhead.
+const ROWS_PER_INSERT: usize = 8;
+
+/// How often an idle writer ends the read transactions idle readers still hold.
+const IDLE_SWEEP: Duration = Duration::from_millis(100);
+
+struct Batch {
+    seq: u64,
+    entries: Vec<(DataKey, Record)>,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct State {
+    filling: Vec<(DataKey, Record)>,
+    filling_bytes: usize,
+    sealed: VecDeque<Batch>,
+    /// Rows and bytes stored but not yet committed (filling + sealed + committing).
+    in_flight_rows: usize,
+    in_flight_bytes: usize,
+    /// Batches sealed so far / committed so far (batches are numbered from 1).
+    sealed_seq: u64,
+    committed_seq: u64,
+    /// The first commit failure, sticky until reopen.
+    error: Option<String>,
+    release_memory: bool,
+    shutdown: bool,
+}
+
+/// What callers and the writer thread share.
+pub(super) struct WriteBuffer {
+    /// Every key pushed this session (up to `known_cap`): alive = pending, dead = committed.
+    known: DashMap<PackedKey, Weak<Vec<u8>>, KeyHasherBuilder>,
+    known_cap: usize,
+    /// Records not yet committed; reads skip the map lookup when it is zero.
+    pending_len: AtomicUsize,
+    /// Batches whose commit failed: kept so their records stay readable until reopen.
+    failed: Mutex<Vec<Batch>>,
+    poisoned: AtomicBool,
+    state: Mutex<State>,
+    /// Signalled when a commit finished or failed (callers waiting for room or a flush).
+    committed: Condvar,
+    /// Signalled when the writer has work (a sealed batch, a memory request, shutdown).
+    work: Condvar,
+    max_rows: usize,
+    max_bytes: usize,
+}
+
+impl WriteBuffer {
+    pub(super) fn new(max_rows: usize, max_bytes: usize, known_cap: usize) -> Self {
+        Self {
+            known: DashMap::default(),
+            known_cap,
+            pending_len: AtomicUsize::new(0),
+            failed: Mutex::new(Vec::new()),
+            poisoned: AtomicBool::new(false),
+            state: Mutex::new(State::default()),
+            committed: Condvar::new(),
+            work: Condvar::new(),
+            max_rows,
+            max_bytes,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the state consistent before it can panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn poisoned_error(state: &State) -> Option<Error> {
+        state.error.as_ref().map(|cause| Error::Poisoned {
+            cause: cause.clone(),
+        })
+    }
+
+    /// The uncommitted record of `key`, if it is pending.
+    pub(super) fn pending(&self, key: &DataKey) -> Option<Record> {
+        if self.pending_len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.known
+            .get(&PackedKey::new(key))
+            .and_then(|r| r.upgrade())
+    }
+
+    /// Whether `key` is known to be stored: committed (and remembered) or pending.
+    pub(super) fn contains(&self, key: &DataKey) -> bool {
+        self.known.contains_key(&PackedKey::new(key))
+    }
+
+    /// Fails with the sticky error if a commit failed.
+    pub(super) fn check(&self) -> Result<(), Error> {
+        if self.poisoned.load(Ordering::Acquire) {
+            if let Some(err) = Self::poisoned_error(&self.lock()) {
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues `record` under `key` unless it is already pending; waits while the buffer is
+    /// full.
+    pub(super) fn push(&self, key: DataKey, record: Vec<u8>) -> Result<(), Error> {
+        let record = Arc::new(record);
+        let bytes = record.len();
+        let mut state = self.lock();
+        loop {
+            if let Some(err) = Self::poisoned_error(&state) {
+                return Err(err);
+            }
+            let empty = state.in_flight_rows == 0;
+            let fits = state.in_flight_rows < self.max_rows
+                && state.in_flight_bytes + bytes <= self.max_bytes;
+            if empty || fits {
+                break;
+            }
+            // Full: make sure what is buffered is on its way, then wait for room.
+            self.seal(&mut state);
+            state = self
+                .committed
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        match self.known.entry(PackedKey::new(&key)) {
+            dashmap::Entry::Occupied(mut slot) => {
+                if slot.get().strong_count() > 0 {
+                    return Ok(()); // pending: stored by another thread meanwhile
+                }
+                // Dead entries are committed keys, and callers check those before pushing;
+                // a dead one here was forgotten and re-added by a race: queue it again
+                // (INSERT OR IGNORE keeps one copy).
+                slot.insert(Arc::downgrade(&record));
+            }
+            dashmap::Entry::Vacant(slot) => {
+                slot.insert(Arc::downgrade(&record));
+            }
+        }
+        self.pending_len.fetch_add(1, Ordering::Release);
+        state.filling.push((key, record));
+        state.filling_bytes += bytes;
+        state.in_flight_rows += 1;
+        state.in_flight_bytes += bytes;
+        if state.filling.len() >= self.max_rows / 2 || state.filling_bytes >= self.max_bytes / 2 {
+            self.seal(&mut state);
+        }
+        Ok(())
+    }
+
+    /// Hands the batch being filled to the writer.
+    fn seal(&self, state: &mut State) {
+        if state.filling.is_empty() {
+            return;
+        }
+        state.sealed_seq += 1;
+        let batch = Batch {
+            seq: state.sealed_seq,
+            entries: std::mem::take(&mut state.filling),
+            bytes: std::mem::take(&mut state.filling_bytes),
+        };
+        state.sealed.push_back(batch);
+        self.work.notify_one();
+    }
+
+    /// Commits everything pushed before this call; returns the sticky error if any commit
+    /// failed.
+    pub(super) fn flush(&self) -> Result<(), Error> {
+        let mut state = self.lock();
+        self.seal(&mut state);
+        let target = state.sealed_seq;
+        loop {
+            if let Some(err) = Self::poisoned_error(&state) {
+                return Err(err);
+            }
+            if state.committed_seq >= target {
+                return Ok(());
+            }
+            state = self
+                .committed
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Asks the writer to stop once every sealed batch is committed.
+    pub(super) fn shutdown(&self) {
+        self.lock().shutdown = true;
+        self.work.notify_all();
+    }
+
+    /// Asks the writer to return its connection's cache memory, and forgets remembered keys.
+    pub(super) fn release_memory(&self) {
+        self.forget_committed();
+        self.known.shrink_to_fit();
+        self.lock().release_memory = true;
+        self.work.notify_all();
+    }
+
+    /// Whether a commit failed.
+    pub(super) fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Number of records waiting for their commit.
+    pub(super) fn pending_len(&self) -> usize {
+        self.pending_len.load(Ordering::Relaxed)
+    }
+
+    /// The pending records, for a verification scan to count as present.
+    pub(super) fn is_pending(&self, key: &DataKey) -> bool {
+        self.pending(key).is_some()
+    }
+
+    /// Drops the dead (committed) entries of the key map.
+    fn forget_committed(&self) {
+        self.known.retain(|_, record| record.strong_count() > 0);
+    }
+
+    fn after_commit(&self, batch: Batch, result: Result<(), Error>) {
+        let mut state = self.lock();
+        match result {
+            Ok(()) => {
+                state.committed_seq = batch.seq;
+                state.in_flight_rows -= batch.entries.len();
+                state.in_flight_bytes -= batch.bytes;
+                self.pending_len
+                    .fetch_sub(batch.entries.len(), Ordering::Release);
+            }
+            Err(err) => {
+                log::error!(
+                    "pagestore: commit failed, the store refuses writes until reopened: {err}"
+                );
+                state.error.get_or_insert_with(|| err.to_string());
+                self.poisoned.store(true, Ordering::Release);
+            }
+        }
+        drop(state);
+        self.committed.notify_all();
+        if self.poisoned.load(Ordering::Acquire) {
+            // What failed stays readable until the store is reopened.
+            self.failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(batch);
+        } else {
+            // Frees the records; their keys stay in the map as committed.
+            drop(batch);
+            if self.known.len() > self.known_cap {
+                self.forget_committed();
+            }
+        }
+    }
+}
+
+/// The writer thread's loop: commit sealed batches in order until shut down.
+pub(super) fn run(buffer: &WriteBuffer, pool: &ReaderPool, mut conn: Connection, path: &Path) {
+    loop {
+        let batch = {
+            let mut state = buffer.lock();
+            loop {
+                if std::mem::take(&mut state.release_memory) {
+                    let _ = conn.release_memory();
+                }
+                if state.error.is_none() {
+                    if let Some(batch) = state.sealed.pop_front() {
+                        break batch;
+                    }
+                }
+                if state.shutdown {
+                    return;
+                }
+                let (next, timeout) = buffer
+                    .work
+                    .wait_timeout(state, IDLE_SWEEP)
+                    .unwrap_or_else(|p| p.into_inner());
+                state = next;
+                if timeout.timed_out() {
+                    drop(state);
+                    pool.end_idle();
+                    state = buffer.lock();
+                }
+            }
+        };
+        let t0 = std::time::Instant::now();
+        pool.begin_write();
+        let t1 = std::time::Instant::now();
+        let result = commit(&mut conn, &batch).map_err(Error::sqlite("commit a batch to", path));
+        let t2 = std::time::Instant::now();
+        pool.end_write();
+        let (seq, rows, bytes) = (batch.seq, batch.entries.len(), batch.bytes);
+        buffer.after_commit(batch, result);
+        log::debug!(
+            "pagestore: batch {seq}: {rows} rows, {bytes} bytes; readers released in {:?}, \
+             committed in {:?}, cleaned up in {:?}",
+            t1 - t0,
+            t2 - t1,
+            t2.elapsed()
+        );
+    }
+}
+
+/// Inserts one batch in one transaction, in key order (which makes the B-tree inserts
+/// mostly sequential: the largest single speed-up of the write path).
+fn commit(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<()> {
+    let mut rows: Vec<([u8; 16], &[u8])> = batch
+        .entries
+        .iter()
+        .map(|(key, record)| (key.as_bytes(), record.as_slice()))
+        .collect();
+    // SQLite orders BLOBs by memcmp, so sort by the stored bytes, not by the key's value.
+    rows.sort_unstable_by_key(|row| row.0);
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut many = tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?;
+        let mut one = tx.prepare_cached(&insert_sql(1))?;
+        let mut chunks = rows.chunks_exact(ROWS_PER_INSERT);
+        for chunk in &mut chunks {
+            for (i, (key, value)) in chunk.iter().enumerate() {
+                many.raw_bind_parameter(2 * i + 1, &key[..])?;
+                many.raw_bind_parameter(2 * i + 2, *value)?;
+            }
+            many.raw_execute()?;
+        }
+        for (key, value) in chunks.remainder() {
+            one.raw_bind_parameter(1, &key[..])?;
+            one.raw_bind_parameter(2, *value)?;
+            one.raw_execute()?;
+        }
+    }
+    tx.commit()
+}
+
+fn insert_sql(rows: usize) -> String {
+    let values = vec!["(?,?)"; rows].join(",");
+    format!("INSERT OR IGNORE INTO pagable_data (key, value) VALUES {values}")
+}
