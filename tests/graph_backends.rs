@@ -163,7 +163,11 @@ async fn page_in_async_on_sqlite() {
     let storage = sqlite(dir.path());
     let key = page_out(&storage, &graph()).unwrap();
     storage.flush().unwrap();
-    let back: Vec<Shared<Node>> = page_in_async(&storage, key).await.unwrap();
+    // Spawned: the future is Send, so it runs on any worker.
+    let back: Vec<Shared<Node>> = tokio::spawn(async move { page_in_async(&storage, key).await })
+        .await
+        .unwrap()
+        .unwrap();
     check(&back);
 }
 

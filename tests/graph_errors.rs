@@ -320,3 +320,34 @@ async fn page_in_async_reports_a_missing_child_by_key() {
         "{err:#}"
     );
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Random bytes under random child keys: page-in returns an error or a value, never panics.
+    #[test]
+    fn garbage_records_never_panic(
+        records in proptest::collection::vec(
+            (proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24), proptest::collection::vec(0usize..8, 0..4)),
+            1..8,
+        ),
+    ) {
+        #[derive(Debug, Serialize, Deserialize)]
+        struct Tree {
+            name: String,
+            animal: Option<Shared<dyn Animal>>,
+            kids: Vec<Shared<Tree>>,
+        }
+        let storage = storage();
+        let mut keys: Vec<DataKey> = Vec::new();
+        for (data, picks) in records {
+            let arcs = picks.iter().filter_map(|&p| keys.get(p % (keys.len().max(1))).copied()).collect();
+            keys.push(storage.store_data(PagableData { data, arcs }).unwrap());
+        }
+        for &key in &keys {
+            let _ = page_in::<Tree>(&storage, key);
+            let _ = page_in::<Shared<dyn Animal>>(&storage, key);
+            let _ = page_in::<Vec<Shared<String>>>(&storage, key);
+        }
+    }
+}
