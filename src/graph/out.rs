@@ -11,6 +11,7 @@ use std::any::TypeId;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -63,13 +64,48 @@ struct OutState {
     /// Every shared value met so far in this call, by identity: `(TypeId of the view, address)`.
     /// Keying on the address alone would merge an `Arc<T>` with an `Arc<dyn Trait>` of the same
     /// allocation, whose serializations differ.
-    memo: HashMap<(TypeId, usize), u32>,
+    memo: HashMap<(TypeId, usize), u32, BuildHasherDefault<IdentityHasher>>,
     /// Values met for the first time since the driver last looked, in index order.
     discovered: Vec<Box<dyn OutNode>>,
     /// The index the next new value gets.
     next: u32,
     /// The children of the node being serialized, in the order met.
     children: Vec<u32>,
+}
+
+/// A hasher for `(TypeId, address)`: addresses are aligned and clustered, so each word is
+/// multiplied and rotated to spread its bits; SipHash's DoS resistance buys nothing for keys
+/// that are our own pointers.
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = (self.0 ^ value)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
+    }
+
+    fn write_u128(&mut self, value: u128) {
+        self.write_u64(value as u64);
+        self.write_u64((value >> 64) as u64);
+    }
+
+    fn write_usize(&mut self, value: usize) {
+        self.write_u64(value as u64);
+    }
 }
 
 thread_local! {
