@@ -21,7 +21,10 @@ pub const OUTSIDE_SESSION: &str = "Shared<T> used outside page_out/page_in: a sh
 /// allocation shares one stored entry, and paging in gives them one `Arc` again.
 ///
 /// `Shared<T>` derefs to `T` and clones as cheaply as an `Arc`. Equality, ordering, hashing,
-/// `Debug` and `Display` are those of the value (compare identity with [`Shared::ptr_eq`]).
+/// `Debug` and `Display` are those of the value (compare identity with [`Shared::ptr_eq`]);
+/// `==` checks identity first, so comparing graphs that share subgraphs does not walk them
+/// twice (and two handles to one allocation are equal even if the value is not equal to
+/// itself, such as a NaN).
 /// `T` may be unsized: `Shared<str>`, `Shared<[u8]>`, and `Shared<dyn Trait>` for a
 /// `#[typetag::serde]` trait (see the [module docs](crate::graph)).
 ///
