@@ -95,7 +95,12 @@ fn a_missing_child_is_not_found_naming_the_child() {
         matches!(pagestore_error(&err), Error::NotFound(key) if *key == missing),
         "{err:#}"
     );
-    assert!(err.to_string().contains(&missing.to_string()), "{err}");
+    assert!(format!("{err:#}").contains(&missing.to_string()), "{err:#}");
+    assert!(
+        err.to_string()
+            .contains(&format!("child 0 of the node stored under {root}")),
+        "names the parent too: {err}"
+    );
     // The good child alone still pages in.
     let ok: String = page_in(&storage, child).unwrap();
     assert_eq!(ok, "gone");

@@ -104,7 +104,7 @@ where
 {
     enum Step<T: ?Sized> {
         Hit(Arc<T>),
-        Load(DataKey, Arc<dyn PagableStorage>),
+        Load(DataKey, Arc<dyn PagableStorage>, Parent),
         Fail(anyhow::Error),
     }
     let step = with_state(|state| {
@@ -123,6 +123,10 @@ where
                 .into(),
             );
         };
+        let parent = Parent {
+            key: frame.key,
+            index: frame.next,
+        };
         frame.next += 1;
         if let Some(arc) = state.held.get::<T>(key) {
             return Step::Hit(arc);
@@ -134,22 +138,36 @@ where
             });
             return Step::Fail(DepthLimit.into());
         }
-        Step::Load(key, Arc::clone(&state.storage))
+        Step::Load(key, Arc::clone(&state.storage), parent)
     });
     match step {
         None => Err(OUTSIDE_SESSION.to_string()),
         Some(Step::Hit(arc)) => Ok(arc),
         Some(Step::Fail(err)) => Err(stash(err)),
-        Some(Step::Load(key, storage)) => match load::<T>(&*storage, key, false) {
+        Some(Step::Load(key, storage, parent)) => match load::<T>(&*storage, key, Some(parent)) {
             Ok(arc) => Ok(arc),
             Err(err) => Err(stash(err)),
         },
     }
 }
 
+/// Where a child key was found, for error messages.
+#[derive(Clone, Copy)]
+struct Parent {
+    key: DataKey,
+    index: usize,
+}
+
 /// The value of `(T, key)`: live in the arc cache, or fetched and deserialized once (other
 /// threads loading the same entry wait for this one); then held by the call's table.
-fn load<T>(storage: &dyn PagableStorage, key: DataKey, hold: bool) -> anyhow::Result<Arc<T>>
+///
+/// `parent` is `None` for a deferred load, whose value nothing else holds until the retry:
+/// it is always held.
+fn load<T>(
+    storage: &dyn PagableStorage,
+    key: DataKey,
+    parent: Option<Parent>,
+) -> anyhow::Result<Arc<T>>
 where
     T: ?Sized + Send + Sync + 'static,
     Box<T>: DeserializeOwned,
@@ -157,13 +175,21 @@ where
     let mut loaded_here = false;
     let arc = storage.arc_cache().get_or_load_typed::<T>(key, || {
         loaded_here = true;
-        let node = fetch(storage, key)?;
+        let node = fetch(storage, key).map_err(|err| match parent {
+            // Context keeps the storage's typed error reachable by downcast.
+            Some(parent) => err.context(format!(
+                "child {} of the node stored under {} (a `{}`)",
+                parent.index,
+                parent.key,
+                std::any::type_name::<T>()
+            )),
+            None => err,
+        })?;
         decode_node::<Box<T>>(key, node).map(Arc::from)
     })?;
     // A value that was already alive is held by someone else; only what this call loaded needs
-    // holding, unless the caller (a deferred load, whose value nothing else holds until the
-    // retry) asks.
-    if loaded_here || hold {
+    // holding (and a deferred load's value).
+    if loaded_here || parent.is_none() {
         with_state(|state| state.held.insert(key, &arc));
     }
     Ok(arc)
@@ -176,7 +202,7 @@ where
 {
     let storage = with_state(|state| Arc::clone(&state.storage))
         .ok_or_else(|| anyhow::anyhow!(OUTSIDE_SESSION))?;
-    load::<T>(&*storage, key, true).map(drop)
+    load::<T>(&*storage, key, None).map(drop)
 }
 
 fn fetch(storage: &dyn PagableStorage, key: DataKey) -> anyhow::Result<Arc<PagableData>> {
