@@ -94,7 +94,8 @@
 //! # Polymorphism with typetag
 //!
 //! `Shared<dyn Trait>` works for a `#[typetag::serde]` trait whose supertraits include
-//! `Send + Sync`. postcard is not self-describing, which limits the tagging:
+//! `Send + Sync` (add `typetag` to your own dependencies: its macros name `::typetag`).
+//! postcard is not self-describing, which limits the tagging:
 //!
 //! - **external** (the default, `#[typetag::serde]`) and **adjacent**
 //!   (`#[typetag::serde(tag = "type", content = "value")]`) work;
