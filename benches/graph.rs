@@ -278,5 +278,42 @@ fn versus_serde_rc(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, big_graph, versus_serde_rc);
+/// A chain deeper than page-in's recursion bound: the cost of deferring and retrying.
+fn deep_chain(c: &mut Criterion) {
+    #[derive(Serialize, Deserialize)]
+    struct Link(u32, Option<Shared<Link>>);
+    const LEN: u32 = 100_000;
+    let mut chain = Link(0, None);
+    for i in 1..LEN {
+        chain = Link(i, Some(Shared::new(chain)));
+    }
+    let storage = Arc::new(InMemoryPagableStorage::new());
+    let key = page_out(&storage, &chain).unwrap();
+    let mut group = c.benchmark_group("chain_100000");
+    group.sample_size(10);
+    group.bench_function("page_out", |b| {
+        b.iter_batched(
+            || Arc::new(InMemoryPagableStorage::new()),
+            |fresh| black_box(page_out(&fresh, &chain).unwrap()),
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("page_in", |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                let start = std::time::Instant::now();
+                let back = page_in::<Link>(&storage, key).unwrap();
+                total += start.elapsed();
+                // Rust's drop glue would recurse 100,000 deep.
+                pagestore::drop_deep(back).unwrap();
+            }
+            total
+        })
+    });
+    group.finish();
+    pagestore::drop_deep(chain).unwrap();
+}
+
+criterion_group!(benches, big_graph, deep_chain, versus_serde_rc);
 criterion_main!(benches);
