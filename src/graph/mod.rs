@@ -88,6 +88,10 @@
 //!   (rayon, a thread pool) gets the error [`OUTSIDE_SESSION`]. The same error comes from
 //!   serializing a `Shared` with no call running (e.g. to JSON): serialize `&*shared` to copy
 //!   the value instead.
+//! - **Serialize a `Shared` only into the page-out's own serializer.** A `Serialize` impl that
+//!   serializes a `Shared` into another format (say, a JSON string) during a page-out records
+//!   a child the node's bytes never mention; page-in then reports the node
+//!   [`Corrupt`](crate::Error::Corrupt) (its child count does not match its value).
 //! - **The graph must be acyclic** (it is, unless a `Mutex`/`OnceLock` closes a loop): a cycle
 //!   is reported as an error.
 //!
