@@ -83,3 +83,39 @@ fn a_deep_chain_pages_in_on_a_small_thread_stack() {
         .join()
         .unwrap();
 }
+
+#[test]
+fn a_lenient_deserializer_cannot_swallow_the_depth_limit() {
+    /// Maps any error to `None`, as `serde_with::DefaultOnError` does.
+    fn lenient<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Shared<Lenient>>, D::Error> {
+        Ok(Option::<Shared<Lenient>>::deserialize(deserializer).unwrap_or(None))
+    }
+    #[derive(Serialize, Deserialize)]
+    struct Lenient {
+        value: u32,
+        #[serde(deserialize_with = "lenient")]
+        next: Option<Shared<Lenient>>,
+    }
+    let storage = Arc::new(InMemoryPagableStorage::new());
+    let mut chain = Lenient {
+        value: 0,
+        next: None,
+    };
+    for value in 1..1_000 {
+        chain = Lenient {
+            value,
+            next: Some(Shared::new(chain)),
+        };
+    }
+    let key = page_out(&storage, &chain).unwrap();
+    let back: Lenient = page_in(&storage, key).unwrap();
+    let mut length = 1;
+    let mut at = &back;
+    while let Some(next) = &at.next {
+        length += 1;
+        at = next;
+    }
+    assert_eq!(length, 1_000, "no link was dropped at the recursion bound");
+}

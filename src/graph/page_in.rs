@@ -229,7 +229,16 @@ fn decode_node<X: DeserializeOwned>(key: DataKey, node: Arc<PagableData>) -> any
     let used = with_state(|state| state.frames.pop().map(|frame| frame.next))
         .flatten()
         .unwrap_or(0);
+    // A deferral is ours, not the value's: if a lenient `Deserialize` impl (one that maps
+    // errors to a default) swallowed it, the value is missing a child, so the attempt still
+    // unwinds and is retried once the child is loaded.
+    let deferred = with_state(|state| state.deferred.is_some()).unwrap_or(false);
     match result {
+        Ok(value) if deferred => {
+            drop(value);
+            take_stashed();
+            Err(DepthLimit.into())
+        }
         Ok(value) if used == node.arcs.len() => {
             // A user impl may have swallowed an inner error; it is not ours to report.
             take_stashed();
