@@ -1,0 +1,7 @@
+//! Fuzzes the record decoder: no input may panic it, accepted records must be canonical.
+#![no_main]
+
+#[path = "../checks.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|bytes: &[u8]| checks::decode_record(bytes));

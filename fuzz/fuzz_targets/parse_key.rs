@@ -1,0 +1,7 @@
+//! Fuzzes the key parser (`FromStr`) and the byte constructor (`DataKey::from_slice`).
+#![no_main]
+
+#[path = "../checks.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|bytes: &[u8]| checks::parse_key(bytes));
