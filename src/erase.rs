@@ -88,6 +88,23 @@ impl<T: ?Sized + Send + Sync + 'static> WeakEraseDyn for Weak<T> {
     }
 }
 
+impl std::fmt::Debug for dyn ArcEraseDyn {
+    /// The type and the address; never the value.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Arc<{}>@{:#x}", self.type_name(), self.identity())
+    }
+}
+
+impl std::fmt::Debug for dyn WeakEraseDyn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_expired() {
+            "Weak(expired)"
+        } else {
+            "Weak(live)"
+        })
+    }
+}
+
 /// Recovers the concrete `Arc<T>` from an erased handle, or `None` if it holds another type.
 pub fn downcast_arc<T: ?Sized + Send + Sync + 'static>(erased: &dyn ArcEraseDyn) -> Option<Arc<T>> {
     erased.as_any().downcast_ref::<Arc<T>>().cloned()

@@ -59,6 +59,18 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// SQLite failed while pagestore was doing `operation` on the database at `path`.
+    #[error("SQLite could not {operation} {}: {source}", path.display())]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// What pagestore was doing, as a verb phrase ("commit a batch to", "read a record from").
+        operation: &'static str,
+        /// The underlying error.
+        #[source]
+        source: rusqlite::Error,
+    },
+
     /// An earlier write failed, so the store no longer knows what reached disk; it refuses
     /// further writes instead of pretending they succeed.
     #[error(
@@ -89,6 +101,21 @@ impl Error {
     ) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io {
+            path,
+            operation,
+            source,
+        }
+    }
+}
+
+impl Error {
+    /// Wraps a SQLite error with the database path and the operation it concerns.
+    pub(crate) fn sqlite(
+        operation: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(rusqlite::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Sqlite {
             path,
             operation,
             source,

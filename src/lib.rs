@@ -67,3 +67,6 @@ pub use paging::PagingQueue;
 pub use session::SessionContext;
 pub use storage::PagableStorage;
 pub use storage::memory::InMemoryPagableStorage;
+pub use storage::sqlite::{
+    Durability, OpenReport, SqliteBackedPagableStorage, SqliteOptions, VerifyReport,
+};

@@ -16,6 +16,7 @@ use crate::key::DataKey;
 use crate::session::SessionContext;
 
 pub mod memory;
+pub mod sqlite;
 
 /// A content-addressed store of [`PagableData`] nodes plus the arc cache that lets paging in
 /// preserve sharing.

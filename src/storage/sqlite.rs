@@ -1,0 +1,322 @@
+//! [`SqliteBackedPagableStorage`]: nodes in one SQLite file, in the reference
+//! implementation's format, with a background writer and a pool of readers.
+//!
+//! The on-disk format (table, record encoding, page size, journal modes, marker file) is
+//! written down in `docs/format.md`. In short: one table
+//! `pagable_data (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID`, the key's 16
+//! bytes as `key`, the [`codec`] record as `value` — exactly what `pagable` 0.3.3 writes,
+//! so databases move between the two in both directions.
+//!
+//! How it is built: `store_data` hashes and encodes on the caller's thread and queues the
+//! record in a bounded buffer that reads see at once (`writer`); a background thread commits
+//! it in sorted batches, children never after parents; reads go to a pool of read-only
+//! connections that keep a read transaction open between reads (`pool`). See
+//! [`Durability`] for what survives a crash.
+
+mod conn;
+mod options;
+mod pool;
+mod recovery;
+mod verify;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub use options::{Durability, SqliteOptions};
+pub use recovery::OpenReport;
+pub use verify::VerifyReport;
+
+use self::pool::ReaderPool;
+use self::writer::WriteBuffer;
+use crate::cache::ArcCache;
+use crate::codec;
+use crate::data::PagableData;
+use crate::erase::ArcEraseDyn;
+use crate::error::Error;
+use crate::key::DataKey;
+use crate::paging::PagingQueue;
+use crate::session::SessionContext;
+use crate::storage::PagableStorage;
+
+/// The file name of the database inside the store's directory (the reference's name).
+pub const DATABASE_FILE: &str = "pagable.db";
+
+/// A [`PagableStorage`] that keeps nodes in a SQLite database, `dir/pagable.db`.
+///
+/// ```
+/// use pagestore::{PagableData, PagableStorage, SqliteBackedPagableStorage};
+///
+/// let dir = tempfile::tempdir()?;
+/// let storage = SqliteBackedPagableStorage::try_new(dir.path())?;
+/// let leaf = storage.store_data(PagableData { data: b"leaf".to_vec(), arcs: vec![] })?;
+/// let root = storage.store_data(PagableData { data: b"root".to_vec(), arcs: vec![leaf] })?;
+/// // Readable at once, before any flush.
+/// assert_eq!(storage.fetch_data_blocking(&root)?.arcs, [leaf]);
+/// storage.flush()?;
+/// assert!(storage.verify()?.is_ok());
+/// drop(storage); // flushes, closes cleanly
+///
+/// let reopened = SqliteBackedPagableStorage::try_new(dir.path())?;
+/// assert!(reopened.open_report().is_clean());
+/// assert_eq!(reopened.fetch_data_blocking(&leaf)?.data, b"leaf");
+/// # anyhow::Ok(())
+/// ```
+///
+/// One store per directory and process: two stores writing the same file at once are not
+/// supported.
+pub struct SqliteBackedPagableStorage {
+    inner: Arc<Inner>,
+    writer: Option<JoinHandle<()>>,
+    arc_cache: ArcCache,
+    paging: PagingQueue,
+    session: SessionContext,
+    open_report: OpenReport,
+    options: SqliteOptions,
+    /// The unclean-shutdown marker, in Cache mode.
+    marker: Option<PathBuf>,
+}
+
+/// What a read needs; shared with reads running on tokio's blocking pool.
+struct Inner {
+    path: PathBuf,
+    pool: ReaderPool,
+    buffer: WriteBuffer,
+    verify_on_read: bool,
+}
+
+impl Inner {
+    fn fetch(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
+        if let Some(record) = self.buffer.pending(key) {
+            // Encoded by this process from a node that hashed to `key`: no need to re-hash.
+            return Ok(decode(key, &record, false)?);
+        }
+        let bytes = key.as_bytes();
+        match self
+            .pool
+            .read(&bytes, |record| decode(key, record, self.verify_on_read))?
+        {
+            Some(node) => Ok(node?),
+            None => Err(Error::NotFound(*key).into()),
+        }
+    }
+}
+
+/// Decodes the record stored under `key`; with `verify`, also checks it hashes to `key`.
+fn decode(key: &DataKey, record: &[u8], verify: bool) -> Result<Arc<PagableData>, Error> {
+    let corrupt = |reason: String| Error::Corrupt { key: *key, reason };
+    let view = codec::parse(record).map_err(|e| corrupt(e.to_string()))?;
+    if verify {
+        let actual = view.compute_key();
+        if actual != *key {
+            return Err(corrupt(format!("its content hashes to {actual}")));
+        }
+    }
+    Ok(Arc::new(view.to_data()))
+}
+
+impl SqliteBackedPagableStorage {
+    /// Opens (creating if needed) the store in `dir` with default options:
+    /// `SqliteOptions::default().open(dir)`.
+    pub fn try_new(dir: impl AsRef<Path>) -> anyhow::Result<Self> {
+        SqliteOptions::default().open(dir)
+    }
+
+    pub(super) fn open_with(dir: &Path, options: SqliteOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
+        if !dir.is_dir() {
+            return Err(Error::io("create directory", dir)(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file is in the way",
+            ))
+            .into());
+        }
+        let path = dir.join(DATABASE_FILE);
+        let marker = recovery::marker_path(&path);
+        let unclean = marker.exists();
+        let cache_mode = options.durability == Durability::Cache;
+        if cache_mode {
+            recovery::write_marker(&marker)?;
+        }
+        let open_report = if unclean {
+            recovery::recover(&path, &options)?
+        } else {
+            OpenReport::Clean
+        };
+        let writer_conn = conn::open_writer(&path, &options)?;
+        if !cache_mode && unclean {
+            // Recovered, and from now on the WAL protects the file.
+            recovery::remove_marker(&marker)?;
+        }
+        let readers = (0..options.readers)
+            .map(|_| conn::open_reader(&path, &options))
+            .collect::<Result<Vec<_>, _>>()?;
+        let buffer = WriteBuffer::new(
+            options.write_buffer_rows,
+            options.write_buffer_bytes,
+            options.dedup_keys,
+        );
+        let inner = Arc::new(Inner {
+            path: path.clone(),
+            pool: ReaderPool::new(&path, readers),
+            buffer,
+            verify_on_read: options.verify_on_read,
+        });
+        let writer = {
+            let inner = Arc::clone(&inner);
+            std::thread::Builder::new()
+                .name("pagestore-sqlite-writer".into())
+                .spawn(move || writer::run(&inner.buffer, &inner.pool, writer_conn, &inner.path))
+                .map_err(Error::io("start the writer thread for", &path))?
+        };
+        Ok(Self {
+            inner,
+            writer: Some(writer),
+            arc_cache: ArcCache::new(),
+            paging: PagingQueue::default(),
+            session: SessionContext::new(),
+            open_report,
+            options,
+            marker: cache_mode.then_some(marker),
+        })
+    }
+
+    /// Scans the whole store: re-hashes every record and checks that every child key it
+    /// names is stored (committed or pending). Runs on its own connection in short read
+    /// transactions, so reads and writes carry on meanwhile.
+    pub fn verify(&self) -> anyhow::Result<VerifyReport> {
+        let mut conn = conn::open_reader(&self.inner.path, &self.options)?;
+        let buffer = &self.inner.buffer;
+        Ok(verify::scan(&mut conn, &self.inner.path, &|key| {
+            buffer.is_pending(key)
+        })?)
+    }
+
+    /// What opening found: a clean previous close, or an unclean one and what was done.
+    pub fn open_report(&self) -> &OpenReport {
+        &self.open_report
+    }
+
+    /// The database file (`dir/pagable.db`).
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The durability this store was opened with.
+    pub fn durability(&self) -> Durability {
+        self.options.durability
+    }
+
+    /// Commits what is pending, stops the writer, and (in Cache mode, if everything was
+    /// committed) syncs the file and removes the unclean-shutdown marker.
+    fn close(&mut self) {
+        let flushed = self.inner.buffer.flush();
+        self.inner.buffer.shutdown();
+        if let Some(writer) = self.writer.take() {
+            if writer.join().is_err() {
+                log::error!(
+                    "pagestore: the writer thread of {} panicked",
+                    self.path().display()
+                );
+                return;
+            }
+        }
+        if let Err(err) = flushed {
+            log::error!(
+                "pagestore: the final flush of {} failed ({err}); the next open will check it",
+                self.path().display()
+            );
+            return;
+        }
+        if let Some(marker) = &self.marker {
+            // Cache mode never syncs while running; one sync at close makes a clean close
+            // safe against a later power loss too.
+            let synced = std::fs::File::open(self.path()).and_then(|f| f.sync_all());
+            let removed = synced
+                .map_err(Error::io("sync", self.path()))
+                .and_then(|()| recovery::remove_marker(marker));
+            if let Err(err) = removed {
+                log::warn!("pagestore: {err}; the next open will check the database");
+            }
+        }
+    }
+}
+
+impl Drop for SqliteBackedPagableStorage {
+    /// Flushes and closes cleanly; errors are logged (call `flush` first to see them).
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[async_trait::async_trait]
+impl PagableStorage for SqliteBackedPagableStorage {
+    fn store_data(&self, data: PagableData) -> anyhow::Result<DataKey> {
+        let key = data.compute_key();
+        let buffer = &self.inner.buffer;
+        buffer.check()?;
+        if !buffer.contains(&key) {
+            buffer.push(key, codec::encode(&data))?;
+        }
+        Ok(key)
+    }
+
+    fn flush(&self) -> anyhow::Result<()> {
+        Ok(self.inner.buffer.flush()?)
+    }
+
+    fn fetch_data_blocking(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
+        self.inner.fetch(key)
+    }
+
+    async fn fetch_data(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
+        #[cfg(feature = "tokio")]
+        if self.inner.buffer.pending(key).is_none() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let (inner, key) = (Arc::clone(&self.inner), *key);
+                return runtime
+                    .spawn_blocking(move || inner.fetch(&key))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("the read of {key} did not complete: {e}"))?;
+            }
+        }
+        // A pending node is in memory, and without tokio there is no pool to move to.
+        self.inner.fetch(key)
+    }
+
+    fn arc_cache(&self) -> &ArcCache {
+        &self.arc_cache
+    }
+
+    fn schedule_for_paging(&self, arc: Box<dyn ArcEraseDyn>) {
+        self.paging.push(&*arc);
+    }
+
+    fn session_context(&self) -> &SessionContext {
+        &self.session
+    }
+
+    /// Prunes dead arc-cache entries, ends the readers' held transactions and returns their
+    /// SQLite page caches, asks the writer to do the same, and forgets the remembered
+    /// committed keys (later repeats are then deduplicated by SQLite).
+    fn release_memory(&self) {
+        self.arc_cache.prune();
+        self.inner.pool.release_memory();
+        self.inner.buffer.release_memory();
+    }
+}
+
+impl std::fmt::Debug for SqliteBackedPagableStorage {
+    /// Settings and counts only: payloads are never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteBackedPagableStorage")
+            .field("path", &self.inner.path)
+            .field("durability", &self.options.durability)
+            .field("pending", &self.inner.buffer.pending_len())
+            .field("poisoned", &self.inner.buffer.is_poisoned())
+            .field("open_report", &self.open_report)
+            .field("arc_cache", &self.arc_cache)
+            .finish()
+    }
+}

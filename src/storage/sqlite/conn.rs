@@ -1,0 +1,97 @@
+//! Opening SQLite connections: the schema, and the pragmas each durability mode needs.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::options::{Durability, SqliteOptions};
+use crate::error::Error;
+
+/// The reference implementation's table, unchanged, so databases move both ways.
+pub(super) const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS pagable_data (
+    key BLOB PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID";
+
+/// Page size for databases pagestore creates. Bigger pages than the reference's 8 KiB make
+/// the tree shallower and batch inserts cheaper; an existing database keeps its page size.
+pub(super) const NEW_PAGE_SIZE: u32 = 16 * 1024;
+
+/// How long a connection waits for a lock before SQLite reports "database is locked". Our
+/// own readers hold locks for one read (or a few ms), so this only expires if another
+/// process holds the database.
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The `journal_mode` each durability runs in.
+fn journal_mode(durability: Durability) -> &'static str {
+    match durability {
+        Durability::Cache => "off",
+        Durability::Durable | Durability::Sync => "wal",
+    }
+}
+
+fn synchronous(durability: Durability) -> &'static str {
+    match durability {
+        Durability::Cache | Durability::Durable => "OFF",
+        Durability::Sync => "FULL",
+    }
+}
+
+/// Applies the cache and mmap sizes shared by every connection.
+fn size_pragmas(conn: &Connection, options: &SqliteOptions, path: &Path) -> Result<(), Error> {
+    let cache_kib = (options.cache_size_bytes / 1024).max(1);
+    conn.execute_batch(&format!(
+        "PRAGMA cache_size = -{cache_kib}; PRAGMA mmap_size = {};",
+        options.mmap_size_bytes
+    ))
+    .map_err(Error::sqlite("set the cache size of", path))
+}
+
+/// Opens the single read-write connection: page size (new databases), journal mode and
+/// sync level for `options.durability`, then the table.
+pub(super) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connection, Error> {
+    let conn = Connection::open(path).map_err(Error::sqlite("open", path))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(Error::sqlite("set the busy timeout of", path))?;
+    // Only takes effect before the first table exists (and before WAL is chosen).
+    conn.execute_batch(&format!("PRAGMA page_size = {NEW_PAGE_SIZE};"))
+        .map_err(Error::sqlite("set the page size of", path))?;
+    let wanted = journal_mode(options.durability);
+    let mode: String = conn
+        .query_row(&format!("PRAGMA journal_mode = {wanted}"), [], |row| {
+            row.get(0)
+        })
+        .map_err(Error::sqlite("set the journal mode of", path))?;
+    if !mode.eq_ignore_ascii_case(wanted) {
+        return Err(Error::Sqlite {
+            path: path.into(),
+            operation: "switch the journal mode of",
+            source: rusqlite::Error::InvalidParameterName(format!(
+                "journal_mode stayed {mode} instead of {wanted}; is another process using it?"
+            )),
+        });
+    }
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {};",
+        synchronous(options.durability)
+    ))
+    .map_err(Error::sqlite("set the sync level of", path))?;
+    size_pragmas(&conn, options, path)?;
+    conn.execute_batch(CREATE_TABLE)
+        .map_err(Error::sqlite("create the table in", path))?;
+    Ok(conn)
+}
+
+/// Opens one read-only connection for the reader pool or a verification scan.
+pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connection, Error> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(Error::sqlite("open (read-only)", path))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(Error::sqlite("set the busy timeout of", path))?;
+    size_pragmas(&conn, options, path)?;
+    Ok(conn)
+}

@@ -1,0 +1,167 @@
+//! [`SqliteOptions`] and [`Durability`]: the settings a SQLite store is opened with.
+
+use std::path::Path;
+
+use super::SqliteBackedPagableStorage;
+
+/// What survives a crash, and what it costs. Chosen per open; a database written in one mode
+/// opens in any other (the journal mode is switched at open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// The reference implementation's speed: no journal, no sync (`journal_mode=OFF`,
+    /// `synchronous=OFF`). Data is a cache that a crash may lose *entirely*.
+    ///
+    /// Guarantee: an unclean shutdown is detected at the next open (a marker file
+    /// `pagable.db.open` exists from open until a clean close), and a possibly damaged
+    /// database is never served: it is checked and repaired, or started empty
+    /// (see [`SqliteOptions::repair_unclean`] and [`OpenReport`](super::OpenReport)).
+    #[default]
+    Cache,
+    /// Every node whose [`flush`](crate::PagableStorage::flush) returned survives a crash of
+    /// the process (`journal_mode=WAL`, `synchronous=OFF`: SQLite's WAL commits survive an
+    /// application crash whatever `synchronous` is). A power loss may lose recent commits
+    /// but never breaks the database. Children are always committed before (or with) their
+    /// parents, so no committed node ever points to a missing one.
+    Durable,
+    /// Every node whose [`flush`](crate::PagableStorage::flush) returned survives power loss
+    /// (`journal_mode=WAL`, `synchronous=FULL`: each commit is fsynced). Same ordering
+    /// guarantee as [`Durable`](Self::Durable).
+    Sync,
+}
+
+/// How to open a [`SqliteBackedPagableStorage`]: a consuming builder whose every setter says
+/// its default.
+///
+/// ```
+/// use pagestore::{Durability, SqliteOptions};
+///
+/// let dir = tempfile::tempdir()?;
+/// let storage = SqliteOptions::default()
+///     .durability(Durability::Durable)
+///     .readers(4)
+///     .write_buffer_bytes(16 << 20)
+///     .open(dir.path())?;
+/// # drop(storage);
+/// # anyhow::Ok(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    pub(super) durability: Durability,
+    pub(super) readers: usize,
+    pub(super) write_buffer_rows: usize,
+    pub(super) write_buffer_bytes: usize,
+    pub(super) verify_on_read: bool,
+    pub(super) cache_size_bytes: u64,
+    pub(super) mmap_size_bytes: u64,
+    pub(super) dedup_keys: usize,
+    pub(super) repair_unclean: bool,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            durability: Durability::default(),
+            readers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(4)
+                .min(8),
+            write_buffer_rows: 256 * 1024,
+            write_buffer_bytes: 64 << 20,
+            verify_on_read: true,
+            cache_size_bytes: 8 << 20,
+            mmap_size_bytes: if cfg!(target_pointer_width = "64") {
+                1 << 30
+            } else {
+                0
+            },
+            // 7/8 of 2^21 buckets: the largest set that fits hashbrown's 2^21-bucket table
+            // (about 36 MB), which a million keys already need.
+            dedup_keys: (1 << 21) / 8 * 7,
+            repair_unclean: true,
+        }
+    }
+}
+
+impl SqliteOptions {
+    /// What survives a crash. Default = [`Durability::Cache`].
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// The number of read-only connections that serve fetches in parallel (at least 1).
+    /// Default = `min(available_parallelism, 8)`.
+    pub fn readers(mut self, readers: usize) -> Self {
+        self.readers = readers.max(1);
+        self
+    }
+
+    /// The most nodes held in memory waiting for their commit; `store_data` waits when it is
+    /// reached (back-pressure). One transaction commits up to half of it while the other half
+    /// fills. Default = 262,144.
+    pub fn write_buffer_rows(mut self, rows: usize) -> Self {
+        self.write_buffer_rows = rows.max(2);
+        self
+    }
+
+    /// The most encoded bytes held in memory waiting for their commit; `store_data` waits
+    /// when it is reached (back-pressure; a single node larger than this is still accepted,
+    /// alone). One transaction commits up to half of it. Default = 64 MiB.
+    pub fn write_buffer_bytes(mut self, bytes: usize) -> Self {
+        self.write_buffer_bytes = bytes.max(2);
+        self
+    }
+
+    /// Whether every record read from the database is re-hashed and compared with its key.
+    /// SQLite does not checksum its pages, so this is the only thing that catches a flipped
+    /// byte: a mismatch is an [`Error::Corrupt`](crate::Error::Corrupt) and the bytes never
+    /// reach the caller. Costs one blake3 hash of the record per read. Default = `true`.
+    pub fn verify_on_read(mut self, verify: bool) -> Self {
+        self.verify_on_read = verify;
+        self
+    }
+
+    /// SQLite's page cache per connection (`PRAGMA cache_size`), in bytes. The writer's cache
+    /// holds a transaction's dirty pages before they spill. Default = 8 MiB.
+    pub fn cache_size_bytes(mut self, bytes: u64) -> Self {
+        self.cache_size_bytes = bytes;
+        self
+    }
+
+    /// How much of the database file each connection memory-maps (`PRAGMA mmap_size`);
+    /// reads of mapped pages skip a copy and a system call. 0 turns it off.
+    /// Default = 1 GiB on 64-bit targets, 0 elsewhere.
+    pub fn mmap_size_bytes(mut self, bytes: u64) -> Self {
+        self.mmap_size_bytes = bytes;
+        self
+    }
+
+    /// How many committed keys are remembered so that storing them again costs only a hash
+    /// (about 36 bytes each). Past the cap, a repeat is still correct, just slower (the
+    /// writer's `INSERT OR IGNORE` drops it). 0 turns it off. Default = 1,835,008 (≈ 64 MiB
+    /// worst case, 36 MB as sized).
+    pub fn dedup_keys(mut self, keys: usize) -> Self {
+        self.dedup_keys = keys;
+        self
+    }
+
+    /// What to do when open finds that the last session did not close cleanly (only possible
+    /// after [`Durability::Cache`]): `true` checks the database (`PRAGMA quick_check`, then
+    /// every record) and deletes what is damaged or points to something missing, falling back
+    /// to starting empty if the file is beyond repair; `false` always starts empty.
+    /// Default = `true`.
+    pub fn repair_unclean(mut self, repair: bool) -> Self {
+        self.repair_unclean = repair;
+        self
+    }
+
+    /// Opens (creating if needed) the store in `dir`, whose database is `dir/pagable.db`.
+    ///
+    /// Errors: [`Error::Io`](crate::Error::Io) naming the path when the directory cannot be
+    /// created or is a file; [`Error::Sqlite`](crate::Error::Sqlite) when SQLite cannot open or
+    /// set up the database.
+    pub fn open(self, dir: impl AsRef<Path>) -> anyhow::Result<SqliteBackedPagableStorage> {
+        SqliteBackedPagableStorage::open_with(dir.as_ref(), self)
+    }
+}

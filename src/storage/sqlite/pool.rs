@@ -1,0 +1,183 @@
+//! The pool of read-only connections, and the protocol that lets them keep a read
+//! transaction open across reads without ever blocking (or missing) the writer's commits.
+//!
+//! A point read in its own implicit transaction spends most of its time starting and ending
+//! that transaction (taking the shared lock, checking whether the file changed). So a reader
+//! keeps its transaction open between reads. That is only safe with two rules:
+//!
+//! - **Writer first.** With no journal (or a rollback journal) an open read transaction keeps
+//!   the writer from committing. Before a batch, the writer raises `writing` and ends every
+//!   held transaction (taking each connection's mutex, so an in-progress read finishes
+//!   first). While `writing` is up, reads run in short implicit transactions, which SQLite's
+//!   busy handler serializes with the commit.
+//! - **Fresh after a commit.** In WAL mode an open read transaction is a snapshot that would
+//!   not see the next commit, and a key leaves the pending map once committed. The writer
+//!   bumps `epoch` after each commit, and a reader whose transaction began in an older epoch
+//!   ends it before reading.
+//!
+//! The writer thread also ends transactions left open by idle readers (every ~100 ms), so an
+//! idle pool never holds a lock that other processes (or a WAL checkpoint) wait for.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::Connection;
+
+use crate::error::Error;
+
+const SELECT: &str = "SELECT value FROM pagable_data WHERE key = ?1";
+
+/// One read-only connection and the state of its held transaction.
+struct Reader {
+    conn: Connection,
+    /// The epoch in which the held read transaction began, if one is open.
+    held: Option<u64>,
+    /// Whether it served a read since the last idle sweep.
+    used: bool,
+}
+
+impl Reader {
+    fn end_transaction(&mut self) {
+        if self.held.take().is_some() && !self.conn.is_autocommit() {
+            // Ending a read-only transaction cannot lose anything; if it fails, the next
+            // read reports the connection's error.
+            let _ = self.conn.execute_batch("COMMIT");
+        }
+    }
+}
+
+/// Read-only connections, handed out round robin.
+pub(super) struct ReaderPool {
+    readers: Vec<Mutex<Reader>>,
+    next: AtomicUsize,
+    writing: AtomicBool,
+    epoch: AtomicU64,
+    path: PathBuf,
+}
+
+impl ReaderPool {
+    pub(super) fn new(path: &Path, conns: Vec<Connection>) -> Self {
+        Self {
+            readers: conns
+                .into_iter()
+                .map(|conn| {
+                    Mutex::new(Reader {
+                        conn,
+                        held: None,
+                        used: false,
+                    })
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            writing: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// A free connection if one is free (round robin with `try_lock`), else waits for one.
+    fn acquire(&self) -> MutexGuard<'_, Reader> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let len = self.readers.len();
+        for i in 0..len {
+            if let Ok(guard) = self.readers[(start + i) % len].try_lock() {
+                return guard;
+            }
+        }
+        lock(&self.readers[start % len])
+    }
+
+    /// Runs `on_row` on the stored record of `key` (borrowed from SQLite, no copy), or
+    /// returns `Ok(None)` when no record is stored under it.
+    pub(super) fn read<R>(
+        &self,
+        key: &[u8; 16],
+        on_row: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>, Error> {
+        let mut reader = self.acquire();
+        reader.used = true;
+        let writing = self.writing.load(Ordering::Acquire);
+        let epoch = self.epoch.load(Ordering::Acquire);
+        if reader.held.is_some_and(|began| writing || began != epoch) {
+            reader.end_transaction();
+        }
+        if !writing && reader.held.is_none() {
+            reader
+                .conn
+                .execute_batch("BEGIN")
+                .map_err(Error::sqlite("begin a read transaction on", &self.path))?;
+            reader.held = Some(epoch);
+        }
+        let result = Self::select(&reader.conn, key, on_row);
+        if result.is_err() {
+            // Leave the connection clean for the next read.
+            reader.end_transaction();
+        }
+        result.map_err(Error::sqlite("read a record from", &self.path))
+    }
+
+    fn select<R>(
+        conn: &Connection,
+        key: &[u8; 16],
+        on_row: impl FnOnce(&[u8]) -> R,
+    ) -> rusqlite::Result<Option<R>> {
+        let mut stmt = conn.prepare_cached(SELECT)?;
+        let mut rows = stmt.query([&key[..]])?;
+        match rows.next()? {
+            None => Ok(None),
+            Some(row) => {
+                let value = row.get_ref(0)?;
+                let bytes = value.as_blob().map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(0, value.data_type(), Box::new(e))
+                })?;
+                Ok(Some(on_row(bytes)))
+            }
+        }
+    }
+
+    /// Called by the writer before it writes: no reader keeps a transaction open until
+    /// [`end_write`](Self::end_write).
+    pub(super) fn begin_write(&self) {
+        self.writing.store(true, Ordering::SeqCst);
+        for reader in &self.readers {
+            lock(reader).end_transaction();
+        }
+    }
+
+    /// Called by the writer after a commit (or a failed one): readers start fresh
+    /// transactions that see it.
+    pub(super) fn end_write(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.writing.store(false, Ordering::SeqCst);
+    }
+
+    /// Ends the transactions of readers that served nothing since the last sweep.
+    pub(super) fn end_idle(&self) {
+        for reader in &self.readers {
+            if let Ok(mut reader) = reader.try_lock() {
+                if !reader.used {
+                    reader.end_transaction();
+                }
+                reader.used = false;
+            }
+        }
+    }
+
+    /// Ends every held transaction and returns each connection's cache memory to the heap.
+    pub(super) fn release_memory(&self) {
+        for reader in &self.readers {
+            let mut reader = lock(reader);
+            reader.end_transaction();
+            let _ = reader.conn.release_memory();
+        }
+    }
+}
+
+/// A reader's mutex guards no invariant a panic could break (the connection stays valid),
+/// so a poisoned lock is used as is.
+fn lock(reader: &Mutex<Reader>) -> MutexGuard<'_, Reader> {
+    reader
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

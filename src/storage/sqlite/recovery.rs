@@ -1,0 +1,204 @@
+//! Unclean-shutdown detection for [`Durability::Cache`](super::Durability::Cache), and what
+//! open does about it ([`OpenReport`]).
+//!
+//! With no journal, a crash in the middle of a commit can leave a database that is broken or
+//! holds half a batch. So a Cache-mode session creates a marker file (`pagable.db.open`,
+//! fsynced) before its first write and removes it after its final flush at a clean close.
+//! If open finds the marker, the last session did not close cleanly and the file is not
+//! trusted: it is checked and repaired, or replaced by an empty one.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rusqlite::Connection;
+
+use super::conn::BUSY_TIMEOUT;
+use super::options::SqliteOptions;
+use super::verify;
+use crate::error::Error;
+
+/// What opening the store found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OpenReport {
+    /// The last session closed cleanly (or the database is new, or was written by another
+    /// program such as the reference implementation): opened as is.
+    Clean,
+    /// The last session did not close cleanly and the database was replaced by an empty one.
+    Reset {
+        /// Why it was not repaired instead.
+        reason: String,
+    },
+    /// The last session did not close cleanly; the database passed SQLite's structural check
+    /// and the records that were damaged, or pointed to missing children, were deleted.
+    Repaired {
+        /// Records kept.
+        records: u64,
+        /// Records deleted because they did not decode or did not hash to their key (or had
+        /// a malformed key).
+        removed_corrupt: u64,
+        /// Records deleted because a child they name was missing (repeated until none is).
+        removed_dangling: u64,
+    },
+}
+
+impl OpenReport {
+    /// Whether the last session closed cleanly.
+    pub fn is_clean(&self) -> bool {
+        matches!(self, OpenReport::Clean)
+    }
+}
+
+/// The marker that exists while a Cache-mode session has the database open.
+pub(super) fn marker_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".open");
+    PathBuf::from(name)
+}
+
+/// Creates the marker and makes it durable before any write can happen.
+pub(super) fn write_marker(marker: &Path) -> Result<(), Error> {
+    let mut file = File::create(marker).map_err(Error::io("create the open marker", marker))?;
+    file.write_all(
+        b"pagestore: the database beside this file is open in Cache mode (or its last \
+          session crashed); the next open checks it before use.\n",
+    )
+    .and_then(|()| file.sync_all())
+    .map_err(Error::io("write the open marker", marker))?;
+    sync_parent(marker)
+}
+
+/// Removes the marker at a clean close.
+pub(super) fn remove_marker(marker: &Path) -> Result<(), Error> {
+    match std::fs::remove_file(marker) {
+        Ok(()) => sync_parent(marker),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove the open marker", marker)(e)),
+    }
+}
+
+/// Makes a file's creation or removal durable.
+fn sync_parent(path: &Path) -> Result<(), Error> {
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    // Directories cannot be opened for syncing on every platform; where they can, do it.
+    if let Ok(dir_file) = File::open(dir) {
+        let _ = dir_file.sync_all();
+    }
+    Ok(())
+}
+
+/// Deals with a database left by an unclean shutdown: repair it or start empty.
+pub(super) fn recover(db: &Path, options: &SqliteOptions) -> Result<OpenReport, Error> {
+    let report = if !options.repair_unclean {
+        reset(db, "repair after an unclean shutdown is turned off".into())?
+    } else {
+        match repair(db) {
+            Ok(report) => report,
+            Err(reason) => reset(db, reason)?,
+        }
+    };
+    match &report {
+        OpenReport::Reset { reason } => log::warn!(
+            "pagestore: {} was not closed cleanly; started empty ({reason})",
+            db.display()
+        ),
+        OpenReport::Repaired {
+            records,
+            removed_corrupt,
+            removed_dangling,
+        } => log::warn!(
+            "pagestore: {} was not closed cleanly; repaired: kept {records} records, deleted \
+             {removed_corrupt} corrupt and {removed_dangling} with missing children",
+            db.display()
+        ),
+        OpenReport::Clean => {}
+    }
+    Ok(report)
+}
+
+/// Deletes the database and its side files.
+fn reset(db: &Path, reason: String) -> Result<OpenReport, Error> {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        match std::fs::remove_file(&name) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("delete the untrusted database", name)(e)),
+        }
+    }
+    Ok(OpenReport::Reset { reason })
+}
+
+/// Checks the structure, then deletes damaged and dangling records until none is left.
+/// Returns why the database cannot be repaired.
+fn repair(db: &Path) -> Result<OpenReport, String> {
+    if !db.exists() {
+        return Ok(OpenReport::Repaired {
+            records: 0,
+            removed_corrupt: 0,
+            removed_dangling: 0,
+        });
+    }
+    let sql = |e: rusqlite::Error| e.to_string();
+    let mut conn = Connection::open(db).map_err(sql)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
+    let check: String = conn
+        .query_row("PRAGMA quick_check", [], |row| row.get(0))
+        .map_err(sql)?;
+    if check != "ok" {
+        return Err(format!("quick_check: {check}"));
+    }
+    let table_exists: bool = conn
+        .query_row(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'pagable_data'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(sql)?;
+    let (mut removed_corrupt, mut removed_dangling) = (0, 0);
+    if !table_exists {
+        return Ok(OpenReport::Repaired {
+            records: 0,
+            removed_corrupt,
+            removed_dangling,
+        });
+    }
+    loop {
+        let report = verify::scan(&mut conn, db, &|_| false).map_err(|e| e.to_string())?;
+        if report.is_ok() {
+            return Ok(OpenReport::Repaired {
+                records: report.records,
+                removed_corrupt,
+                removed_dangling,
+            });
+        }
+        let before = removed_corrupt + removed_dangling;
+        let tx = conn.transaction().map_err(sql)?;
+        removed_corrupt += tx
+            .execute(
+                "DELETE FROM pagable_data WHERE typeof(key) != 'blob' OR length(key) != 16 \
+                 OR key = zeroblob(16)",
+                [],
+            )
+            .map_err(sql)? as u64;
+        {
+            let mut delete = tx
+                .prepare("DELETE FROM pagable_data WHERE key = ?1")
+                .map_err(sql)?;
+            for key in &report.corrupt {
+                removed_corrupt += delete.execute([&key.as_bytes()[..]]).map_err(sql)? as u64;
+            }
+            for (parent, _) in &report.missing_children {
+                removed_dangling += delete.execute([&parent.as_bytes()[..]]).map_err(sql)? as u64;
+            }
+        }
+        tx.commit().map_err(sql)?;
+        if removed_corrupt + removed_dangling == before {
+            return Err("repair made no progress".into());
+        }
+    }
+}

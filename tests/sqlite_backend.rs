@@ -1,0 +1,430 @@
+//! SQLite backend behaviour beyond the generic contract: the reference's databases, errors
+//! naming paths, unclean shutdowns, sticky write errors, readers during big commits.
+
+mod contract;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use contract::{node, store_dag};
+use pagestore::{
+    Durability, Error, OpenReport, PagableData, PagableStorage, SqliteBackedPagableStorage,
+    SqliteOptions,
+};
+use rusqlite::Connection;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn reads_a_database_written_by_the_reference() {
+    let (fixture, entries) = contract::reference_fixture();
+    assert_eq!(entries.len(), 600);
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture, dir.path());
+    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    assert!(storage.open_report().is_clean());
+    for (key, expected) in &entries {
+        assert_eq!(expected.compute_key(), *key);
+        let got = storage.fetch_data_blocking(key).unwrap();
+        assert_eq!(&*got, expected, "{key}");
+    }
+    let report = storage.verify().unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.records, 600);
+    // Still writable, in the same file.
+    let key = storage.store_data(node(1, 10, vec![entries[0].0])).unwrap();
+    storage.flush().unwrap();
+    drop(storage);
+    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    assert_eq!(
+        storage.fetch_data_blocking(&key).unwrap().arcs,
+        [entries[0].0]
+    );
+}
+
+/// Opens a database the way pagable 0.3.3 does (its pragmas, its table statement, its
+/// query) and decodes each value with the reference's layout.
+fn read_like_the_reference(db: &Path, key: &pagestore::DataKey) -> PagableData {
+    let conn = Connection::open(db).unwrap();
+    conn.execute_batch(
+        "PRAGMA synchronous=OFF; PRAGMA journal_mode=OFF; PRAGMA page_size=8192;
+         CREATE TABLE IF NOT EXISTS pagable_data (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
+    )
+    .unwrap();
+    let bytes: Vec<u8> = conn
+        .query_row(
+            "SELECT value FROM pagable_data WHERE key = ?1",
+            [&key.as_bytes()[..]],
+            |row| row.get(0),
+        )
+        .unwrap();
+    let data_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let arcs_len = u64::from_le_bytes(bytes[8..16].try_into().unwrap()) as usize;
+    assert_eq!(bytes.len(), 16 + data_len + 16 * arcs_len);
+    PagableData {
+        data: bytes[16..16 + data_len].to_vec(),
+        arcs: bytes[16 + data_len..]
+            .chunks_exact(16)
+            .map(|k| pagestore::DataKey::from_slice(k).unwrap())
+            .collect(),
+    }
+}
+
+#[test]
+fn the_reference_can_read_what_pagestore_wrote() {
+    for durability in [Durability::Cache, Durability::Durable] {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = SqliteOptions::default()
+            .durability(durability)
+            .open(dir.path())
+            .unwrap();
+        let model = store_dag(&storage, 11, 300);
+        let db = storage.path().to_path_buf();
+        drop(storage);
+        for (key, data) in &model {
+            assert_eq!(&read_like_the_reference(&db, key), data);
+        }
+    }
+}
+
+#[test]
+fn a_16_mib_blob_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    let big = node(42, 16 << 20, vec![]);
+    let key = storage.store_data(big.clone()).unwrap();
+    assert_eq!(*storage.fetch_data_blocking(&key).unwrap(), big);
+    storage.flush().unwrap();
+    assert_eq!(*storage.fetch_data_blocking(&key).unwrap(), big);
+    drop(storage);
+    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    assert_eq!(*storage.fetch_data_blocking(&key).unwrap(), big);
+}
+
+fn io_path(err: &anyhow::Error) -> std::path::PathBuf {
+    match err.downcast_ref::<Error>() {
+        Some(Error::Io { path, .. }) => path.clone(),
+        other => panic!("expected an Io error, got {other:?} ({err:#})"),
+    }
+}
+
+#[test]
+fn a_file_where_the_directory_should_be_is_an_io_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let err = SqliteBackedPagableStorage::try_new(&file).unwrap_err();
+    assert_eq!(io_path(&err), file);
+    assert!(format!("{err:#}").contains("not-a-dir"), "{err:#}");
+    let below = file.join("below");
+    let err = SqliteBackedPagableStorage::try_new(&below).unwrap_err();
+    assert!(io_path(&err).starts_with(&file), "{err:#}");
+}
+
+#[test]
+fn an_unwritable_path_is_an_io_error_naming_it() {
+    // /proc refuses new directories even to root.
+    let path = Path::new("/proc/pagestore-cannot-create-this");
+    let err = SqliteBackedPagableStorage::try_new(path).unwrap_err();
+    assert_eq!(io_path(&err), path);
+}
+
+#[test]
+fn reopen_after_flush_sees_everything_in_every_mode_and_across_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut all = std::collections::HashMap::new();
+    let modes = [
+        Durability::Cache,
+        Durability::Durable,
+        Durability::Sync,
+        Durability::Cache,
+        Durability::Sync,
+        Durability::Durable,
+        Durability::Cache,
+    ];
+    for (i, durability) in modes.into_iter().enumerate() {
+        let storage = SqliteOptions::default()
+            .durability(durability)
+            .open(dir.path())
+            .unwrap();
+        assert!(
+            storage.open_report().is_clean(),
+            "{:?}",
+            storage.open_report()
+        );
+        contract::assert_reads_back(&storage, &all);
+        all.extend(store_dag(&storage, 100 + i as u64, 200));
+        storage.flush().unwrap();
+        contract::assert_reads_back(&storage, &all);
+        assert!(storage.verify().unwrap().is_ok());
+    }
+}
+
+/// Copies the store's directory while it is open: what a crash leaves behind in Cache mode
+/// (the marker still there).
+fn crash_copy(storage: &SqliteBackedPagableStorage, to: &Path) {
+    storage.flush().unwrap();
+    copy_dir(storage.path().parent().unwrap(), to);
+    assert!(to.join("pagable.db.open").exists());
+}
+
+#[test]
+fn an_unclean_shutdown_in_cache_mode_is_detected_and_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    let model = store_dag(&storage, 12, 500);
+    let crashed = tempfile::tempdir().unwrap();
+    crash_copy(&storage, crashed.path());
+    drop(storage);
+    assert!(
+        !dir.path().join("pagable.db.open").exists(),
+        "clean close removes the marker"
+    );
+
+    // Damage one record and delete a child, as a torn write might.
+    let conn = Connection::open(crashed.path().join("pagable.db")).unwrap();
+    let mut keys: Vec<_> = model.keys().copied().collect();
+    keys.sort();
+    let child = *keys
+        .iter()
+        .find(|k| model.values().any(|d| d.arcs.contains(k)))
+        .unwrap();
+    conn.execute(
+        "DELETE FROM pagable_data WHERE key = ?1",
+        [&child.as_bytes()[..]],
+    )
+    .unwrap();
+    drop(conn);
+
+    let storage = SqliteBackedPagableStorage::try_new(crashed.path()).unwrap();
+    match storage.open_report() {
+        OpenReport::Repaired {
+            removed_dangling, ..
+        } => assert!(*removed_dangling >= 1),
+        other => panic!("expected a repair, got {other:?}"),
+    }
+    let report = storage.verify().unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    drop(storage);
+    let storage = SqliteBackedPagableStorage::try_new(crashed.path()).unwrap();
+    assert!(storage.open_report().is_clean());
+}
+
+#[test]
+fn an_unclean_shutdown_with_repair_off_starts_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    let model = store_dag(&storage, 13, 50);
+    let crashed = tempfile::tempdir().unwrap();
+    crash_copy(&storage, crashed.path());
+    let storage = SqliteOptions::default()
+        .repair_unclean(false)
+        .open(crashed.path())
+        .unwrap();
+    assert!(matches!(storage.open_report(), OpenReport::Reset { .. }));
+    let key = model.keys().next().unwrap();
+    assert!(Error::is_not_found(
+        &storage.fetch_data_blocking(key).unwrap_err()
+    ));
+}
+
+#[test]
+fn a_broken_file_after_an_unclean_shutdown_is_reset_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    store_dag(&storage, 14, 2000);
+    let crashed = tempfile::tempdir().unwrap();
+    crash_copy(&storage, crashed.path());
+    // Garble the middle of the file.
+    let db = crashed.path().join("pagable.db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    let len = bytes.len();
+    bytes[len / 2..len / 2 + 20000.min(len / 4)].fill(0xA5);
+    bytes[100..200].fill(0x5A);
+    std::fs::write(&db, bytes).unwrap();
+    let storage = SqliteBackedPagableStorage::try_new(crashed.path()).unwrap();
+    assert!(
+        matches!(
+            storage.open_report(),
+            OpenReport::Reset { .. } | OpenReport::Repaired { .. }
+        ),
+        "{:?}",
+        storage.open_report()
+    );
+    assert!(storage.verify().unwrap().is_ok());
+}
+
+#[test]
+fn a_failed_commit_poisons_writes_until_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SqliteOptions::default()
+        .durability(Durability::Durable)
+        .open(dir.path())
+        .unwrap();
+    let before = store_dag(&storage, 15, 100);
+    storage.flush().unwrap();
+    // Sabotage from outside: the writer's next insert fails.
+    storage.release_memory();
+    let conn = Connection::open(storage.path()).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    conn.execute_batch("ALTER TABLE pagable_data RENAME TO elsewhere")
+        .unwrap();
+    let doomed = storage.store_data(node(999, 10, vec![])).unwrap();
+    let err = storage.flush().unwrap_err();
+    assert!(
+        matches!(err.downcast_ref::<Error>(), Some(Error::Poisoned { .. })),
+        "{err:#}"
+    );
+    // Sticky, for stores and flushes alike.
+    let err = storage.store_data(node(1000, 10, vec![])).unwrap_err();
+    assert!(
+        matches!(err.downcast_ref::<Error>(), Some(Error::Poisoned { .. })),
+        "{err:#}"
+    );
+    assert!(storage.flush().is_err());
+    // What was stored this session is still readable from memory.
+    assert_eq!(
+        *storage.fetch_data_blocking(&doomed).unwrap(),
+        node(999, 10, vec![])
+    );
+    drop(storage);
+    conn.execute_batch("ALTER TABLE elsewhere RENAME TO pagable_data")
+        .unwrap();
+    drop(conn);
+    let storage = SqliteOptions::default()
+        .durability(Durability::Durable)
+        .open(dir.path())
+        .unwrap();
+    contract::assert_reads_back(&storage, &before);
+    storage.store_data(node(1001, 10, vec![])).unwrap();
+    storage.flush().unwrap();
+}
+
+#[test]
+fn readers_see_no_errors_while_the_writer_commits_big_batches() {
+    for durability in [Durability::Cache, Durability::Durable] {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = SqliteOptions::default()
+            .durability(durability)
+            .write_buffer_rows(8192)
+            .open(dir.path())
+            .unwrap();
+        let base: Vec<_> = (0..2000)
+            .map(|i| storage.store_data(node(i, 100, vec![])).unwrap())
+            .collect();
+        storage.flush().unwrap();
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for t in 0..2 {
+                let (storage, base, done) = (&storage, &base, &done);
+                s.spawn(move || {
+                    let mut i = t;
+                    while !done.load(Ordering::Relaxed) {
+                        let key = &base[i % base.len()];
+                        storage
+                            .fetch_data_blocking(key)
+                            .unwrap_or_else(|e| panic!("{e:#}"));
+                        i += 7;
+                    }
+                });
+            }
+            for i in 0..30_000u64 {
+                storage
+                    .store_data(node(10_000 + i, 200, vec![base[i as usize % 2000]]))
+                    .unwrap();
+            }
+            storage.flush().unwrap();
+            done.store(true, Ordering::Relaxed);
+        });
+        assert!(storage.verify().unwrap().is_ok());
+    }
+}
+
+#[test]
+fn verify_reports_corrupt_records_and_missing_children() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    let leaf = storage.store_data(node(1, 50, vec![])).unwrap();
+    let parent = storage.store_data(node(2, 50, vec![leaf])).unwrap();
+    let other = storage.store_data(node(3, 50, vec![])).unwrap();
+    storage.flush().unwrap();
+    storage.release_memory();
+    let conn = Connection::open(storage.path()).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    conn.execute(
+        "DELETE FROM pagable_data WHERE key = ?1",
+        [&leaf.as_bytes()[..]],
+    )
+    .unwrap();
+    conn.execute(
+        "UPDATE pagable_data SET value = zeroblob(5) WHERE key = ?1",
+        [&other.as_bytes()[..]],
+    )
+    .unwrap();
+    drop(conn);
+    let report = storage.verify().unwrap();
+    assert!(!report.is_ok());
+    assert_eq!(report.records, 2);
+    assert_eq!(report.corrupt, [other]);
+    assert_eq!(report.missing_children, [(parent, leaf)]);
+    let err = storage.fetch_data_blocking(&other).unwrap_err();
+    assert!(Error::is_corrupt(&err), "{err:#}");
+}
+
+#[test]
+fn verify_on_read_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SqliteOptions::default()
+        .verify_on_read(false)
+        .open(dir.path())
+        .unwrap();
+    let key = storage.store_data(node(5, 40, vec![])).unwrap();
+    storage.flush().unwrap();
+    storage.release_memory();
+    let conn = Connection::open(storage.path()).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    let mut value: Vec<u8> = conn
+        .query_row(
+            "SELECT value FROM pagable_data WHERE key = ?1",
+            [&key.as_bytes()[..]],
+            |r| r.get(0),
+        )
+        .unwrap();
+    value[20] ^= 0xff;
+    conn.execute(
+        "UPDATE pagable_data SET value = ?2 WHERE key = ?1",
+        rusqlite::params![&key.as_bytes()[..], value],
+    )
+    .unwrap();
+    // Not re-hashed: the flipped byte comes back (the caller chose speed).
+    let got = storage.fetch_data_blocking(&key).unwrap();
+    assert_ne!(*got, node(5, 40, vec![]));
+    assert!(!storage.verify().unwrap().is_ok(), "verify() still hashes");
+}
+
+#[test]
+fn back_pressure_bounds_the_buffer_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SqliteOptions::default()
+        .write_buffer_rows(16)
+        .write_buffer_bytes(10_000)
+        .open(dir.path())
+        .unwrap();
+    let model = store_dag(&storage, 16, 3000);
+    contract::assert_reads_back(&storage, &model);
+    storage.flush().unwrap();
+    assert!(storage.verify().unwrap().is_ok());
+    // One node bigger than the whole buffer is still accepted.
+    let big = node(77, 50_000, vec![]);
+    let key = storage.store_data(big.clone()).unwrap();
+    assert_eq!(*storage.fetch_data_blocking(&key).unwrap(), big);
+}
