@@ -1,0 +1,327 @@
+//! Corruption: damage copies of a store and check that pagestore never returns wrong bytes
+//! and never panics.
+//!
+//! One template store of 2,000 blobs (0 B – 1 MiB: mostly small, a few large) is built once.
+//! Each trial copies it, damages the copy — flips 1, 8 or 64 random bytes, flips bytes known
+//! to be inside a payload, zeroes a whole page, or truncates the file — then opens it with
+//! default options, fetches every key and runs `verify()`. Every fetch must return the right
+//! bytes or a typed error: `Corrupt` naming the key, `NotFound` (the damage hid the row), or
+//! `Sqlite` carrying SQLite's own corruption error. Opening may refuse with a typed error.
+//! `verify()` must list every key whose fetch said `Corrupt`, and no key it lists may fetch.
+//!
+//! 500 trials (`PAGESTORE_CORRUPTION_TRIALS` changes it); the seed is printed
+//! (`PAGESTORE_CORRUPTION_SEED` replays a run).
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::Mutex;
+
+use common::{Rng, copy_dir_files, count_from_env, seed_from_env};
+use pagestore::{DataKey, Error, PagableData, PagableStorage, SqliteOptions};
+
+const BLOBS: usize = 2_000;
+const MAX_BLOB: usize = 1 << 20;
+
+/// The template: its directory and what it holds.
+struct Template {
+    dir: tempfile::TempDir,
+    nodes: Vec<(DataKey, PagableData)>,
+}
+
+fn build_template(seed: u64) -> Template {
+    let dir = tempfile::tempdir().expect("template dir");
+    let storage = SqliteOptions::default()
+        .open(dir.path())
+        .expect("create template");
+    let mut rng = Rng::new(seed);
+    let mut nodes: Vec<(DataKey, PagableData)> = Vec::with_capacity(BLOBS);
+    for i in 0..BLOBS {
+        // Mostly small so 500 trials stay fast in debug builds; a handful up to 1 MiB, which
+        // SQLite stores across chains of overflow pages.
+        let size = match i {
+            0 => 0,
+            1 => MAX_BLOB,
+            _ if i % 400 == 2 => rng.range(64 * 1024, MAX_BLOB as u64) as usize,
+            _ if i % 10 == 3 => rng.range(1024, 16 * 1024) as usize,
+            _ => rng.below(1024) as usize,
+        };
+        let mut data = vec![0u8; size];
+        rng.fill(&mut data);
+        let arcs = if i > 0 && rng.percent(30) {
+            (0..rng.range(1, 3))
+                .map(|_| nodes[rng.below(i as u64) as usize].0)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let node = PagableData { data, arcs };
+        let key = storage
+            .store_data(node.clone())
+            .expect("store template node");
+        nodes.push((key, node));
+    }
+    storage.flush().expect("flush template");
+    let report = storage.verify().expect("verify template");
+    assert!(
+        report.is_ok(),
+        "the undamaged template fails verify: {report:?}"
+    );
+    drop(storage);
+    Template { dir, nodes }
+}
+
+/// The ways a trial damages the database file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Damage {
+    FlipBytes(usize),
+    FlipInPayload,
+    ZeroPage,
+    Truncate,
+}
+
+fn page_size(file: &[u8]) -> usize {
+    // SQLite header: big-endian u16 at offset 16; 1 means 65536.
+    match u16::from_be_bytes([file[16], file[17]]) {
+        1 => 65_536,
+        n => usize::from(n),
+    }
+}
+
+/// Damages `file` in place and says what it did.
+fn damage(
+    file: &mut Vec<u8>,
+    kind: Damage,
+    rng: &mut Rng,
+    nodes: &[(DataKey, PagableData)],
+) -> String {
+    let len = file.len();
+    match kind {
+        Damage::FlipBytes(n) => {
+            for _ in 0..n {
+                let at = rng.below(len as u64) as usize;
+                file[at] ^= rng.range(1, 255) as u8;
+            }
+            format!("flipped {n} random bytes")
+        }
+        Damage::FlipInPayload => {
+            // Find a 16-byte window of some blob's data in the file (random data: unique).
+            for _ in 0..100 {
+                let (key, node) = &nodes[rng.below(nodes.len() as u64) as usize];
+                if node.data.len() < 16 {
+                    continue;
+                }
+                let start = rng.below(node.data.len() as u64 - 15) as usize;
+                let window = &node.data[start..start + 16];
+                if let Some(at) = file.windows(16).position(|w| w == window) {
+                    let at = at + rng.below(16) as usize;
+                    file[at] ^= rng.range(1, 255) as u8;
+                    return format!("flipped a byte inside the payload of {key} at offset {at}");
+                }
+            }
+            let at = rng.below(len as u64) as usize;
+            file[at] ^= 0xff;
+            format!("no payload window found; flipped byte {at}")
+        }
+        Damage::ZeroPage => {
+            let page = page_size(file);
+            let pages = len / page;
+            let n = rng.below(pages as u64) as usize;
+            file[n * page..(n + 1) * page].fill(0);
+            format!("zeroed page {} of {pages} ({page} bytes)", n + 1)
+        }
+        Damage::Truncate => {
+            let to = rng.below(len as u64) as usize;
+            file.truncate(to);
+            format!("truncated from {len} to {to} bytes")
+        }
+    }
+}
+
+/// What one fetch (or the open) returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Seen {
+    Right,
+    Corrupt,
+    NotFound,
+    SqliteError,
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    trials: u64,
+    by_damage: BTreeMap<String, u64>,
+    open_refused: u64,
+    fetches: BTreeMap<String, u64>,
+    verify_found_corrupt: u64,
+    verify_refused: u64,
+    sqlite_codes: BTreeMap<String, u64>,
+}
+
+/// Whether `err` is SQLite saying the file is damaged (and says which file).
+fn sqlite_corruption(err: &anyhow::Error, tally: &mut Tally, context: &str) -> bool {
+    let Some(Error::Sqlite { path, source, .. }) = err.downcast_ref::<Error>() else {
+        return false;
+    };
+    assert!(
+        path.ends_with("pagable.db"),
+        "{context}: SQLite error names {} instead of the database",
+        path.display()
+    );
+    let code = source.sqlite_error_code();
+    *tally.sqlite_codes.entry(format!("{code:?}")).or_default() += 1;
+    assert!(
+        matches!(
+            code,
+            Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+        ),
+        "{context}: a SQLite error that is not a corruption error: {err:#}"
+    );
+    true
+}
+
+fn trial(template: &Template, trial: u64, seed: u64, scratch: &Path, tally: &mut Tally) {
+    let mut rng = Rng::new(seed);
+    let dir = scratch.join(format!("trial-{trial}"));
+    copy_dir_files(template.dir.path(), &dir);
+    let db = dir.join("pagable.db");
+    let mut file = std::fs::read(&db).expect("read the copy");
+    let kind = match rng.below(12) {
+        0..=1 => Damage::FlipBytes(1),
+        2..=3 => Damage::FlipBytes(8),
+        4..=5 => Damage::FlipBytes(64),
+        6..=8 => Damage::FlipInPayload,
+        9..=10 => Damage::ZeroPage,
+        _ => Damage::Truncate,
+    };
+    let what = damage(&mut file, kind, &mut rng, &template.nodes);
+    std::fs::write(&db, &file).expect("write the damaged copy");
+    let context = format!("trial {trial} (seed {seed:#x}): {what}");
+    tally.trials += 1;
+    *tally.by_damage.entry(format!("{kind:?}")).or_default() += 1;
+
+    let storage = match SqliteOptions::default().open(&dir) {
+        Ok(storage) => storage,
+        Err(err) => {
+            assert!(
+                sqlite_corruption(&err, tally, &context),
+                "{context}: open failed without a typed corruption error: {err:#}"
+            );
+            tally.open_refused += 1;
+            std::fs::remove_dir_all(&dir).ok();
+            return;
+        }
+    };
+    let mut said_corrupt = HashSet::new();
+    for (key, node) in &template.nodes {
+        let seen = match storage.fetch_data_blocking(key) {
+            Ok(got) => {
+                assert!(*got == *node, "{context}: WRONG BYTES returned for {key}");
+                Seen::Right
+            }
+            Err(err) => match err.downcast_ref::<Error>() {
+                Some(Error::Corrupt { key: named, .. }) => {
+                    assert_eq!(named, key, "{context}: Corrupt names another key");
+                    assert!(err.to_string().contains(&key.to_string()));
+                    said_corrupt.insert(*key);
+                    Seen::Corrupt
+                }
+                Some(Error::NotFound(named)) => {
+                    assert_eq!(named, key, "{context}: NotFound names another key");
+                    Seen::NotFound
+                }
+                _ if sqlite_corruption(&err, tally, &context) => Seen::SqliteError,
+                _ => panic!("{context}: fetch of {key} failed with an untyped error: {err:#}"),
+            },
+        };
+        *tally.fetches.entry(format!("{seen:?}")).or_default() += 1;
+    }
+    match storage.verify() {
+        Ok(report) => {
+            for key in &said_corrupt {
+                assert!(
+                    report.corrupt.contains(key),
+                    "{context}: fetch said {key} is corrupt but verify() did not list it"
+                );
+            }
+            for key in &report.corrupt {
+                assert!(
+                    storage.fetch_data_blocking(key).is_err(),
+                    "{context}: verify() lists {key} as corrupt but it fetches"
+                );
+            }
+            if !report.corrupt.is_empty() {
+                tally.verify_found_corrupt += 1;
+            }
+        }
+        Err(err) => {
+            assert!(
+                sqlite_corruption(&err, tally, &context),
+                "{context}: verify failed without a typed corruption error: {err:#}"
+            );
+            tally.verify_refused += 1;
+        }
+    }
+    drop(storage);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn damaged_copies_never_return_wrong_bytes() {
+    let trials = count_from_env("PAGESTORE_CORRUPTION_TRIALS", 500);
+    let seed = seed_from_env("PAGESTORE_CORRUPTION_SEED");
+    eprintln!("corruption: {trials} trials, seed {seed:#x} (PAGESTORE_CORRUPTION_SEED={seed:#x})");
+    let started = std::time::Instant::now();
+    let template = build_template(seed);
+    let built = started.elapsed();
+    let scratch = tempfile::tempdir().expect("scratch");
+    let total = Mutex::new(Tally::default());
+    let workers = 2;
+    std::thread::scope(|scope| {
+        for w in 0..workers {
+            let (template, total, scratch) = (&template, &total, scratch.path());
+            scope.spawn(move || {
+                let mut tally = Tally::default();
+                for t in (w..trials).step_by(workers as usize) {
+                    let trial_seed = seed ^ (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    trial(template, t, trial_seed, scratch, &mut tally);
+                }
+                let mut total = total.lock().expect("tally lock");
+                merge(&mut total, tally);
+            });
+        }
+    });
+    let tally = total.into_inner().expect("tally lock");
+    eprintln!(
+        "corruption: {} trials in {:.1} s (template built in {:.1} s): damage {:?}; opens refused {}; \
+         fetches {:?}; verify found corrupt records in {} trials, refused in {}; SQLite codes {:?}; \
+         wrong bytes 0, panics 0",
+        tally.trials,
+        started.elapsed().as_secs_f64(),
+        built.as_secs_f64(),
+        tally.by_damage,
+        tally.open_refused,
+        tally.fetches,
+        tally.verify_found_corrupt,
+        tally.verify_refused,
+        tally.sqlite_codes
+    );
+    assert_eq!(tally.trials, trials);
+}
+
+fn merge(total: &mut Tally, part: Tally) {
+    total.trials += part.trials;
+    total.open_refused += part.open_refused;
+    total.verify_found_corrupt += part.verify_found_corrupt;
+    total.verify_refused += part.verify_refused;
+    for (k, v) in part.by_damage {
+        *total.by_damage.entry(k).or_default() += v;
+    }
+    for (k, v) in part.fetches {
+        *total.fetches.entry(k).or_default() += v;
+    }
+    for (k, v) in part.sqlite_codes {
+        *total.sqlite_codes.entry(k).or_default() += v;
+    }
+}

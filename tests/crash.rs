@@ -1,0 +1,477 @@
+//! Process-kill crash test: what each durability mode guarantees when the process dies at a
+//! random moment, proven by killing a writer with SIGKILL and checking what it left behind.
+//!
+//! A `harness = false` test. The binary runs as the parent unless `PAGESTORE_CRASH_CHILD`
+//! is set, in which case it is the child: it opens a store in the given mode, stores a
+//! reproducible stream of blobs (0 B – 256 KiB, content derived from a seed, some pointing to
+//! earlier ones) and after every few stores calls `flush`, printing `ACK <n>` once `flush`
+//! returns (the first `n` nodes are then acknowledged). The parent kills it with SIGKILL at a
+//! random moment — about one kill in six while it is opening the store — then reopens the
+//! store and checks:
+//!
+//! - the store opens, and the open reports whether the last session ended cleanly;
+//! - `Durable`, `Sync`: every acknowledged node (of this kill and the earlier kills on the same
+//!   store) reads back byte-for-byte; `verify()` finds no corrupt record and no dangling child;
+//! - every mode: every record present (listed straight from SQLite) fetches as bytes that hash
+//!   to its key — never wrong bytes, never a panic; an unacknowledged node regenerated from
+//!   the seed reads back exactly or is `NotFound`;
+//! - `Cache`: the unclean shutdown was detected and the store was reset or repaired (counted);
+//! - a new store / flush / fetch works, and after a clean close `PRAGMA integrity_check` is ok.
+//!
+//! Every tenth kill starts a fresh store, so a store survives up to ten crashes in a row.
+//!
+//! Environment: `PAGESTORE_CRASH_KILLS` kills per mode (default 100; 2,000 for an extended
+//! run), `PAGESTORE_CRASH_SEED` to replay a run (timings still vary, the workloads do not).
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Rng, Workload, count_from_env, seed_from_env};
+use pagestore::{
+    DataKey, Durability, Error, OpenReport, PagableData, PagableStorage,
+    SqliteBackedPagableStorage, SqliteOptions,
+};
+
+/// Set in the child's environment: `<mode> <store dir> <seed>`.
+const CHILD_ENV: &str = "PAGESTORE_CRASH_CHILD";
+/// The largest blob the child stores.
+const MAX_BLOB: usize = 256 * 1024;
+/// The child stops storing after this many nodes and waits to be killed.
+const CHILD_CAP: u64 = 400;
+/// Consecutive kills on one store before a fresh one is started.
+const KILLS_PER_STORE: u64 = 10;
+
+const MODES: [(&str, Durability); 3] = [
+    ("cache", Durability::Cache),
+    ("durable", Durability::Durable),
+    ("sync", Durability::Sync),
+];
+
+fn mode_named(name: &str) -> Durability {
+    MODES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, d)| *d)
+        .unwrap_or_else(|| panic!("unknown durability {name:?}"))
+}
+
+fn open(dir: &Path, durability: Durability) -> anyhow::Result<SqliteBackedPagableStorage> {
+    SqliteOptions::default().durability(durability).open(dir)
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var(CHILD_ENV) {
+        child(&spec);
+        return;
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        println!("crash: test");
+        return;
+    }
+    if args
+        .iter()
+        .any(|a| !a.starts_with('-') && !"crash".contains(a.as_str()))
+    {
+        // `cargo test <filter>` with a filter that does not name this test.
+        return;
+    }
+    parent();
+}
+
+// ---------------------------------------------------------------------------------- child
+
+/// The writer that gets killed. Its stdout is the protocol: `OPENING`, `OPENED`, `ACK <n>`.
+fn child(spec: &str) {
+    let mut parts = spec.split(' ');
+    let (Some(mode), Some(dir), Some(seed)) = (parts.next(), parts.next(), parts.next()) else {
+        panic!("bad {CHILD_ENV}={spec:?}");
+    };
+    let durability = mode_named(mode);
+    let seed: u64 = seed.parse().expect("child seed");
+    println!("OPENING");
+    let storage = open(Path::new(dir), durability).expect("child: open the store");
+    println!("OPENED");
+    let mut workload = Workload::new(seed, MAX_BLOB);
+    let mut rng = Rng::new(seed ^ 0xf1u64);
+    let mut next_flush = rng.range(1, 8);
+    for stored in 1..=CHILD_CAP {
+        let node = workload.next_node();
+        storage.store_data(node).expect("child: store_data");
+        if stored == next_flush {
+            storage.flush().expect("child: flush");
+            // Stdout to a pipe is line-buffered: the line is written in one write(2).
+            println!("ACK {stored}");
+            next_flush += rng.range(1, 8);
+        }
+    }
+    println!("DONE");
+    // Wait to be killed: a clean exit would run Drop, which is not what is being tested.
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+// --------------------------------------------------------------------------------- parent
+
+/// When the parent kills the child.
+#[derive(Debug, Clone, Copy)]
+enum KillAt {
+    /// This long after the child says it is opening the store.
+    DuringOpen(Duration),
+    /// This long after the child's `acks`-th acknowledgement (0: after it opened).
+    AfterAcks { acks: u64, delay: Duration },
+}
+
+/// What the parent learned from one killed child.
+#[derive(Debug)]
+struct Killed {
+    /// Whether the child had finished opening the store when it died.
+    opened: bool,
+    /// How many nodes were acknowledged (the first `acked` of its workload).
+    acked: u64,
+}
+
+/// The child's stdout, parsed as the protocol lines arrive.
+struct Protocol {
+    out: BufReader<std::process::ChildStdout>,
+    last: String,
+    opening: bool,
+    opened: bool,
+    done: bool,
+    acked: u64,
+    acks_seen: u64,
+}
+
+impl Protocol {
+    /// Reads one line; false at the end of the output.
+    fn read_line(&mut self) -> bool {
+        self.last.clear();
+        if self
+            .out
+            .read_line(&mut self.last)
+            .expect("read child stdout")
+            == 0
+        {
+            return false;
+        }
+        // A line cut short by the kill has no newline and is ignored.
+        match self.last.strip_suffix('\n') {
+            Some("OPENING") => self.opening = true,
+            Some("OPENED") => self.opened = true,
+            Some("DONE") => self.done = true,
+            Some(text) => {
+                if let Some(n) = text.strip_prefix("ACK ") {
+                    self.acked = n.parse().expect("ACK count");
+                    self.acks_seen += 1;
+                }
+            }
+            None => {}
+        }
+        true
+    }
+}
+
+/// Runs one child on `dir` and kills it as `plan` says.
+fn run_child(durability: &str, dir: &Path, seed: u64, plan: KillAt, log: &Path) -> Killed {
+    let stderr = std::fs::File::create(log).expect("create child stderr log");
+    let mut child: Child = Command::new(std::env::current_exe().expect("current exe"))
+        .env(CHILD_ENV, format!("{durability} {} {seed}", dir.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn child");
+    let mut protocol = Protocol {
+        out: BufReader::new(child.stdout.take().expect("child stdout")),
+        last: String::new(),
+        opening: false,
+        opened: false,
+        done: false,
+        acked: 0,
+        acks_seen: 0,
+    };
+    let mut alive = true;
+    let delay = loop {
+        let due = match plan {
+            KillAt::DuringOpen(delay) => protocol.opening.then_some(delay),
+            KillAt::AfterAcks { acks, delay } => {
+                (protocol.opened && protocol.acks_seen >= acks).then_some(delay)
+            }
+        };
+        if let Some(delay) = due {
+            break delay;
+        }
+        if protocol.done {
+            break Duration::ZERO;
+        }
+        if !protocol.read_line() {
+            alive = false;
+            break Duration::ZERO;
+        }
+    };
+    if alive {
+        std::thread::sleep(delay);
+        child.kill().expect("SIGKILL the child");
+    }
+    let status = child.wait().expect("wait for child");
+    // Acknowledgements printed before the kill landed count too.
+    while protocol.read_line() {}
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the child died by itself ({status}) instead of by SIGKILL; its stderr: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    Killed {
+        opened: protocol.opened,
+        acked: protocol.acked,
+    }
+}
+
+/// How an open after a kill classified the previous session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Outcome {
+    Clean,
+    Reset,
+    Repaired,
+}
+
+fn outcome(storage: &SqliteBackedPagableStorage) -> Outcome {
+    match storage.open_report() {
+        OpenReport::Clean => Outcome::Clean,
+        OpenReport::Reset { .. } => Outcome::Reset,
+        OpenReport::Repaired { .. } => Outcome::Repaired,
+        other => panic!("unknown open report {other:?}"),
+    }
+}
+
+/// Counts for one durability mode, printed at the end and quoted in RELIABILITY.md.
+#[derive(Debug, Default)]
+struct Stats {
+    kills: u64,
+    kills_during_open: u64,
+    acked_checked: u64,
+    present_checked: u64,
+    outcomes: HashMap<&'static str, u64>,
+    /// Cache mode: acknowledged nodes that a reset or repair dropped.
+    acked_lost: u64,
+}
+
+/// Every key in the database, straight from SQLite (not through pagestore).
+fn raw_keys(db: &Path) -> Vec<DataKey> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap_or_else(|e| panic!("open {} read-only: {e}", db.display()));
+    let mut stmt = conn
+        .prepare("SELECT key FROM pagable_data")
+        .expect("prepare key scan");
+    stmt.query_map([], |row| row.get::<_, Vec<u8>>(0))
+        .expect("scan keys")
+        .map(|k| {
+            let k = k.expect("read key");
+            DataKey::from_slice(&k).unwrap_or_else(|| panic!("row with invalid key {k:02x?}"))
+        })
+        .collect()
+}
+
+fn integrity_check(db: &Path) -> String {
+    let conn = rusqlite::Connection::open(db)
+        .unwrap_or_else(|e| panic!("open {} for integrity_check: {e}", db.display()));
+    conn.query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .expect("run integrity_check")
+}
+
+fn run_mode(name: &'static str, kills: u64, seed: u64, scratch: &Path) -> Stats {
+    let durability = mode_named(name);
+    let strict = durability != Durability::Cache;
+    let mut rng = Rng::new(seed);
+    let mut stats = Stats::default();
+    // What must be readable (Durable/Sync) or may be (Cache), by key.
+    let mut expected: HashMap<DataKey, PagableData> = HashMap::new();
+    let mut dir = PathBuf::new();
+    for kill in 0..kills {
+        let context = format!("mode {name}, kill #{kill}, mode seed {seed:#x}");
+        if kill % KILLS_PER_STORE == 0 {
+            dir = scratch.join(format!("{name}-{kill}"));
+            expected.clear();
+        }
+        let child_seed = rng.next_u64();
+        let plan = if rng.percent(17) {
+            KillAt::DuringOpen(Duration::from_micros(rng.below(4_000)))
+        } else {
+            KillAt::AfterAcks {
+                acks: rng.below(7),
+                delay: Duration::from_micros(rng.below(3_000)),
+            }
+        };
+        let log = scratch.join(format!("{name}-child.log"));
+        let killed = run_child(name, &dir, child_seed, plan, &log);
+        stats.kills += 1;
+        if !killed.opened {
+            stats.kills_during_open += 1;
+        }
+
+        let storage = open(&dir, durability)
+            .unwrap_or_else(|e| panic!("{context}: the store does not open after SIGKILL: {e:#}"));
+        let outcome = outcome(&storage);
+        *stats
+            .outcomes
+            .entry(match outcome {
+                Outcome::Clean => "clean",
+                Outcome::Reset => "reset",
+                Outcome::Repaired => "repaired",
+            })
+            .or_default() += 1;
+        if killed.acked > 0 && durability == Durability::Cache {
+            // A flush returned, so the killed session had written: it must not pass as clean.
+            assert!(
+                outcome != Outcome::Clean,
+                "{context}: a kill after a flush was not detected as an unclean shutdown"
+            );
+        }
+        if outcome == Outcome::Reset {
+            assert!(!strict, "{context}: {name} reset the store after a crash");
+            stats.acked_lost += expected.len() as u64;
+            expected.clear();
+        }
+
+        // Regenerate what the child stored: acknowledged nodes and a few beyond.
+        let mut workload = Workload::new(child_seed, MAX_BLOB);
+        let mut unacked = Vec::new();
+        for i in 0..killed.acked + 16 {
+            let node = workload.next_node();
+            if i < killed.acked {
+                expected.insert(node.compute_key(), node);
+            } else {
+                unacked.push(node);
+            }
+        }
+
+        let mut lost = Vec::new();
+        for (key, node) in &expected {
+            match storage.fetch_data_blocking(key) {
+                Ok(got) => assert!(
+                    *got == *node,
+                    "{context}: acknowledged node {key} read back different bytes"
+                ),
+                Err(e) if Error::is_not_found(&e) && !strict => lost.push(*key),
+                Err(e) => panic!("{context}: acknowledged node {key} is unreadable: {e:#}"),
+            }
+            stats.acked_checked += 1;
+        }
+        stats.acked_lost += lost.len() as u64;
+        for key in lost {
+            expected.remove(&key);
+        }
+        for node in &unacked {
+            let key = node.compute_key();
+            match storage.fetch_data_blocking(&key) {
+                Ok(got) => assert!(*got == *node, "{context}: node {key} read back wrong"),
+                Err(e) => assert!(
+                    Error::is_not_found(&e),
+                    "{context}: unacknowledged node {key}: {e:#}"
+                ),
+            }
+        }
+        // Any record present at all must read back as bytes that hash to its key.
+        for key in raw_keys(storage.path()) {
+            let got = storage
+                .fetch_data_blocking(&key)
+                .unwrap_or_else(|e| panic!("{context}: stored record {key} is unreadable: {e:#}"));
+            assert_eq!(got.compute_key(), key, "{context}: wrong bytes for {key}");
+            stats.present_checked += 1;
+        }
+        let report = storage
+            .verify()
+            .unwrap_or_else(|e| panic!("{context}: verify failed to run: {e:#}"));
+        assert!(
+            report.corrupt.is_empty(),
+            "{context}: corrupt records {:?}",
+            report.corrupt
+        );
+        if strict {
+            assert!(
+                report.missing_children.is_empty(),
+                "{context}: dangling children {:?}",
+                report.missing_children
+            );
+        }
+
+        // The store still works.
+        let fresh = PagableData {
+            data: format!("after kill {kill} of {name}").into_bytes(),
+            arcs: expected.keys().take(2).copied().collect(),
+        };
+        let key = storage
+            .store_data(fresh.clone())
+            .expect("store after crash");
+        storage.flush().expect("flush after crash");
+        assert!(
+            *storage
+                .fetch_data_blocking(&key)
+                .expect("fetch after crash")
+                == fresh
+        );
+        expected.insert(key, fresh);
+        let db = storage.path().to_path_buf();
+        drop(storage);
+        let integrity = integrity_check(&db);
+        assert_eq!(
+            integrity, "ok",
+            "{context}: integrity_check after a clean close"
+        );
+    }
+    stats
+}
+
+fn parent() {
+    let kills = count_from_env("PAGESTORE_CRASH_KILLS", 100);
+    let seed = seed_from_env("PAGESTORE_CRASH_SEED");
+    println!(
+        "crash: {kills} SIGKILLs per durability mode, seed {seed:#x} \
+         (replay with PAGESTORE_CRASH_SEED={seed:#x})"
+    );
+    let scratch = tempfile::tempdir().expect("scratch directory");
+    let started = Instant::now();
+    let results: Vec<(&str, Stats)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = MODES
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| {
+                let mode_seed = seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let scratch = scratch.path();
+                (
+                    *name,
+                    scope.spawn(move || run_mode(name, kills, mode_seed, scratch)),
+                )
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|(name, h)| match h.join() {
+                Ok(stats) => (name, stats),
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    });
+    for (name, s) in &results {
+        println!(
+            "crash: {name:>7}: {} kills ({} during open), {} acknowledged reads checked, \
+             {} present records checked, opens {:?}, acknowledged nodes lost {}, failures 0",
+            s.kills,
+            s.kills_during_open,
+            s.acked_checked,
+            s.present_checked,
+            s.outcomes,
+            s.acked_lost
+        );
+    }
+    println!("crash: ok in {:.1} s", started.elapsed().as_secs_f64());
+}
