@@ -1,1 +1,97 @@
-fn main() {}
+//! Hot paths of the core types: hashing a node, the record codec, and an arc-cache hit.
+//!
+//! `cargo bench --bench core`. Target: an arc-cache hit ≤ 100 ns.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use pagestore::{ArcCache, DataKey, PagableData, codec};
+
+fn node(len: usize, arcs: usize) -> PagableData {
+    let data = (0..len).map(|i| (i as u8).wrapping_mul(31)).collect();
+    let arcs = (1..=arcs as u8)
+        .map(|b| DataKey::from_bytes([b; 16]).unwrap())
+        .collect();
+    PagableData { data, arcs }
+}
+
+fn compute_key(c: &mut Criterion) {
+    let mut group = c.benchmark_group("compute_key");
+    for (label, len) in [("64B", 64), ("4KiB", 4096), ("1MiB", 1 << 20)] {
+        let node = node(len, 2);
+        group.throughput(Throughput::Bytes(len as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(label), &node, |b, node| {
+            b.iter(|| black_box(node).compute_key())
+        });
+    }
+    group.finish();
+}
+
+fn codec(c: &mut Criterion) {
+    let mut group = c.benchmark_group("codec");
+    for (label, len) in [("64B", 64), ("4KiB", 4096)] {
+        let node = node(len, 3);
+        let record = codec::encode(&node);
+        group.throughput(Throughput::Bytes(record.len() as u64));
+        group.bench_with_input(BenchmarkId::new("encode", label), &node, |b, node| {
+            b.iter(|| codec::encode(black_box(node)))
+        });
+        group.bench_with_input(BenchmarkId::new("decode", label), &record, |b, record| {
+            b.iter(|| codec::decode(black_box(record)).unwrap())
+        });
+        group.bench_with_input(
+            BenchmarkId::new("key_of_record", label),
+            &record,
+            |b, record| b.iter(|| codec::key_of_record(black_box(record)).unwrap()),
+        );
+    }
+    group.finish();
+}
+
+fn arc_cache_hit(c: &mut Criterion) {
+    let cache = ArcCache::new();
+    // A realistically full cache: 100k live values.
+    let values: Vec<(DataKey, Arc<u64>)> = (0..100_000u64)
+        .map(|n| {
+            let key = node(8, 0).compute_key();
+            let key = DataKey::from_bytes({
+                let mut b = key.as_bytes();
+                b[..8].copy_from_slice(&(n + 1).to_le_bytes());
+                b
+            })
+            .unwrap();
+            (
+                key,
+                cache.get_or_load_typed(key, || Ok(Arc::new(n))).unwrap(),
+            )
+        })
+        .collect();
+    let mut group = c.benchmark_group("arc_cache_hit");
+    let mut i = 0;
+    group.bench_function("get_typed", |b| {
+        b.iter(|| {
+            i = (i + 7919) % values.len();
+            cache.get_typed::<u64>(black_box(values[i].0)).unwrap()
+        })
+    });
+    group.bench_function("get_erased", |b| {
+        let type_id = std::any::TypeId::of::<u64>();
+        b.iter(|| {
+            i = (i + 7919) % values.len();
+            cache.get(type_id, black_box(values[i].0)).unwrap()
+        })
+    });
+    group.bench_function("get_or_load_typed", |b| {
+        b.iter(|| {
+            i = (i + 7919) % values.len();
+            cache
+                .get_or_load_typed::<u64>(black_box(values[i].0), || unreachable!())
+                .unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, compute_key, codec, arc_cache_hit);
+criterion_main!(benches);

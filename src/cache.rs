@@ -10,7 +10,7 @@
 
 use std::any::TypeId;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use dashmap::DashMap;
 
@@ -20,37 +20,40 @@ use crate::key::{DataKey, KeyHasherBuilder};
 /// Entries created between two automatic prunes, at the least.
 const MIN_PRUNE_INTERVAL: usize = 1024;
 
-type Weakened = Option<Box<dyn WeakEraseDyn>>;
+/// Held by the thread loading a key; the others wait on it instead of loading again.
+type LoadLock = Arc<Mutex<()>>;
 
-/// One `(TypeId, DataKey)`'s entry. Its mutex is held while the value is being loaded, so
-/// concurrent loaders of the same key wait for the first one instead of loading again.
+/// One `(TypeId, DataKey)`'s entry, stored inline in the map so a hit costs one lookup and
+/// one `Weak::upgrade`, with no lock beyond the map shard's read lock.
 #[derive(Default)]
-struct Slot(Mutex<Weakened>);
+struct Slot {
+    value: Option<Box<dyn WeakEraseDyn>>,
+    /// Present while some thread loads this key (shared by the threads waiting for it).
+    loading: Option<LoadLock>,
+}
 
 impl Slot {
-    fn lock(&self) -> MutexGuard<'_, Weakened> {
-        // A loader that panicked leaves the slot empty or holding a valid weak handle: both
-        // are consistent states, so poisoning carries no information here.
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn live(&self) -> Option<Box<dyn ArcEraseDyn>> {
+        self.value.as_ref()?.upgrade()
     }
 
-    fn try_lock(&self) -> Option<MutexGuard<'_, Weakened>> {
-        match self.0.try_lock() {
-            Ok(guard) => Some(guard),
-            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        }
+    fn live_typed<T: ?Sized + Send + Sync + 'static>(&self) -> Option<Arc<T>> {
+        self.value
+            .as_ref()?
+            .as_any()
+            .downcast_ref::<Weak<T>>()?
+            .upgrade()
     }
-}
 
-fn live(slot: &Weakened) -> Option<Box<dyn ArcEraseDyn>> {
-    slot.as_ref()?.upgrade()
-}
-
-fn live_typed<T: ?Sized + Send + Sync + 'static>(slot: &Weakened) -> Option<Arc<T>> {
-    slot.as_ref()?.as_any().downcast_ref::<Weak<T>>()?.upgrade()
+    /// Whether pruning may remove it: its value is gone and nobody is loading it. A load
+    /// lock only the entry holds is an orphan (its loader panicked) and does not count;
+    /// pruning holds the shard's write lock, so nobody can join it meanwhile.
+    fn is_dead(&self) -> bool {
+        self.loading
+            .as_ref()
+            .is_none_or(|lock| Arc::strong_count(lock) == 1)
+            && self.value.as_ref().is_none_or(|weak| weak.is_expired())
+    }
 }
 
 /// A map from `(TypeId, DataKey)` to a **weak** handle of the `Arc` deserialized from that key.
@@ -80,7 +83,7 @@ fn live_typed<T: ?Sized + Send + Sync + 'static>(slot: &Weakened) -> Option<Arc<
 /// # anyhow::Ok(())
 /// ```
 pub struct ArcCache {
-    slots: DashMap<(TypeId, DataKey), Arc<Slot>, KeyHasherBuilder>,
+    slots: DashMap<(TypeId, DataKey), Slot, KeyHasherBuilder>,
     created_since_prune: AtomicUsize,
     prune_interval: AtomicUsize,
     pruning: AtomicBool,
@@ -103,21 +106,14 @@ impl ArcCache {
         }
     }
 
-    /// The live value for `(type_id, key)`, if any.
-    ///
-    /// Does not wait for a load in progress: while another thread is loading this key it
-    /// returns `None`.
+    /// The live value for `(type_id, key)`, if any. Never waits for a load in progress.
     pub fn get(&self, type_id: TypeId, key: DataKey) -> Option<Box<dyn ArcEraseDyn>> {
-        let slot = self.slots.get(&(type_id, key))?;
-        // try_lock: waiting here would hold the shard's read lock while the loader may need
-        // its write lock to insert the entries of the children it loads.
-        live(&*slot.try_lock()?)
+        self.slots.get(&(type_id, key))?.live()
     }
 
     /// The live `Arc<T>` for `key`, if any (entry `TypeId::of::<T>()`). Allocates nothing.
     pub fn get_typed<T: ?Sized + Send + Sync + 'static>(&self, key: DataKey) -> Option<Arc<T>> {
-        let slot = self.slots.get(&(TypeId::of::<T>(), key))?;
-        live_typed::<T>(&*slot.try_lock()?)
+        self.slots.get(&(TypeId::of::<T>(), key))?.live_typed::<T>()
     }
 
     /// Registers `value` as the value of `(type_id, key)` unless a live one is there already.
@@ -131,13 +127,13 @@ impl ArcCache {
         key: DataKey,
         value: Box<dyn ArcEraseDyn>,
     ) -> Option<Box<dyn ArcEraseDyn>> {
-        let slot = self.slot(type_id, key);
-        let mut current = slot.lock();
-        if let Some(winner) = live(&current) {
-            return Some(winner);
-        }
-        *current = Some(value.downgrade());
-        None
+        self.register_with(type_id, key, None, |slot| match slot.live() {
+            Some(winner) => Some(winner),
+            None => {
+                slot.value = Some(value.downgrade());
+                None
+            }
+        })
     }
 
     /// The live value of `(type_id, key)`, or the value `load` returns, which is registered.
@@ -147,25 +143,22 @@ impl ArcCache {
     /// error is returned to its caller and the next waiter tries again.
     ///
     /// `load` may load *other* keys (a node's children) through this cache, but must not
-    /// load or register the key it is loading: that would wait for itself. (A content
-    /// address cannot be its own descendant, so a graph loader never does.)
+    /// load the key it is loading: that would wait for itself. (A content address cannot be
+    /// its own descendant, so a graph loader never does.)
     pub fn get_or_load(
         &self,
         type_id: TypeId,
         key: DataKey,
         load: impl FnOnce() -> anyhow::Result<Box<dyn ArcEraseDyn>>,
     ) -> anyhow::Result<Box<dyn ArcEraseDyn>> {
-        if let Some(hit) = self.get(type_id, key) {
-            return Ok(hit);
-        }
-        let slot = self.slot(type_id, key);
-        let mut current = slot.lock();
-        if let Some(winner) = live(&current) {
-            return Ok(winner);
-        }
-        let value = load()?;
-        *current = Some(value.downgrade());
-        Ok(value)
+        self.load_once(
+            type_id,
+            key,
+            Slot::live,
+            load,
+            |value| value.downgrade(),
+            |value| value.clone_dyn(),
+        )
     }
 
     /// Typed [`get_or_load`](Self::get_or_load) for entry `(TypeId::of::<T>(), key)`.
@@ -174,17 +167,14 @@ impl ArcCache {
         key: DataKey,
         load: impl FnOnce() -> anyhow::Result<Arc<T>>,
     ) -> anyhow::Result<Arc<T>> {
-        if let Some(hit) = self.get_typed::<T>(key) {
-            return Ok(hit);
-        }
-        let slot = self.slot(TypeId::of::<T>(), key);
-        let mut current = slot.lock();
-        if let Some(winner) = live_typed::<T>(&current) {
-            return Ok(winner);
-        }
-        let value = load()?;
-        *current = Some(Box::new(Arc::downgrade(&value)));
-        Ok(value)
+        self.load_once(
+            TypeId::of::<T>(),
+            key,
+            Slot::live_typed::<T>,
+            load,
+            |value| Box::new(Arc::downgrade(value)),
+            Arc::clone,
+        )
     }
 
     /// The number of entries, dead ones not yet pruned included.
@@ -200,18 +190,7 @@ impl ArcCache {
     /// Removes every entry whose value has been dropped; returns how many it removed.
     pub fn prune(&self) -> usize {
         let before = self.slots.len();
-        self.slots.retain(|_, slot| {
-            // An entry another thread holds (about to load or register into it) stays: removing
-            // it would let a second entry for the same key appear beside it. `retain` holds the
-            // shard's write lock, so no new holder can appear while we look.
-            if Arc::strong_count(slot) > 1 {
-                return true;
-            }
-            match slot.try_lock() {
-                Some(current) => current.as_ref().is_some_and(|weak| !weak.is_expired()),
-                None => true,
-            }
-        });
+        self.slots.retain(|_, slot| !slot.is_dead());
         let after = self.slots.len();
         self.created_since_prune.store(0, Ordering::Relaxed);
         self.prune_interval
@@ -219,26 +198,89 @@ impl ArcCache {
         before.saturating_sub(after)
     }
 
-    /// Removes every entry. Values stay alive as long as their holders keep them.
+    /// Removes every entry that no load is using. Values stay alive as long as their
+    /// holders keep them.
     pub fn clear(&self) {
-        self.slots.clear();
+        self.slots.retain(|_, slot| slot.loading.is_some());
     }
 
-    /// The entry for `(type_id, key)`, created if absent. The returned handle keeps it from
-    /// being pruned.
-    fn slot(&self, type_id: TypeId, key: DataKey) -> Arc<Slot> {
-        if let Some(slot) = self.slots.get(&(type_id, key)) {
-            return Arc::clone(&slot);
+    /// The load-once protocol shared by the erased and typed entry points.
+    fn load_once<V>(
+        &self,
+        type_id: TypeId,
+        key: DataKey,
+        live: impl Fn(&Slot) -> Option<V>,
+        load: impl FnOnce() -> anyhow::Result<V>,
+        downgrade: impl FnOnce(&V) -> Box<dyn WeakEraseDyn>,
+        share: impl FnOnce(&V) -> V,
+    ) -> anyhow::Result<V> {
+        if let Some(hit) = self.slots.get(&(type_id, key)).and_then(|slot| live(&slot)) {
+            return Ok(hit);
         }
+        // Join (or start) the key's load lock; the slot's shard lock is held only briefly,
+        // never while loading: the loader inserts its children's entries.
+        let lock = match self.register_with(type_id, key, None, |slot| match live(slot) {
+            Some(hit) => Err(hit),
+            None => Ok(Arc::clone(
+                slot.loading.get_or_insert_with(LoadLock::default),
+            )),
+        }) {
+            Ok(lock) => lock,
+            Err(hit) => return Ok(hit),
+        };
+        let guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let result = match self.slots.get(&(type_id, key)).and_then(|slot| live(&slot)) {
+            Some(winner) => Ok(winner),
+            None => load(),
+        };
+        let outcome = self.register_with(type_id, key, Some(&lock), |slot| {
+            let value = result?;
+            match live(slot) {
+                Some(winner) => Ok(winner),
+                None => {
+                    slot.value = Some(downgrade(&value));
+                    Ok(share(&value))
+                }
+            }
+        });
+        drop(guard);
+        outcome
+    }
+
+    /// Runs `update` on the entry of `(type_id, key)` (created if absent) under the shard's
+    /// write lock. If `leaving` is given, that load lock is dropped from the entry when no
+    /// other thread holds it, so the entry can be pruned once its value dies.
+    fn register_with<R>(
+        &self,
+        type_id: TypeId,
+        key: DataKey,
+        leaving: Option<&LoadLock>,
+        update: impl FnOnce(&mut Slot) -> R,
+    ) -> R {
         let mut created = false;
-        let slot = Arc::clone(&self.slots.entry((type_id, key)).or_insert_with(|| {
-            created = true;
-            Arc::default()
-        }));
+        let result = {
+            let mut slot = self.slots.entry((type_id, key)).or_insert_with(|| {
+                created = true;
+                Slot::default()
+            });
+            let result = update(&mut slot);
+            if let Some(lock) = leaving {
+                // Two handles: the entry's and the leaver's. Anyone else holding one is still
+                // waiting and will clear it; nobody can take a new one while we hold the shard.
+                let last = slot
+                    .loading
+                    .as_ref()
+                    .is_some_and(|held| Arc::ptr_eq(held, lock) && Arc::strong_count(held) == 2);
+                if last {
+                    slot.loading = None;
+                }
+            }
+            result
+        };
         if created {
             self.maybe_prune();
         }
-        slot
+        result
     }
 
     /// Prunes once the entries created since the last prune reach the interval (twice the
@@ -344,6 +386,20 @@ mod tests {
             .get_or_load_typed(key(1), || Ok(Arc::new(7u32)))
             .unwrap();
         assert_eq!(*value, 7);
+    }
+
+    #[test]
+    fn a_panicking_loader_leaves_a_usable_prunable_entry() {
+        let cache = ArcCache::new();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            cache.get_or_load_typed::<u32>(key(1), || panic!("loader bug"))
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(cache.prune(), 1, "the orphaned entry is pruned");
+        let value = cache
+            .get_or_load_typed(key(1), || Ok(Arc::new(5u32)))
+            .unwrap();
+        assert_eq!(*value, 5);
     }
 
     #[test]

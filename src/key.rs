@@ -48,6 +48,39 @@ impl DataKey {
     /// encoded record hash its tail in one call instead (see
     /// [`codec::key_of_record`](crate::codec::key_of_record)).
     pub(crate) fn hash_parts(arc_count: u64, data: &[u8], arcs: &[DataKey]) -> DataKey {
+        // blake3 hashes several chunks at once only when it sees them in one contiguous
+        // input (incremental updates are limited to power-of-two-aligned subtrees), so up to
+        // 64 KiB copying into one buffer and hashing it in one shot is faster than feeding the
+        // parts: 2.5x at 4 KiB. Above that the copy costs more than the misalignment.
+        const SMALL: usize = 256;
+        const STACK: usize = 1024;
+        const ONE_SHOT: usize = 64 * 1024;
+        let total = 8 + data.len() + arcs.len() * DataKey::LEN;
+        let fill = |buffer: &mut [u8]| {
+            buffer[..8].copy_from_slice(&arc_count.to_le_bytes());
+            buffer[8..8 + data.len()].copy_from_slice(data);
+            for (slot, key) in buffer[8 + data.len()..]
+                .chunks_exact_mut(DataKey::LEN)
+                .zip(arcs)
+            {
+                slot.copy_from_slice(&key.as_bytes());
+            }
+        };
+        if total <= SMALL {
+            let mut buffer = [0u8; SMALL];
+            fill(&mut buffer[..total]);
+            return Self::from_hash(blake3::hash(&buffer[..total]));
+        }
+        if total <= STACK {
+            let mut buffer = [0u8; STACK];
+            fill(&mut buffer[..total]);
+            return Self::from_hash(blake3::hash(&buffer[..total]));
+        }
+        if total <= ONE_SHOT {
+            let mut buffer = vec![0u8; total];
+            fill(&mut buffer);
+            return Self::from_hash(blake3::hash(&buffer));
+        }
         let mut hasher = blake3::Hasher::new();
         hasher.update(&arc_count.to_le_bytes());
         hasher.update(data);

@@ -70,3 +70,8 @@ pub use storage::memory::InMemoryPagableStorage;
 pub use storage::sqlite::{
     Durability, OpenReport, SqliteBackedPagableStorage, SqliteOptions, VerifyReport,
 };
+
+/// The README's examples compile and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

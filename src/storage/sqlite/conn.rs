@@ -38,12 +38,16 @@ fn synchronous(durability: Durability) -> &'static str {
     }
 }
 
-/// Applies the cache and mmap sizes shared by every connection.
-fn size_pragmas(conn: &Connection, options: &SqliteOptions, path: &Path) -> Result<(), Error> {
-    let cache_kib = (options.cache_size_bytes / 1024).max(1);
+/// Applies the page-cache and mmap sizes.
+fn size_pragmas(
+    conn: &Connection,
+    cache_bytes: u64,
+    mmap_bytes: u64,
+    path: &Path,
+) -> Result<(), Error> {
+    let cache_kib = (cache_bytes / 1024).max(1);
     conn.execute_batch(&format!(
-        "PRAGMA cache_size = -{cache_kib}; PRAGMA mmap_size = {};",
-        options.mmap_size_bytes
+        "PRAGMA cache_size = -{cache_kib}; PRAGMA mmap_size = {mmap_bytes};"
     ))
     .map_err(Error::sqlite("set the cache size of", path))
 }
@@ -77,7 +81,9 @@ pub(super) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connec
         synchronous(options.durability)
     ))
     .map_err(Error::sqlite("set the sync level of", path))?;
-    size_pragmas(&conn, options, path)?;
+    // No mmap for the writer: SQLite would fault every page it writes into the mapping
+    // (resident memory as large as the file), and it reads little.
+    size_pragmas(&conn, options.cache_size_bytes, 0, path)?;
     conn.execute_batch(CREATE_TABLE)
         .map_err(Error::sqlite("create the table in", path))?;
     Ok(conn)
@@ -92,6 +98,11 @@ pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connec
     .map_err(Error::sqlite("open (read-only)", path))?;
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(Error::sqlite("set the busy timeout of", path))?;
-    size_pragmas(&conn, options, path)?;
+    size_pragmas(
+        &conn,
+        options.cache_size_bytes,
+        options.mmap_size_bytes,
+        path,
+    )?;
     Ok(conn)
 }

@@ -76,16 +76,20 @@ impl ReaderPool {
         }
     }
 
-    /// A free connection if one is free (round robin with `try_lock`), else waits for one.
+    /// The first free connection (`try_lock` in order), else waits for one, taking turns.
+    ///
+    /// Lowest-first rather than the reference's round robin: each connection has its own page
+    /// cache and its own mapping of the file, so a single reading thread that always gets the
+    /// same connection keeps one cache warm and one mapping resident, and `k` concurrent
+    /// readers use `k` connections. When all are busy, waiters spread round robin.
     fn acquire(&self) -> MutexGuard<'_, Reader> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let len = self.readers.len();
-        for i in 0..len {
-            if let Ok(guard) = self.readers[(start + i) % len].try_lock() {
+        for reader in &self.readers {
+            if let Ok(guard) = reader.try_lock() {
                 return guard;
             }
         }
-        lock(&self.readers[start % len])
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        lock(&self.readers[start % self.readers.len()])
     }
 
     /// Runs `on_row` on the stored record of `key` (borrowed from SQLite, no copy), or

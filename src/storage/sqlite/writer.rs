@@ -10,26 +10,53 @@
 //!   commits sealed batches in order, one transaction each, so a parent is never committed
 //!   before its children. While one batch commits the next one fills: hashing and inserting
 //!   overlap. When the whole budget is in flight, callers wait (back-pressure).
-//! - After a commit the keys are remembered (bounded) so storing them again costs a hash and
-//!   a lookup, and they leave the pending map.
+//! - The pending map holds records *weakly*; the batch owns them. Once a batch is committed
+//!   it is dropped, which frees its records, and its keys stay in the map as dead entries:
+//!   the map is then also the set of committed keys that makes storing them again cost only a
+//!   hash and a lookup. Nothing is done per key after a commit. The map is bounded
+//!   (`dedup_keys`): when it is full, the dead entries are dropped and repeats of them fall
+//!   back to the writer's `INSERT OR IGNORE`.
 //! - A failed commit latches a sticky error: every later `store_data` and `flush` returns
 //!   [`Error::Poisoned`] until the store is reopened.
 
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use dashmap::{DashMap, DashSet};
+use dashmap::DashMap;
 use rusqlite::{Connection, TransactionBehavior};
 
 use super::pool::ReaderPool;
 use crate::error::Error;
 use crate::key::{DataKey, KeyHasherBuilder};
 
-/// An encoded record shared by the pending map and the batch that will commit it.
+/// An encoded record, owned by the batch that will commit it.
 pub(super) type Record = Arc<Vec<u8>>;
+
+/// A key as the map stores it: 8-byte aligned, so an entry with its `Weak` is 24 bytes
+/// (a `DataKey` is 16-byte aligned, which would pad the entry to 32).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct PackedKey([u64; 2]);
+
+impl PackedKey {
+    fn new(key: &DataKey) -> Self {
+        let bytes = key.as_bytes();
+        let (lo, hi) = bytes.split_at(8);
+        Self([
+            u64::from_le_bytes(lo.try_into().expect("8 bytes")),
+            u64::from_le_bytes(hi.try_into().expect("8 bytes")),
+        ])
+    }
+}
+
+impl std::hash::Hash for PackedKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Uniform bits already (see DataKey's Hash).
+        state.write_u64(self.0[0]);
+    }
+}
 
 /// Rows per `INSERT` statement: a few rows per statement saves per-statement overhead.
 const ROWS_PER_INSERT: usize = 8;
@@ -62,11 +89,13 @@ struct State {
 
 /// What callers and the writer thread share.
 pub(super) struct WriteBuffer {
-    pending: DashMap<DataKey, Record, KeyHasherBuilder>,
+    /// Every key pushed this session (up to `known_cap`): alive = pending, dead = committed.
+    known: DashMap<PackedKey, Weak<Vec<u8>>, KeyHasherBuilder>,
+    known_cap: usize,
+    /// Records not yet committed; reads skip the map lookup when it is zero.
     pending_len: AtomicUsize,
-    stored: DashSet<DataKey, KeyHasherBuilder>,
-    stored_len: AtomicUsize,
-    stored_cap: usize,
+    /// Batches whose commit failed: kept so their records stay readable until reopen.
+    failed: Mutex<Vec<Batch>>,
     poisoned: AtomicBool,
     state: Mutex<State>,
     /// Signalled when a commit finished or failed (callers waiting for room or a flush).
@@ -78,13 +107,12 @@ pub(super) struct WriteBuffer {
 }
 
 impl WriteBuffer {
-    pub(super) fn new(max_rows: usize, max_bytes: usize, stored_cap: usize) -> Self {
+    pub(super) fn new(max_rows: usize, max_bytes: usize, known_cap: usize) -> Self {
         Self {
-            pending: DashMap::default(),
+            known: DashMap::default(),
+            known_cap,
             pending_len: AtomicUsize::new(0),
-            stored: DashSet::default(),
-            stored_len: AtomicUsize::new(0),
-            stored_cap,
+            failed: Mutex::new(Vec::new()),
             poisoned: AtomicBool::new(false),
             state: Mutex::new(State::default()),
             committed: Condvar::new(),
@@ -110,12 +138,14 @@ impl WriteBuffer {
         if self.pending_len.load(Ordering::Acquire) == 0 {
             return None;
         }
-        self.pending.get(key).map(|r| Arc::clone(&r))
+        self.known
+            .get(&PackedKey::new(key))
+            .and_then(|r| r.upgrade())
     }
 
     /// Whether `key` is known to be stored: committed (and remembered) or pending.
     pub(super) fn contains(&self, key: &DataKey) -> bool {
-        self.stored.contains(key) || self.pending(key).is_some()
+        self.known.contains_key(&PackedKey::new(key))
     }
 
     /// Fails with the sticky error if a commit failed.
@@ -151,10 +181,18 @@ impl WriteBuffer {
                 .wait(state)
                 .unwrap_or_else(|p| p.into_inner());
         }
-        match self.pending.entry(key) {
-            dashmap::Entry::Occupied(_) => return Ok(()),
+        match self.known.entry(PackedKey::new(&key)) {
+            dashmap::Entry::Occupied(mut slot) => {
+                if slot.get().strong_count() > 0 {
+                    return Ok(()); // pending: stored by another thread meanwhile
+                }
+                // Dead entries are committed keys, and callers check those before pushing;
+                // a dead one here was forgotten and re-added by a race: queue it again
+                // (INSERT OR IGNORE keeps one copy).
+                slot.insert(Arc::downgrade(&record));
+            }
             dashmap::Entry::Vacant(slot) => {
-                slot.insert(Arc::clone(&record));
+                slot.insert(Arc::downgrade(&record));
             }
         }
         self.pending_len.fetch_add(1, Ordering::Release);
@@ -211,9 +249,8 @@ impl WriteBuffer {
 
     /// Asks the writer to return its connection's cache memory, and forgets remembered keys.
     pub(super) fn release_memory(&self) {
-        self.stored.clear();
-        self.stored.shrink_to_fit();
-        self.stored_len.store(0, Ordering::Relaxed);
+        self.forget_committed();
+        self.known.shrink_to_fit();
         self.lock().release_memory = true;
         self.work.notify_all();
     }
@@ -233,33 +270,22 @@ impl WriteBuffer {
         self.pending(key).is_some()
     }
 
-    fn after_commit(&self, batch: &Batch, result: Result<(), Error>) {
-        if result.is_ok() {
-            // Remember the keys before they leave the pending map, so a concurrent store of
-            // the same content always finds one or the other.
-            for (key, _) in &batch.entries {
-                if self.stored_len.load(Ordering::Relaxed) >= self.stored_cap {
-                    break;
-                }
-                if self.stored.insert(*key) {
-                    self.stored_len.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            for (key, _) in &batch.entries {
-                if self.pending.remove(key).is_some() {
-                    self.pending_len.fetch_sub(1, Ordering::Release);
-                }
-            }
-        }
+    /// Drops the dead (committed) entries of the key map.
+    fn forget_committed(&self) {
+        self.known.retain(|_, record| record.strong_count() > 0);
+    }
+
+    fn after_commit(&self, batch: Batch, result: Result<(), Error>) {
         let mut state = self.lock();
         match result {
             Ok(()) => {
                 state.committed_seq = batch.seq;
                 state.in_flight_rows -= batch.entries.len();
                 state.in_flight_bytes -= batch.bytes;
+                self.pending_len
+                    .fetch_sub(batch.entries.len(), Ordering::Release);
             }
             Err(err) => {
-                // What failed stays pending (readable) until the store is reopened.
                 log::error!(
                     "pagestore: commit failed, the store refuses writes until reopened: {err}"
                 );
@@ -269,6 +295,19 @@ impl WriteBuffer {
         }
         drop(state);
         self.committed.notify_all();
+        if self.poisoned.load(Ordering::Acquire) {
+            // What failed stays readable until the store is reopened.
+            self.failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(batch);
+        } else {
+            // Frees the records; their keys stay in the map as committed.
+            drop(batch);
+            if self.known.len() > self.known_cap {
+                self.forget_committed();
+            }
+        }
     }
 }
 
@@ -301,10 +340,21 @@ pub(super) fn run(buffer: &WriteBuffer, pool: &ReaderPool, mut conn: Connection,
                 }
             }
         };
+        let t0 = std::time::Instant::now();
         pool.begin_write();
+        let t1 = std::time::Instant::now();
         let result = commit(&mut conn, &batch).map_err(Error::sqlite("commit a batch to", path));
+        let t2 = std::time::Instant::now();
         pool.end_write();
-        buffer.after_commit(&batch, result);
+        let (seq, rows, bytes) = (batch.seq, batch.entries.len(), batch.bytes);
+        buffer.after_commit(batch, result);
+        log::debug!(
+            "pagestore: batch {seq}: {rows} rows, {bytes} bytes; readers released in {:?}, \
+             committed in {:?}, cleaned up in {:?}",
+            t1 - t0,
+            t2 - t1,
+            t2.elapsed()
+        );
     }
 }
 
