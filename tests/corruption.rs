@@ -205,6 +205,23 @@ fn sqlite_corruption(err: &anyhow::Error, tally: &mut Tally, context: &str) -> b
         path.display()
     );
     let code = source.sqlite_error_code();
+    if code.is_none()
+        && matches!(
+            source,
+            rusqlite::Error::FromSqlConversionFailure(..) | rusqlite::Error::InvalidColumnType(..)
+        )
+    {
+        // KNOWN BUG (sqlite branch b9a1f5f): damage that turns a stored value into TEXT or
+        // NULL makes fetch fail with this conversion error instead of `Corrupt` naming the
+        // key; pinned by `a_value_that_is_not_a_blob_is_corrupt_naming_the_key` (ignored until
+        // fixed). Still typed and never wrong bytes, so counted here rather than failed.
+        eprintln!("corruption: KNOWN BUG, should be Corrupt: {context}: {err:#}");
+        *tally
+            .sqlite_codes
+            .entry("type error (known bug)".into())
+            .or_default() += 1;
+        return true;
+    }
     *tally.sqlite_codes.entry(format!("{code:?}")).or_default() += 1;
     assert!(
         matches!(
@@ -315,7 +332,12 @@ fn trial(template: &Template, trial: u64, seed: u64, scratch: &Path, tally: &mut
 
 #[test]
 fn damaged_copies_never_return_wrong_bytes() {
-    let trials = count_from_env("PAGESTORE_CORRUPTION_TRIALS", 500);
+    // PAGESTORE_CORRUPTION_TRIAL replays one trial of a run (with its seed).
+    let only = std::env::var("PAGESTORE_CORRUPTION_TRIAL").ok().map(|t| {
+        t.parse::<u64>()
+            .expect("PAGESTORE_CORRUPTION_TRIAL is a trial number")
+    });
+    let trials = count_from_env("PAGESTORE_CORRUPTION_TRIALS", 500).max(only.map_or(0, |t| t + 1));
     let seed = seed_from_env("PAGESTORE_CORRUPTION_SEED");
     eprintln!("corruption: {trials} trials, seed {seed:#x} (PAGESTORE_CORRUPTION_SEED={seed:#x})");
     let started = std::time::Instant::now();
@@ -324,11 +346,6 @@ fn damaged_copies_never_return_wrong_bytes() {
     // Kept if a trial fails (its damaged copy is the evidence); removed at the end otherwise.
     let scratch = tempfile::tempdir().expect("scratch").keep();
     let total = Mutex::new(Tally::default());
-    // Replays one trial of a run (with its PAGESTORE_CORRUPTION_SEED).
-    let only = std::env::var("PAGESTORE_CORRUPTION_TRIAL").ok().map(|t| {
-        t.parse::<u64>()
-            .expect("PAGESTORE_CORRUPTION_TRIAL is a trial number")
-    });
     let workers = 2;
     std::thread::scope(|scope| {
         for w in 0..workers {
@@ -381,5 +398,51 @@ fn merge(total: &mut Tally, part: Tally) {
     }
     for (k, v) in part.sqlite_codes {
         *total.sqlite_codes.entry(k).or_default() += v;
+    }
+}
+
+#[test]
+#[ignore = "fails on sqlite b9a1f5f: a stored value that is not a BLOB (damage can turn one into \
+            TEXT) fetches as Error::Sqlite (conversion error) instead of Corrupt naming the key"]
+fn a_value_that_is_not_a_blob_is_corrupt_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut keys = Vec::new();
+    {
+        let storage = SqliteOptions::default().open(dir.path()).expect("open");
+        for i in 0..3u8 {
+            let node = PagableData {
+                data: vec![b'a' + i; 40],
+                arcs: vec![],
+            };
+            keys.push(storage.store_data(node).expect("store"));
+        }
+        storage.flush().expect("flush");
+    }
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("pagable.db")).expect("raw open");
+        for (key, sql_type) in keys.iter().zip(["TEXT", "INTEGER", "REAL"]) {
+            conn.execute(
+                &format!(
+                    "UPDATE pagable_data SET value = CAST(value AS {sql_type}) WHERE key = ?1"
+                ),
+                [&key.as_bytes()[..]],
+            )
+            .expect("change the value's type");
+        }
+    }
+    let storage = SqliteOptions::default().open(dir.path()).expect("reopen");
+    for key in &keys {
+        let err = storage.fetch_data_blocking(key).unwrap_err();
+        assert!(
+            matches!(err.downcast_ref::<Error>(), Some(Error::Corrupt { key: named, .. }) if named == key),
+            "a non-BLOB value under {key} must be Corrupt naming it, got: {err:#}"
+        );
+    }
+    let report = storage.verify().expect("verify");
+    for key in &keys {
+        assert!(
+            report.corrupt.contains(key),
+            "verify() misses {key}: {report:?}"
+        );
     }
 }
