@@ -67,17 +67,15 @@ impl Default for SqliteOptions {
                 .unwrap_or(4)
                 .min(8),
             write_buffer_rows: 256 * 1024,
-            write_buffer_bytes: 64 << 20,
+            write_buffer_bytes: 32 << 20,
             verify_on_read: true,
-            cache_size_bytes: 8 << 20,
+            cache_size_bytes: 2 << 20,
             mmap_size_bytes: if cfg!(target_pointer_width = "64") {
                 1 << 30
             } else {
                 0
             },
-            // 7/8 of 2^21 buckets: the largest set that fits hashbrown's 2^21-bucket table
-            // (about 36 MB), which a million keys already need.
-            dedup_keys: (1 << 21) / 8 * 7,
+            dedup_keys: 2 << 20,
             repair_unclean: true,
         }
     }
@@ -107,7 +105,7 @@ impl SqliteOptions {
 
     /// The most encoded bytes held in memory waiting for their commit; `store_data` waits
     /// when it is reached (back-pressure; a single node larger than this is still accepted,
-    /// alone). One transaction commits up to half of it. Default = 64 MiB.
+    /// alone). One transaction commits up to half of it. Default = 32 MiB.
     pub fn write_buffer_bytes(mut self, bytes: usize) -> Self {
         self.write_buffer_bytes = bytes.max(2);
         self
@@ -122,8 +120,9 @@ impl SqliteOptions {
         self
     }
 
-    /// SQLite's page cache per connection (`PRAGMA cache_size`), in bytes. The writer's cache
-    /// holds a transaction's dirty pages before they spill. Default = 8 MiB.
+    /// SQLite's page cache per connection (`PRAGMA cache_size`), in bytes. Batches are
+    /// inserted in key order and reads go through the memory map, so neither needs a big
+    /// cache; a bigger one mostly holds copies of large records. Default = 2 MiB.
     pub fn cache_size_bytes(mut self, bytes: u64) -> Self {
         self.cache_size_bytes = bytes;
         self
@@ -137,10 +136,11 @@ impl SqliteOptions {
         self
     }
 
-    /// How many committed keys are remembered so that storing them again costs only a hash
-    /// (about 36 bytes each). Past the cap, a repeat is still correct, just slower (the
-    /// writer's `INSERT OR IGNORE` drops it). 0 turns it off. Default = 1,835,008 (≈ 64 MiB
-    /// worst case, 36 MB as sized).
+    /// How many keys stored this session are remembered, so that storing the same content
+    /// again costs only a hash and a lookup (24 bytes per key in a hash table, about 50 bytes
+    /// per key as sized). When the cap is passed, the committed keys are forgotten; a repeat
+    /// of one is still correct, just slower (the writer's `INSERT OR IGNORE` drops it).
+    /// Pending keys are always remembered. Default = 2,097,152 (at most about 100 MB).
     pub fn dedup_keys(mut self, keys: usize) -> Self {
         self.dedup_keys = keys;
         self
