@@ -19,7 +19,10 @@
 //! - `Cache`: the unclean shutdown was detected and the store was reset or repaired (counted);
 //! - a new store / flush / fetch works, and after a clean close `PRAGMA integrity_check` is ok.
 //!
-//! Every tenth kill starts a fresh store, so a store survives up to ten crashes in a row.
+//! Every tenth kill starts a fresh store, so a store survives up to ten crashes in a row. After
+//! about one kill in five the parent does not check the store but leaves it crashed for the
+//! next child, whose open must then recover it (Cache mode checks and repairs) — and half of
+//! those children are killed during that open, so recovery itself is crashed too.
 //!
 //! Environment: `PAGESTORE_CRASH_KILLS` kills per mode (default 100; 2,000 for an extended
 //! run), `PAGESTORE_CRASH_SEED` to replay a run (timings still vary, the workloads do not).
@@ -258,6 +261,10 @@ fn outcome(storage: &SqliteBackedPagableStorage) -> Outcome {
 struct Stats {
     kills: u64,
     kills_during_open: u64,
+    /// Kills during an open that was recovering the store from the previous kill.
+    kills_during_recovery: u64,
+    /// Kills after which the store was left crashed for the next child instead of checked.
+    chained: u64,
     acked_checked: u64,
     present_checked: u64,
     outcomes: HashMap<&'static str, u64>,
@@ -297,6 +304,8 @@ fn run_mode(name: &'static str, kills: u64, seed: u64, scratch: &Path) -> Stats 
     // What must be readable (Durable/Sync) or may be (Cache), by key.
     let mut expected: HashMap<DataKey, PagableData> = HashMap::new();
     let mut dir = PathBuf::new();
+    // Whether the store was left crashed, so that the next child's open must recover it.
+    let mut recovering = false;
     for kill in 0..kills {
         let context = format!("mode {name}, kill #{kill}, mode seed {seed:#x}");
         if kill % KILLS_PER_STORE == 0 {
@@ -304,7 +313,7 @@ fn run_mode(name: &'static str, kills: u64, seed: u64, scratch: &Path) -> Stats 
             expected.clear();
         }
         let child_seed = rng.next_u64();
-        let plan = if rng.percent(17) {
+        let plan = if rng.percent(if recovering { 50 } else { 17 }) {
             KillAt::DuringOpen(Duration::from_micros(rng.below(4_000)))
         } else {
             KillAt::AfterAcks {
@@ -317,6 +326,29 @@ fn run_mode(name: &'static str, kills: u64, seed: u64, scratch: &Path) -> Stats 
         stats.kills += 1;
         if !killed.opened {
             stats.kills_during_open += 1;
+            if recovering {
+                stats.kills_during_recovery += 1;
+            }
+        }
+
+        // Regenerate what the child stored: acknowledged nodes and a few beyond.
+        let mut workload = Workload::new(child_seed, MAX_BLOB);
+        let mut unacked = Vec::new();
+        for i in 0..killed.acked + 16 {
+            let node = workload.next_node();
+            if i < killed.acked {
+                expected.insert(node.compute_key(), node);
+            } else {
+                unacked.push(node);
+            }
+        }
+
+        // Sometimes leave the crashed store for the next child: its open then recovers it
+        // (Cache mode checks and repairs), and it may be killed in the middle of that.
+        recovering = rng.percent(20) && (kill + 1) % KILLS_PER_STORE != 0;
+        if recovering {
+            stats.chained += 1;
+            continue;
         }
 
         let storage = open(&dir, durability)
@@ -341,18 +373,6 @@ fn run_mode(name: &'static str, kills: u64, seed: u64, scratch: &Path) -> Stats 
             assert!(!strict, "{context}: {name} reset the store after a crash");
             stats.acked_lost += expected.len() as u64;
             expected.clear();
-        }
-
-        // Regenerate what the child stored: acknowledged nodes and a few beyond.
-        let mut workload = Workload::new(child_seed, MAX_BLOB);
-        let mut unacked = Vec::new();
-        for i in 0..killed.acked + 16 {
-            let node = workload.next_node();
-            if i < killed.acked {
-                expected.insert(node.compute_key(), node);
-            } else {
-                unacked.push(node);
-            }
         }
 
         let mut lost = Vec::new();
@@ -464,10 +484,13 @@ fn parent() {
     });
     for (name, s) in &results {
         println!(
-            "crash: {name:>7}: {} kills ({} during open), {} acknowledged reads checked, \
-             {} present records checked, opens {:?}, acknowledged nodes lost {}, failures 0",
+            "crash: {name:>7}: {} kills ({} during open, {} of them during recovery; {} left \
+             for the next child to recover), {} acknowledged reads checked, {} present records \
+             checked, opens {:?}, acknowledged nodes lost {}, failures 0",
             s.kills,
             s.kills_during_open,
+            s.kills_during_recovery,
+            s.chained,
             s.acked_checked,
             s.present_checked,
             s.outcomes,
