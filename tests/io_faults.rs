@@ -24,8 +24,8 @@ fn open(dir: &Path, durability: Durability) -> anyhow::Result<SqliteBackedPagabl
     SqliteOptions::default().durability(durability).open(dir)
 }
 
-/// Asserts that `err` is pagestore's typed I/O or SQLite error about `path`, and returns its
-/// operation.
+/// Asserts that `err` is pagestore's typed I/O or SQLite error about `path` (or the poison a
+/// failed background write left, naming `path`), and returns its operation.
 fn assert_names_path(err: &anyhow::Error, path: &Path) -> &'static str {
     let (named, operation) = match err.downcast_ref::<Error>() {
         Some(Error::Io {
@@ -34,6 +34,16 @@ fn assert_names_path(err: &anyhow::Error, path: &Path) -> &'static str {
         Some(Error::Sqlite {
             path, operation, ..
         }) => (path, *operation),
+        // A failure in the background writer reaches the caller as the store's poison; its
+        // cause is the original error, which must name the file.
+        Some(Error::Poisoned { cause }) => {
+            assert!(
+                cause.contains(&path.display().to_string()),
+                "the poison's cause does not name {}: {err:#}",
+                path.display()
+            );
+            return "(background write)";
+        }
         other => {
             panic!("expected a typed Io or Sqlite error about {path:?}, got {other:?}: {err:#}")
         }
@@ -142,21 +152,77 @@ fn a_file_named_pagable_db_that_is_not_a_database_is_left_alone() {
     }
 }
 
+const READ_ONLY_CHILD_ENV: &str = "PAGESTORE_READ_ONLY_CHILD";
+
 #[test]
 fn a_read_only_database_file() {
-    use std::os::unix::fs::PermissionsExt;
     let scratch = tempfile::tempdir().unwrap();
-    if permissions_are_bypassed(scratch.path()) {
-        eprintln!(
-            "\n!!! SKIPPED a_read_only_database_file: this process (euid {:?}) ignores file \
-             permissions (root or CAP_DAC_OVERRIDE), so a read-only file cannot be simulated. \
-             Run the tests as an ordinary user to cover it. !!!\n",
-            effective_uid()
-        );
+    if !permissions_are_bypassed(scratch.path()) {
+        read_only_checks(scratch.path());
         return;
     }
+    // Root ignores file permissions (CI runs as root): run the checks in a child process
+    // that has dropped to the unprivileged uid 65534 ("nobody").
+    let why_not = if effective_uid() != Some(0) {
+        "this process bypasses permissions (CAP_DAC_OVERRIDE) but is not root".to_string()
+    } else {
+        let exe = std::env::current_exe().unwrap();
+        match Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&exe)
+            .args(["--exact", "read_only_child", "--nocapture"])
+            .env(READ_ONLY_CHILD_ENV, "1")
+            .output()
+        {
+            Ok(output) => {
+                let stdout = String::from_utf8_lossy(&output.stdout);
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                if stdout.contains("CHILD-OK") {
+                    eprintln!("read-only database file, checked as uid 65534:\n{stderr}");
+                    return;
+                }
+                assert!(
+                    !stdout.contains("CHILD-STARTED"),
+                    "the unprivileged child failed ({}):\n{stdout}\n{stderr}",
+                    output.status
+                );
+                format!("setpriv could not start the child as uid 65534: {stderr}")
+            }
+            Err(e) => format!("cannot run setpriv: {e}"),
+        }
+    };
+    eprintln!(
+        "\n!!! SKIPPED a_read_only_database_file: this process (euid {:?}) ignores file \
+         permissions and {why_not}, so a read-only file cannot be simulated. Run the tests as \
+         an ordinary user to cover it. !!!\n",
+        effective_uid()
+    );
+}
+
+/// Child of `a_read_only_database_file` when the tests run as root: runs unprivileged.
+#[test]
+fn read_only_child() {
+    if std::env::var(READ_ONLY_CHILD_ENV).is_err() {
+        return; // Only meaningful as a child process.
+    }
+    println!("CHILD-STARTED");
+    let scratch = tempfile::tempdir().expect("child: tempdir");
+    assert!(
+        !permissions_are_bypassed(scratch.path()),
+        "the child still bypasses permissions (euid {:?})",
+        effective_uid()
+    );
+    read_only_checks(scratch.path());
+    println!("CHILD-OK");
+}
+
+/// A database file without write permission: opening either fails with a typed error naming
+/// the file and the operation, or opens and then fails writes that way; the data stays
+/// readable and is intact once the permission is back.
+fn read_only_checks(scratch: &Path) {
+    use std::os::unix::fs::PermissionsExt;
     let key = {
-        let storage = SqliteBackedPagableStorage::try_new(scratch.path()).unwrap();
+        let storage = SqliteBackedPagableStorage::try_new(scratch).unwrap();
         let key = storage
             .store_data(PagableData {
                 data: b"kept".to_vec(),
@@ -166,10 +232,10 @@ fn a_read_only_database_file() {
         storage.flush().unwrap();
         key
     };
-    let db = scratch.path().join("pagable.db");
+    let db = scratch.join("pagable.db");
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap();
     for durability in [Durability::Cache, Durability::Durable] {
-        match open(scratch.path(), durability) {
+        match open(scratch, durability) {
             Err(err) => {
                 let operation = assert_names_path(&err, &db);
                 eprintln!("read-only pagable.db, {durability:?}: {operation}: {err:#}");
@@ -182,12 +248,22 @@ fn a_read_only_database_file() {
                     arcs: vec![],
                 });
                 let err = stored.and_then(|_| storage.flush()).unwrap_err();
-                assert_names_path(&err, &db);
+                let operation = assert_names_path(&err, &db);
+                eprintln!(
+                    "read-only pagable.db, {durability:?}: opened; a write: {operation}: {err:#}"
+                );
+                // Sticky: the store keeps refusing writes until reopened.
+                let again = storage.flush().unwrap_err();
+                assert!(
+                    matches!(again.downcast_ref::<Error>(), Some(Error::Poisoned { .. })),
+                    "after a failed write, flush is not Poisoned: {again:#}"
+                );
+                assert_eq!(storage.fetch_data_blocking(&key).unwrap().data, b"kept");
             }
         }
     }
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let storage = SqliteBackedPagableStorage::try_new(scratch.path()).unwrap();
+    let storage = SqliteBackedPagableStorage::try_new(scratch).unwrap();
     assert_eq!(storage.fetch_data_blocking(&key).unwrap().data, b"kept");
 }
 
