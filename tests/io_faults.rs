@@ -155,6 +155,37 @@ fn a_file_named_pagable_db_that_is_not_a_database_is_left_alone() {
 const READ_ONLY_CHILD_ENV: &str = "PAGESTORE_READ_ONLY_CHILD";
 
 #[test]
+#[ignore = "fails on sqlite 2a9fc6b: open accepts a pagable_data table without the key/value \
+            columns (CREATE TABLE IF NOT EXISTS is a no-op); every fetch then fails with 'no such \
+            column: key' and, in Cache mode, a later open may reset the file; run with --ignored"]
+fn another_programs_database_named_pagable_db_is_refused_at_open() {
+    for durability in [Durability::Cache, Durability::Durable] {
+        let scratch = tempfile::tempdir().unwrap();
+        let db = scratch.path().join("pagable.db");
+        {
+            let conn = rusqlite::Connection::open(&db).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE pagable_data (id INTEGER PRIMARY KEY, note TEXT);
+                 INSERT INTO pagable_data (note) VALUES ('not pagestore''s');",
+            )
+            .unwrap();
+        }
+        let before = std::fs::read(&db).unwrap();
+        for attempt in 0..2 {
+            let err = open(scratch.path(), durability).map(|_| ()).unwrap_err();
+            let operation = assert_names_path(&err, &db);
+            eprintln!(
+                "foreign pagable.db, {durability:?}, attempt {attempt}: {operation}: {err:#}"
+            );
+            assert!(
+                std::fs::read(&db).unwrap() == before,
+                "a failed open modified another program's database ({durability:?})"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_read_only_database_file() {
     let scratch = tempfile::tempdir().unwrap();
     if !permissions_are_bypassed(scratch.path()) {
