@@ -74,19 +74,49 @@ fn main() {
         child(&spec);
         return;
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--list") {
-        println!("crash: test");
-        return;
+    if selected_by_libtest_args(std::env::args().skip(1)) {
+        parent();
     }
-    if args
-        .iter()
-        .any(|a| !a.starts_with('-') && !"crash".contains(a.as_str()))
-    {
-        // `cargo test <filter>` with a filter that does not name this test.
-        return;
+}
+
+/// Whether the arguments `cargo test` passes to every test binary (filters, `--skip`,
+/// `--exact`, `--ignored`, `--list`, ...) select this binary's one test, named `crash`.
+fn selected_by_libtest_args(args: impl Iterator<Item = String>) -> bool {
+    const NAME: &str = "crash";
+    let (mut filters, mut skips) = (Vec::new(), Vec::new());
+    let (mut exact, mut list) = (false, false);
+    let mut args = args.peekable();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--list" => list = true,
+            "--exact" => exact = true,
+            // This test is not #[ignore]d: `--ignored` runs only ignored tests.
+            "--ignored" => return false,
+            "--skip" => skips.extend(args.next()),
+            // Options that take a value in the next argument.
+            "--test-threads" | "--format" | "--color" | "--logfile" | "--shuffle-seed" | "-Z" => {
+                args.next();
+            }
+            flag if flag.starts_with('-') => {}
+            filter => filters.push(filter.to_string()),
+        }
     }
-    parent();
+    let matches = |pattern: &String| {
+        if exact {
+            pattern == NAME
+        } else {
+            NAME.contains(pattern.as_str())
+        }
+    };
+    let selected =
+        (filters.is_empty() || filters.iter().any(matches)) && !skips.iter().any(matches);
+    if list {
+        if selected {
+            println!("{NAME}: test");
+        }
+        return false;
+    }
+    selected
 }
 
 // ---------------------------------------------------------------------------------- child
