@@ -111,8 +111,9 @@ impl Shared {
     }
 }
 
-fn writer(shared: &Shared, seed: u64) {
+fn writer(shared: &Shared, seed: u64, start: &std::sync::Barrier) {
     let mut rng = Rng::new(seed);
+    start.wait();
     let mut own: Vec<DataKey> = Vec::new();
     let mut i = 0u64;
     while shared.more() {
@@ -154,8 +155,9 @@ fn writer(shared: &Shared, seed: u64) {
     }
 }
 
-fn reader(shared: &Shared, seed: u64) {
+fn reader(shared: &Shared, seed: u64, start: &std::sync::Barrier) {
     let mut rng = Rng::new(seed);
+    start.wait();
     while shared.more() {
         let Some(key) = shared.random_published(&mut rng) else {
             std::thread::yield_now();
@@ -204,8 +206,9 @@ fn reader(shared: &Shared, seed: u64) {
     }
 }
 
-fn dropper(shared: &Shared, seed: u64) {
+fn dropper(shared: &Shared, seed: u64, start: &std::sync::Barrier) {
     let mut rng = Rng::new(seed);
+    start.wait();
     while shared.more() {
         let victim = {
             let mut pinned = shared.pinned.lock().expect("pinned lock");
@@ -231,7 +234,8 @@ fn dropper(shared: &Shared, seed: u64) {
     }
 }
 
-fn flusher(shared: &Shared) {
+fn flusher(shared: &Shared, start: &std::sync::Barrier) {
+    start.wait();
     while shared.more() {
         shared.storage.flush().expect("flush");
         shared.flushes.fetch_add(1, Ordering::Relaxed);
@@ -257,18 +261,20 @@ fn stress(storage: Arc<dyn PagableStorage>, label: &str) -> DashMap<DataKey, Arc
         flushes: AtomicU64::new(0),
     };
     let started = std::time::Instant::now();
+    // Every thread starts at once, so no role runs alone while the others are being spawned.
+    let start = std::sync::Barrier::new(9);
     std::thread::scope(|scope| {
-        let shared = &shared;
+        let (shared, start) = (&shared, &start);
         for t in 0..3u64 {
-            scope.spawn(move || writer(shared, seed ^ (0x100 + t)));
+            scope.spawn(move || writer(shared, seed ^ (0x100 + t), start));
         }
         for t in 0..3u64 {
-            scope.spawn(move || reader(shared, seed ^ (0x200 + t)));
+            scope.spawn(move || reader(shared, seed ^ (0x200 + t), start));
         }
         for t in 0..2u64 {
-            scope.spawn(move || dropper(shared, seed ^ (0x300 + t)));
+            scope.spawn(move || dropper(shared, seed ^ (0x300 + t), start));
         }
-        scope.spawn(move || flusher(shared));
+        scope.spawn(move || flusher(shared, start));
     });
     shared.storage.flush().expect("final flush");
     let stats = (
@@ -285,9 +291,17 @@ fn stress(storage: Arc<dyn PagableStorage>, label: &str) -> DashMap<DataKey, Arc
         stats.3,
         started.elapsed().as_secs_f64()
     );
-    assert!(stats.0 > 100, "the writers barely ran");
-    assert!(stats.1 > 10_000, "too few arc resolves: {}", stats.1);
-    assert!(stats.2 > 100, "too few arc identity checks: {}", stats.2);
+    // Loose floors, far below what a full run does, so a scheduling quirk never fails them but
+    // a thread that silently stopped working does. (Tiny runs are all start-up: no floors.)
+    if ops >= 50_000 {
+        assert!(
+            stats.0 as u64 > ops / 100,
+            "the writers barely ran: {}",
+            stats.0
+        );
+        assert!(stats.1 > ops / 50, "too few arc resolves: {}", stats.1);
+        assert!(stats.2 > ops / 1000, "too few identity checks: {}", stats.2);
+    }
     shared.model
 }
 
