@@ -159,7 +159,7 @@ impl SqliteBackedPagableStorage {
         );
         let inner = Arc::new(Inner {
             path: path.clone(),
-            pool: ReaderPool::new(&path, readers),
+            pool: ReaderPool::new(&path, readers, options.mmap_size_bytes),
             buffer,
             verify_on_read: options.verify_on_read,
         });

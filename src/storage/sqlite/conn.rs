@@ -89,7 +89,8 @@ pub(super) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connec
     Ok(conn)
 }
 
-/// Opens one read-only connection for the reader pool or a verification scan.
+/// Opens one read-only connection, without a memory map, for the reader pool (which maps
+/// the file while records are small) or a verification scan.
 pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connection, Error> {
     let conn = Connection::open_with_flags(
         path,
@@ -98,11 +99,6 @@ pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connec
     .map_err(Error::sqlite("open (read-only)", path))?;
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(Error::sqlite("set the busy timeout of", path))?;
-    size_pragmas(
-        &conn,
-        options.cache_size_bytes,
-        options.mmap_size_bytes,
-        path,
-    )?;
+    size_pragmas(&conn, options.cache_size_bytes, 0, path)?;
     Ok(conn)
 }

@@ -67,7 +67,7 @@ impl Default for SqliteOptions {
                 .unwrap_or(4)
                 .min(8),
             write_buffer_rows: 256 * 1024,
-            write_buffer_bytes: 32 << 20,
+            write_buffer_bytes: 64 << 20,
             verify_on_read: true,
             cache_size_bytes: 2 << 20,
             mmap_size_bytes: if cfg!(target_pointer_width = "64") {
@@ -105,7 +105,7 @@ impl SqliteOptions {
 
     /// The most encoded bytes held in memory waiting for their commit; `store_data` waits
     /// when it is reached (back-pressure; a single node larger than this is still accepted,
-    /// alone). One transaction commits up to half of it. Default = 32 MiB.
+    /// alone). One transaction commits up to half of it. Default = 64 MiB.
     pub fn write_buffer_bytes(mut self, bytes: usize) -> Self {
         self.write_buffer_bytes = bytes.max(2);
         self
@@ -128,9 +128,11 @@ impl SqliteOptions {
         self
     }
 
-    /// How much of the database file each connection memory-maps (`PRAGMA mmap_size`);
-    /// reads of mapped pages skip a copy and a system call. 0 turns it off.
-    /// Default = 1 GiB on 64-bit targets, 0 elsewhere.
+    /// How much of the database file each reader memory-maps (`PRAGMA mmap_size`); reads
+    /// of mapped pages skip a copy and a system call. A reader maps the file only while the
+    /// records it reads are small (up to 8 KiB): large records are read from overflow pages
+    /// with `pread` anyway, and mapping would only grow the resident set. The writer never
+    /// maps. 0 turns it off. Default = 1 GiB on 64-bit targets, 0 elsewhere.
     pub fn mmap_size_bytes(mut self, bytes: u64) -> Self {
         self.mmap_size_bytes = bytes;
         self
