@@ -87,9 +87,21 @@ impl Reader {
     }
 }
 
+/// One reader on its own cache lines, so threads locking neighbouring readers do not
+/// contend for the same line.
+#[repr(align(128))]
+struct Slot(Mutex<Reader>);
+
+impl std::ops::Deref for Slot {
+    type Target = Mutex<Reader>;
+    fn deref(&self) -> &Mutex<Reader> {
+        &self.0
+    }
+}
+
 /// Read-only connections, handed out round robin.
 pub(super) struct ReaderPool {
-    readers: Vec<Mutex<Reader>>,
+    readers: Vec<Slot>,
     next: AtomicUsize,
     writing: AtomicBool,
     epoch: AtomicU64,
@@ -105,13 +117,13 @@ impl ReaderPool {
             readers: conns
                 .into_iter()
                 .map(|conn| {
-                    Mutex::new(Reader {
+                    Slot(Mutex::new(Reader {
                         conn,
                         held: None,
                         used: false,
                         mapped: false,
                         score: SCORE_MAX / 2,
-                    })
+                    }))
                 })
                 .collect(),
             next: AtomicUsize::new(0),
