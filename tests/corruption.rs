@@ -215,7 +215,7 @@ fn typed_sqlite_error(err: &anyhow::Error, tally: &mut Tally, context: &str) -> 
             rusqlite::Error::FromSqlConversionFailure(..) | rusqlite::Error::InvalidColumnType(..)
         )
     {
-        // KNOWN BUG (sqlite branch 2a9fc6b): damage that turns a stored value into TEXT or
+        // KNOWN BUG (sqlite branch 2e7d87b): damage that turns a stored value into TEXT or
         // NULL makes fetch fail with this conversion error instead of `Corrupt` naming the
         // key; pinned by `a_value_that_is_not_a_blob_is_corrupt_naming_the_key` (ignored until
         // fixed). Still typed and never wrong bytes, so counted here rather than failed.
@@ -412,7 +412,7 @@ fn merge(total: &mut Tally, part: Tally) {
 }
 
 #[test]
-#[ignore = "fails on sqlite 2a9fc6b: a stored value that is not a BLOB (damage can turn one into \
+#[ignore = "fails on sqlite 2e7d87b: a stored value that is not a BLOB (damage can turn one into \
             TEXT) fetches as Error::Sqlite (conversion error) instead of Corrupt naming the key"]
 fn a_value_that_is_not_a_blob_is_corrupt_naming_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
