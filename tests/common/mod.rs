@@ -4,7 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the shared helpers
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use pagestore::{DataKey, PagableData};
 
@@ -163,23 +163,4 @@ pub fn effective_uid() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
     line.split_whitespace().nth(2)?.parse().ok()
-}
-
-/// Copies every regular file of `from` into `to` (created), not recursing.
-pub fn copy_dir_files(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("create {}: {e}", to.display()));
-    for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("read {}: {e}", from.display()))
-    {
-        let entry = entry.expect("directory entry");
-        if entry.file_type().expect("file type").is_file() {
-            let target: PathBuf = to.join(entry.file_name());
-            std::fs::copy(entry.path(), &target).unwrap_or_else(|e| {
-                panic!(
-                    "copy {} to {}: {e}",
-                    entry.path().display(),
-                    target.display()
-                )
-            });
-        }
-    }
 }
