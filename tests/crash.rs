@@ -48,6 +48,8 @@ const CHILD_ENV: &str = "PAGESTORE_CRASH_CHILD";
 const MAX_BLOB: usize = 256 * 1024;
 /// The child stops storing after this many nodes and waits to be killed.
 const CHILD_CAP: u64 = 400;
+/// How long a child may take to reach the moment it is to be killed.
+const CHILD_TIMEOUT: Duration = Duration::from_secs(60);
 /// Consecutive kills on one store before a fresh one is started.
 const KILLS_PER_STORE: u64 = 10;
 
@@ -231,6 +233,26 @@ fn run_child(durability: &str, dir: &Path, seed: u64, plan: KillAt, log: &Path) 
         acked: 0,
         acks_seen: 0,
     };
+    // A child that hangs (a deadlock in open, say) would block the reads below forever: a
+    // watchdog SIGKILLs it after CHILD_TIMEOUT and the hang is reported as a failure. Its pid
+    // cannot be reused before `wait` below reaps it.
+    let (finished, finished_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = {
+        let pid = child.id();
+        std::thread::spawn(move || {
+            // Returns at once when `finished` is dropped; times out only if the child hangs.
+            let hung = matches!(
+                finished_rx.recv_timeout(CHILD_TIMEOUT),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
+            if hung {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+            hung
+        })
+    };
     let mut alive = true;
     let delay = loop {
         let due = match plan {
@@ -254,9 +276,16 @@ fn run_child(durability: &str, dir: &Path, seed: u64, plan: KillAt, log: &Path) 
         std::thread::sleep(delay);
         child.kill().expect("SIGKILL the child");
     }
-    let status = child.wait().expect("wait for child");
     // Acknowledgements printed before the kill landed count too.
     while protocol.read_line() {}
+    drop(finished);
+    let hung = watchdog.join().expect("watchdog thread");
+    let status = child.wait().expect("wait for child");
+    assert!(
+        !hung,
+        "the child hung for {CHILD_TIMEOUT:?} (plan {plan:?}); its stderr: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
     assert_eq!(
         status.signal(),
         Some(9),
