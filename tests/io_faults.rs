@@ -15,8 +15,9 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
-use common::{Rng, effective_uid, permissions_are_bypassed};
+use common::{Rng, effective_uid, output_with_timeout, permissions_are_bypassed};
 use pagestore::{
     Durability, Error, PagableData, PagableStorage, SqliteBackedPagableStorage, SqliteOptions,
 };
@@ -199,13 +200,14 @@ fn a_read_only_database_file() {
         "this process bypasses permissions (CAP_DAC_OVERRIDE) but is not root".to_string()
     } else {
         let exe = std::env::current_exe().unwrap();
-        match Command::new("setpriv")
+        let mut command = Command::new("setpriv");
+        command
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
             .arg(&exe)
             .args(["--exact", "read_only_child", "--nocapture"])
-            .env(READ_ONLY_CHILD_ENV, "1")
-            .output()
-        {
+            .env(READ_ONLY_CHILD_ENV, "1");
+        let setpriv = Command::new("setpriv").arg("--version").output();
+        match setpriv.map(|_| output_with_timeout(&mut command, Duration::from_secs(120))) {
             Ok(output) => {
                 let stdout = String::from_utf8_lossy(&output.stdout);
                 let stderr = String::from_utf8_lossy(&output.stderr);

@@ -6,7 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::common::Rng;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::common::{Rng, output_with_timeout, within};
 use super::{assert_names_path, blob, open};
 use pagestore::{
     DataKey, Durability, Error, OpenReport, PagableData, PagableStorage,
@@ -14,12 +17,30 @@ use pagestore::{
 };
 // ------------------------------------------------------------------------------ disk full
 
+/// Longer than any healthy fill takes (well under a second): reaching it means a hang.
+const HANG_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Unmounts the tmpfs when the test ends, even by panic.
 struct Mount(PathBuf);
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        // A just-exited child can keep the mount busy for a moment: retry, then detach it
+        // lazily so no mount outlives the test.
+        for _ in 0..20 {
+            let unmounted = Command::new("umount").arg(&self.0).status();
+            if unmounted.is_ok_and(|status| status.success()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let lazy = Command::new("umount").arg("-l").arg(&self.0).status();
+        if !lazy.is_ok_and(|status| status.success()) {
+            eprintln!(
+                "!!! could not unmount the test tmpfs at {} !!!",
+                self.0.display()
+            );
+        }
     }
 }
 
@@ -174,9 +195,14 @@ fn disk_full_on_a_small_tmpfs() {
                 .mmap_size_bytes(0)
                 .open(dir)
         };
-        let storage = open(&dir).expect("open on the tmpfs");
+        let storage = Arc::new(open(&dir).expect("open on the tmpfs"));
         let db = storage.path().to_path_buf();
-        let filled = fill_until_failure(&storage, &db, 11 + i as u64);
+        let filled = {
+            let storage = Arc::clone(&storage);
+            within(HANG_TIMEOUT, "filling the disk", move || {
+                fill_until_failure(&storage, &db, 11 + i as u64)
+            })
+        };
         eprintln!("disk full, {durability:?}: {}", filled.first_error);
         drop(storage);
         let storage = open(&dir).expect("reopen on the full tmpfs");
@@ -219,13 +245,13 @@ fn file_size_limit_poisons_the_store() {
     for durability in [Durability::Cache, Durability::Durable, Durability::Sync] {
         let dir = scratch.path().join(format!("{durability:?}"));
         // 4096 blocks of 512 bytes: 2 MiB per file.
-        let output = Command::new("sh")
+        let mut command = Command::new("sh");
+        command
             .arg("-c")
             .arg("trap '' XFSZ; ulimit -f 4096 && exec \"$0\" --exact write_failures::fsize_child --nocapture --test-threads 1")
             .arg(&exe)
-            .env(FSIZE_CHILD_ENV, format!("{durability:?} {}", dir.display()))
-            .output()
-            .expect("run the child");
+            .env(FSIZE_CHILD_ENV, format!("{durability:?} {}", dir.display()));
+        let output = output_with_timeout(&mut command, HANG_TIMEOUT);
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
             output.status.success() && stdout.contains("CHILD-OK"),
@@ -316,7 +342,8 @@ fn disk_full_with_default_options_does_not_kill_the_process() {
                 return;
             }
         };
-        let output = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        command
             .args([
                 "--exact",
                 "write_failures::disk_full_default_options_child",
@@ -325,9 +352,8 @@ fn disk_full_with_default_options_does_not_kill_the_process() {
             .env(
                 DEFAULT_OPTIONS_CHILD_ENV,
                 format!("{durability:?} {}", at.join("store").display()),
-            )
-            .output()
-            .expect("run the child");
+            );
+        let output = output_with_timeout(&mut command, HANG_TIMEOUT);
         let stdout = String::from_utf8_lossy(&output.stdout);
         if !(output.status.success() && stdout.contains("CHILD-OK")) {
             failures.push(format!(
