@@ -312,19 +312,25 @@ fn stress_in_memory() {
     assert_eq!(storage.len(), model.len(), "duplicates or losses");
 }
 
-#[test]
-fn stress_sqlite_then_reopen_and_verify() {
+/// Runs the stress on a SQLite store opened in `durability`, then closes it, reopens it and
+/// checks that every node reads back and `verify()` is clean.
+fn stress_sqlite_then_reopen_and_verify(durability: Durability) {
     let dir = tempfile::tempdir().expect("tempdir");
     let open = || {
         SqliteOptions::default()
-            .durability(Durability::Durable)
+            .durability(durability)
             .open(dir.path())
             .expect("open the store")
     };
     let storage = Arc::new(open());
-    let model = stress(storage.clone(), "sqlite");
+    let model = stress(storage.clone(), &format!("sqlite {durability:?}"));
     drop(storage);
     let storage = open();
+    assert!(
+        storage.open_report().is_clean(),
+        "{:?}",
+        storage.open_report()
+    );
     for entry in model.iter() {
         let got = storage
             .fetch_data_blocking(entry.key())
@@ -338,4 +344,14 @@ fn stress_sqlite_then_reopen_and_verify() {
     let report = storage.verify().expect("verify");
     assert!(report.is_ok(), "verify after the stress: {report:?}");
     assert_eq!(report.records, model.len() as u64, "duplicates or losses");
+}
+
+#[test]
+fn stress_sqlite_default_cache_mode() {
+    stress_sqlite_then_reopen_and_verify(Durability::Cache);
+}
+
+#[test]
+fn stress_sqlite_durable() {
+    stress_sqlite_then_reopen_and_verify(Durability::Durable);
 }
