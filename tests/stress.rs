@@ -6,7 +6,8 @@
 //! - arc identity: while any thread holds the `Arc` deserialized for a key, everyone who
 //!   resolves that key through the arc cache gets that very `Arc`;
 //!
-//! and at the end that a reopened store reads every node back and `verify()` is clean.
+//! and at the end that a reopened store reads every node back and `verify()` is clean. Runs on
+//! the in-memory backend and on SQLite in `Cache` (the default) and `Durable` mode.
 //! Writers overlap on purpose (a third of their nodes come from a shared pool), so the same
 //! content is stored concurrently. The seed is printed (`PAGESTORE_STRESS_SEED` replays the
 //! workloads; thread interleavings still vary).
