@@ -5,7 +5,8 @@
 //! is set, in which case it is the child: it opens a store in the given mode, stores a
 //! reproducible stream of blobs (0 B – 256 KiB, content derived from a seed, some pointing to
 //! earlier ones) and after every few stores calls `flush`, printing `ACK <n>` once `flush`
-//! returns (the first `n` nodes are then acknowledged). The parent kills it with SIGKILL at a
+//! returns (the first `n` nodes are then acknowledged); now and then it also closes and
+//! reopens the store, so some kills land in a clean close or a second open. The parent kills it with SIGKILL at a
 //! random moment — about one kill in six while it is opening the store — then reopens the
 //! store and checks:
 //!
@@ -132,7 +133,7 @@ fn child(spec: &str) {
     let durability = mode_named(mode);
     let seed: u64 = seed.parse().expect("child seed");
     println!("OPENING");
-    let storage = open(Path::new(dir), durability).expect("child: open the store");
+    let mut storage = open(Path::new(dir), durability).expect("child: open the store");
     println!("OPENED");
     let mut workload = Workload::new(seed, MAX_BLOB);
     let mut rng = Rng::new(seed ^ 0xf1u64);
@@ -145,6 +146,16 @@ fn child(spec: &str) {
             // Stdout to a pipe is line-buffered: the line is written in one write(2).
             println!("ACK {stored}");
             next_flush += rng.range(1, 8);
+            if rng.percent(15) {
+                // Close and reopen, so that some kills land in a clean close (Cache mode
+                // syncs and removes its marker there) or in an open of a cleanly closed store.
+                // Said before closing: a kill during the close may find it finished (clean).
+                println!("CLOSING");
+                drop(storage);
+                println!("OPENING");
+                storage = open(Path::new(dir), durability).expect("child: reopen the store");
+                println!("OPENED");
+            }
         }
     }
     println!("DONE");
@@ -168,10 +179,16 @@ enum KillAt {
 /// What the parent learned from one killed child.
 #[derive(Debug)]
 struct Killed {
-    /// Whether the child had finished opening the store when it died.
+    /// Whether the child had finished its last open of the store when it died.
     opened: bool,
+    /// Whether it had finished its first open (which recovers a store left crashed).
+    opened_once: bool,
     /// How many nodes were acknowledged (the first `acked` of its workload).
     acked: u64,
+    /// Whether the session the kill interrupted had written (a flush returned in it).
+    wrote_since_open: bool,
+    /// The child's last lines of output.
+    transcript: String,
 }
 
 /// The child's stdout, parsed as the protocol lines arrive.
@@ -180,10 +197,19 @@ struct Protocol {
     last: String,
     opening: bool,
     opened: bool,
+    opened_once: bool,
     done: bool,
     acked: u64,
     acks_seen: u64,
+    /// Whether a flush returned in the session that was open when the child died, and no
+    /// close of that session had begun.
+    wrote_since_open: bool,
+    /// The last lines the child printed, for failure messages.
+    transcript: Vec<String>,
 }
+
+/// How many of the child's last lines a failure message shows.
+const TRANSCRIPT_LINES: usize = 12;
 
 impl Protocol {
     /// Reads one line; false at the end of the output.
@@ -197,15 +223,27 @@ impl Protocol {
         {
             return false;
         }
+        if self.transcript.len() == TRANSCRIPT_LINES {
+            self.transcript.remove(0);
+        }
+        self.transcript.push(self.last.clone());
         // A line cut short by the kill has no newline and is ignored.
         match self.last.strip_suffix('\n') {
-            Some("OPENING") => self.opening = true,
-            Some("OPENED") => self.opened = true,
+            Some("OPENING") => {
+                self.opening = true;
+                self.opened = false;
+            }
+            Some("OPENED") => {
+                self.opened = true;
+                self.opened_once = true;
+            }
             Some("DONE") => self.done = true,
+            Some("CLOSING") => self.wrote_since_open = false,
             Some(text) => {
                 if let Some(n) = text.strip_prefix("ACK ") {
                     self.acked = n.parse().expect("ACK count");
                     self.acks_seen += 1;
+                    self.wrote_since_open = true;
                 }
             }
             None => {}
@@ -229,9 +267,12 @@ fn run_child(durability: &str, dir: &Path, seed: u64, plan: KillAt, log: &Path) 
         last: String::new(),
         opening: false,
         opened: false,
+        opened_once: false,
         done: false,
         acked: 0,
         acks_seen: 0,
+        wrote_since_open: false,
+        transcript: Vec::new(),
     };
     // A child that hangs (a deadlock in open, say) would block the reads below forever: a
     // watchdog SIGKILLs it after CHILD_TIMEOUT and the hang is reported as a failure. Its pid
@@ -294,7 +335,10 @@ fn run_child(durability: &str, dir: &Path, seed: u64, plan: KillAt, log: &Path) 
     );
     Killed {
         opened: protocol.opened,
+        opened_once: protocol.opened_once,
         acked: protocol.acked,
+        wrote_since_open: protocol.wrote_since_open,
+        transcript: protocol.transcript.concat(),
     }
 }
 
@@ -366,7 +410,7 @@ fn run_mode(name: &'static str, kills: u64, seed: u64, scratch: &Path) -> Stats 
     // Whether the store was left crashed, so that the next child's open must recover it.
     let mut recovering = false;
     for kill in 0..kills {
-        let context = format!("mode {name}, kill #{kill}, mode seed {seed:#x}");
+        let mut context = format!("mode {name}, kill #{kill}, mode seed {seed:#x}");
         if kill % KILLS_PER_STORE == 0 {
             dir = scratch.join(format!("{name}-{kill}"));
             expected.clear();
@@ -383,9 +427,13 @@ fn run_mode(name: &'static str, kills: u64, seed: u64, scratch: &Path) -> Stats 
         let log = scratch.join(format!("{name}-child.log"));
         let killed = run_child(name, &dir, child_seed, plan, &log);
         stats.kills += 1;
+        context += &format!(
+            ", plan {plan:?}; the child's last lines:\n{}",
+            killed.transcript
+        );
         if !killed.opened {
             stats.kills_during_open += 1;
-            if recovering {
+            if recovering && !killed.opened_once {
                 stats.kills_during_recovery += 1;
             }
         }
@@ -421,8 +469,8 @@ fn run_mode(name: &'static str, kills: u64, seed: u64, scratch: &Path) -> Stats 
                 Outcome::Repaired => "repaired",
             })
             .or_default() += 1;
-        if killed.acked > 0 && durability == Durability::Cache {
-            // A flush returned, so the killed session had written: it must not pass as clean.
+        if killed.wrote_since_open && durability == Durability::Cache {
+            // The killed session had written (a flush returned): it must not pass as clean.
             assert!(
                 outcome != Outcome::Clean,
                 "{context}: a kill after a flush was not detected as an unclean shutdown"
