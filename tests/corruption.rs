@@ -8,8 +8,9 @@
 //! bytes or a typed error: `Corrupt` naming the key, `NotFound` naming it (the damage hid the
 //! row), or `Sqlite` naming the database and carrying SQLite's error (tallied by code; codes
 //! other than "corrupt"/"not a database" are printed as unclear messages). Opening may refuse
-//! with a typed error. `verify()` must not call a store clean when a fetch said `Corrupt`, and
-//! no key it lists as corrupt may fetch.
+//! with a typed error. `verify()` must not call a store clean when a fetch said `Corrupt`; a key
+//! it lists as corrupt may fetch only as the right bytes, and only from a file SQLite's
+//! `integrity_check` finds structurally damaged (a seek and a scan then reach different cells).
 //!
 //! 500 trials (`PAGESTORE_CORRUPTION_TRIALS` changes it); the seed is printed
 //! (`PAGESTORE_CORRUPTION_SEED` replays a run, `PAGESTORE_CORRUPTION_TRIAL` one trial of it).
@@ -193,9 +194,23 @@ struct Tally {
     verify_refused: u64,
     /// Keys a fetch called corrupt that verify() did not list (it flagged others).
     corrupt_unlisted_by_verify: u64,
+    /// Keys verify() listed as corrupt that fetched right (a structurally damaged b-tree).
+    listed_corrupt_but_fetched: u64,
     sqlite_codes: BTreeMap<String, u64>,
     /// Trials whose odd error was already printed (once per trial is enough).
     printed: HashSet<String>,
+}
+
+/// Whether SQLite's own structural check finds the file damaged.
+fn structurally_damaged(db: &Path) -> bool {
+    let Ok(conn) =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return true;
+    };
+    let first: rusqlite::Result<String> =
+        conn.query_row("PRAGMA integrity_check", [], |r| r.get(0));
+    !matches!(first.as_deref(), Ok("ok"))
 }
 
 /// Whether `err` is a typed SQLite error naming the database (tallied by SQLite's code).
@@ -316,12 +331,30 @@ fn trial(template: &Template, trial: u64, seed: u64, scratch: &Path, tally: &mut
                 "{context}: fetch said {said_corrupt:?} are corrupt but verify() reports a clean \
                  store: {report:?}"
             );
+            assert!(
+                unlisted.is_empty() || structurally_damaged(&db),
+                "{context}: verify() misses {unlisted:?}, which fetch calls corrupt, and SQLite's \
+                 integrity_check finds nothing wrong with the file"
+            );
             tally.corrupt_unlisted_by_verify += unlisted.len() as u64;
             for key in &report.corrupt {
+                let Ok(got) = storage.fetch_data_blocking(key) else {
+                    continue;
+                };
+                // A key verify() calls corrupt fetched: it must be the right bytes, and only a
+                // b-tree whose structure is damaged (a scan and a seek reaching different
+                // cells for one key) may explain the disagreement.
+                let expected = template.nodes.iter().find(|(k, _)| k == key);
                 assert!(
-                    storage.fetch_data_blocking(key).is_err(),
-                    "{context}: verify() lists {key} as corrupt but it fetches"
+                    expected.is_some_and(|(_, node)| *got == *node),
+                    "{context}: WRONG BYTES returned for {key}, which verify() lists as corrupt"
                 );
+                assert!(
+                    structurally_damaged(&db),
+                    "{context}: verify() lists {key} as corrupt, it fetches fine, and SQLite's \
+                     integrity_check finds nothing wrong with the file"
+                );
+                tally.listed_corrupt_but_fetched += 1;
             }
             if !report.corrupt.is_empty() {
                 tally.verify_found_corrupt += 1;
@@ -377,7 +410,7 @@ fn damaged_copies_never_return_wrong_bytes() {
     let tally = total.into_inner().expect("tally lock");
     eprintln!(
         "corruption: {} trials in {:.1} s (template built in {:.1} s): damage {:?}; opens refused {}; \
-         fetches {:?}; verify found corrupt records in {} trials, refused in {}, missed {} keys a fetch called corrupt; SQLite codes {:?}; \
+         fetches {:?}; verify found corrupt records in {} trials, refused in {}, missed {} keys a fetch called corrupt and listed {} that fetched right; SQLite codes {:?}; \
          wrong bytes 0, panics 0",
         tally.trials,
         started.elapsed().as_secs_f64(),
@@ -388,6 +421,7 @@ fn damaged_copies_never_return_wrong_bytes() {
         tally.verify_found_corrupt,
         tally.verify_refused,
         tally.corrupt_unlisted_by_verify,
+        tally.listed_corrupt_but_fetched,
         tally.sqlite_codes
     );
     std::fs::remove_dir_all(&scratch).ok();
@@ -400,6 +434,7 @@ fn merge(total: &mut Tally, part: Tally) {
     total.verify_found_corrupt += part.verify_found_corrupt;
     total.verify_refused += part.verify_refused;
     total.corrupt_unlisted_by_verify += part.corrupt_unlisted_by_verify;
+    total.listed_corrupt_but_fetched += part.listed_corrupt_but_fetched;
     for (k, v) in part.by_damage {
         *total.by_damage.entry(k).or_default() += v;
     }
