@@ -149,6 +149,11 @@ impl SqliteBackedPagableStorage {
             // Recovered, and from now on the WAL protects the file.
             recovery::remove_marker(&marker)?;
         }
+        if options.durability == Durability::Sync {
+            // SQLite syncs the data; the database file's own directory entry must be durable
+            // too for a new store to survive power loss.
+            recovery::sync_parent(&path)?;
+        }
         let readers = (0..options.readers)
             .map(|_| conn::open_reader(&path, &options))
             .collect::<Result<Vec<_>, _>>()?;

@@ -23,6 +23,9 @@ pub(super) const NEW_PAGE_SIZE: u32 = 16 * 1024;
 /// process holds the database.
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The size the WAL is truncated to after a checkpoint (Durable and Sync modes).
+const WAL_SIZE_LIMIT: u64 = 64 << 20;
+
 /// The `journal_mode` each durability runs in.
 fn journal_mode(durability: Durability) -> &'static str {
     match durability {
@@ -76,8 +79,11 @@ pub(super) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connec
             )),
         });
     }
+    // A batch of random keys rewrites most leaf pages, so one commit can put most of the
+    // database in the WAL; after a checkpoint, truncate the log back to this size instead of
+    // keeping it as large as the largest commit.
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {};",
+        "PRAGMA synchronous = {}; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};",
         synchronous(options.durability)
     ))
     .map_err(Error::sqlite("set the sync level of", path))?;

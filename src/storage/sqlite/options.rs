@@ -66,7 +66,7 @@ impl Default for SqliteOptions {
                 .map(|n| n.get())
                 .unwrap_or(4)
                 .min(8),
-            write_buffer_rows: 256 * 1024,
+            write_buffer_rows: 512 * 1024,
             write_buffer_bytes: 64 << 20,
             verify_on_read: true,
             cache_size_bytes: 2 << 20,
@@ -97,7 +97,7 @@ impl SqliteOptions {
 
     /// The most nodes held in memory waiting for their commit; `store_data` waits when it is
     /// reached (back-pressure). One transaction commits up to half of it while the other half
-    /// fills. Default = 262,144.
+    /// fills. Default = 524,288.
     pub fn write_buffer_rows(mut self, rows: usize) -> Self {
         self.write_buffer_rows = rows.max(2);
         self

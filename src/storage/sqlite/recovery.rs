@@ -79,7 +79,7 @@ pub(super) fn remove_marker(marker: &Path) -> Result<(), Error> {
 }
 
 /// Makes a file's creation or removal durable.
-fn sync_parent(path: &Path) -> Result<(), Error> {
+pub(super) fn sync_parent(path: &Path) -> Result<(), Error> {
     let Some(dir) = path.parent() else {
         return Ok(());
     };
