@@ -71,6 +71,32 @@ pub enum Error {
         source: rusqlite::Error,
     },
 
+    /// A value could not be serialized for page-out: its `Serialize` impl failed, a
+    /// [`Shared`](crate::Shared) was met outside the page-out's thread, or the graph has a cycle.
+    #[error("could not page out a value of type `{type_name}`: {reason}")]
+    Serialize {
+        /// The type being serialized (the root's, or the shared value's).
+        type_name: &'static str,
+        /// What went wrong, with the original message of a custom serde error.
+        reason: String,
+    },
+
+    /// The record stored under `key` does not deserialize as the type it was asked for.
+    #[error(
+        "the record stored under key {key} does not deserialize as `{type_name}` ({reason}); it \
+         was written from another type or an incompatible version of it, or names a typetag \
+         type this program does not register (keep `#[typetag::serde(name = \"...\")]` names \
+         stable)"
+    )]
+    Deserialize {
+        /// The key whose record failed to deserialize.
+        key: DataKey,
+        /// The type it was read as.
+        type_name: &'static str,
+        /// What went wrong, with the original message of a custom serde error.
+        reason: String,
+    },
+
     /// An earlier write failed, so the store no longer knows what reached disk; it refuses
     /// further writes instead of pretending they succeed.
     #[error(

@@ -44,6 +44,10 @@
 //!
 //! - **`tokio`** (default): async fetches run the backend's blocking read on tokio's blocking
 //!   pool, so an async caller never stalls a runtime worker. Without it they read inline.
+//! - **`serde_with`**: [`graph::AsShared`], a `serde_with` adapter that pages plain `Arc<T>`
+//!   fields as shared children inside `Vec`, `Option`, maps, … (`#[serde_as(as =
+//!   "Vec<AsShared>")]`). Without it, `Arc<T>` fields still page through the
+//!   [`graph::arc`] `with` module, and [`Shared<T>`] needs neither.
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
@@ -53,6 +57,7 @@ pub mod codec;
 pub mod data;
 pub mod erase;
 pub mod error;
+pub mod graph;
 pub mod key;
 pub mod paging;
 pub mod session;
@@ -62,6 +67,7 @@ pub use cache::ArcCache;
 pub use data::PagableData;
 pub use erase::{ArcEraseDyn, WeakEraseDyn};
 pub use error::Error;
+pub use graph::{Shared, StorageHandle, drop_deep, page_in, page_in_async, page_out};
 pub use key::{DataKey, ParseKeyError};
 pub use paging::PagingQueue;
 pub use session::SessionContext;

@@ -1,0 +1,319 @@
+//! Graph layer benchmark: page a 100,000-node DAG out and in on the in-memory backend, and
+//! compare with serde's `rc` feature + postcard (which copies every shared node) on a graph
+//! small enough for it.
+//!
+//! Each node points to two random earlier nodes and to one of ten shared polymorphic leaves;
+//! the root is the list of all nodes. Run: `cargo bench --bench graph`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use pagestore::{InMemoryPagableStorage, PagableStorage, Shared, page_in, page_out};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+#[typetag::serde]
+trait Leaf: Send + Sync {
+    fn weight(&self) -> f64;
+}
+
+#[derive(Serialize, Deserialize)]
+struct Color([u8; 3]);
+
+#[typetag::serde(name = "color")]
+impl Leaf for Color {
+    fn weight(&self) -> f64 {
+        f64::from(self.0[0])
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Weight(f64);
+
+#[typetag::serde(name = "weight")]
+impl Leaf for Weight {
+    fn weight(&self) -> f64 {
+        self.0
+    }
+}
+
+/// The node pagestore pages: shared fields are `Shared`.
+#[derive(Serialize, Deserialize)]
+struct Node {
+    id: u32,
+    name: String,
+    leaf: Shared<dyn Leaf>,
+    kids: Vec<Shared<Node>>,
+}
+
+/// The same node for serde's `rc` feature: every `Arc` is serialized in full where it occurs.
+#[derive(Serialize, Deserialize)]
+struct RcNode {
+    id: u32,
+    name: String,
+    leaf: Arc<dyn Leaf>,
+    kids: Vec<Arc<RcNode>>,
+}
+
+fn leaves() -> Vec<Arc<dyn Leaf>> {
+    (0..10u8)
+        .map(|i| {
+            if i % 2 == 0 {
+                Arc::new(Color([i, 2 * i, 3 * i])) as Arc<dyn Leaf>
+            } else {
+                Arc::new(Weight(f64::from(i) / 3.0)) as Arc<dyn Leaf>
+            }
+        })
+        .collect()
+}
+
+/// The random shape: for node i, its two earlier nodes and its leaf.
+fn shape(n: usize) -> Vec<([usize; 2], usize)> {
+    let mut rng = StdRng::seed_from_u64(42);
+    (0..n)
+        .map(|i| {
+            let kids = if i == 0 {
+                [usize::MAX; 2]
+            } else {
+                [rng.random_range(0..i), rng.random_range(0..i)]
+            };
+            (kids, rng.random_range(0..10))
+        })
+        .collect()
+}
+
+fn build(n: usize) -> Vec<Shared<Node>> {
+    let leaves: Vec<Shared<dyn Leaf>> = leaves().into_iter().map(Shared::from).collect();
+    let mut nodes: Vec<Shared<Node>> = Vec::with_capacity(n);
+    for (i, (kids, leaf)) in shape(n).into_iter().enumerate() {
+        let kids = kids
+            .iter()
+            .filter(|&&k| k < i)
+            .map(|&k| nodes[k].clone())
+            .collect();
+        nodes.push(Shared::new(Node {
+            id: i as u32,
+            name: format!("node-{i}"),
+            leaf: leaves[leaf].clone(),
+            kids,
+        }));
+    }
+    nodes
+}
+
+fn build_rc(n: usize) -> Vec<Arc<RcNode>> {
+    let leaves = leaves();
+    let mut nodes: Vec<Arc<RcNode>> = Vec::with_capacity(n);
+    for (i, (kids, leaf)) in shape(n).into_iter().enumerate() {
+        let kids = kids
+            .iter()
+            .filter(|&&k| k < i)
+            .map(|&k| nodes[k].clone())
+            .collect();
+        nodes.push(Arc::new(RcNode {
+            id: i as u32,
+            name: format!("node-{i}"),
+            leaf: leaves[leaf].clone(),
+            kids,
+        }));
+    }
+    nodes
+}
+
+fn stored_bytes(storage: &InMemoryPagableStorage, root: pagestore::DataKey) -> usize {
+    // Walk the stored DAG once per distinct key.
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![root];
+    let mut bytes = 0;
+    while let Some(key) = stack.pop() {
+        if seen.insert(key) {
+            let node = storage.fetch_data_blocking(&key).unwrap();
+            bytes += node.encoded_len();
+            stack.extend(node.arcs.iter().copied());
+        }
+    }
+    bytes
+}
+
+/// This thread's CPU time in seconds (Linux), which other jobs on a shared machine disturb far
+/// less than wall time.
+fn thread_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let nanos: f64 = stat.split_whitespace().next()?.parse().ok()?;
+    Some(nanos / 1e9)
+}
+
+/// Prints the mean CPU time of each operation over a few runs, next to criterion's wall times.
+fn cpu_time_per_op(
+    root: &Vec<Shared<Node>>,
+    storage: &Arc<InMemoryPagableStorage>,
+    key: pagestore::DataKey,
+    edges: usize,
+) {
+    const RUNS: u32 = 8;
+    let Some(_) = thread_cpu_seconds() else {
+        return;
+    };
+    let mut spent = [0.0f64; 3];
+    let mut time = |slot: usize, f: &mut dyn FnMut()| {
+        let start = thread_cpu_seconds().unwrap_or(0.0);
+        f();
+        spent[slot] += thread_cpu_seconds().unwrap_or(0.0) - start;
+    };
+    for _ in 0..RUNS {
+        let fresh = Arc::new(InMemoryPagableStorage::new());
+        time(0, &mut || {
+            black_box(page_out(&fresh, root).unwrap());
+        });
+        drop(fresh);
+        let mut first = None;
+        time(1, &mut || {
+            first = Some(page_in::<Vec<Shared<Node>>>(storage, key).unwrap());
+        });
+        let mut second = None;
+        time(2, &mut || {
+            second = Some(page_in::<Vec<Shared<Node>>>(storage, key).unwrap());
+        });
+        drop((first, second));
+    }
+    let nodes = root.len() as f64;
+    let [out, fresh_in, again] = spent.map(|total| total / f64::from(RUNS));
+    eprintln!(
+        "cpu time per op (mean of {RUNS}): page_out {:.1} ms = {:.2} us/edge; page_in {:.1} ms \
+         = {:.2} us/node; page_in while alive {:.1} ms = {:.2} us/node",
+        out * 1e3,
+        out * 1e6 / edges as f64,
+        fresh_in * 1e3,
+        fresh_in * 1e6 / nodes,
+        again * 1e3,
+        again * 1e6 / nodes,
+    );
+}
+
+fn big_graph(c: &mut Criterion) {
+    let n: usize = std::env::var("PAGESTORE_BENCH_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let root = build(n);
+    let edges = n + root.iter().map(|node| node.kids.len() + 1).sum::<usize>();
+    let storage = Arc::new(InMemoryPagableStorage::new());
+    let key = page_out(&storage, &root).unwrap();
+    eprintln!(
+        "graph: {n} nodes, {edges} Shared edges, {} stored entries, {} stored bytes",
+        storage.len(),
+        stored_bytes(&storage, key)
+    );
+
+    cpu_time_per_op(&root, &storage, key, edges);
+
+    let mut group = c.benchmark_group(format!("graph_{n}"));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    group.bench_function("page_out", |b| {
+        b.iter_batched(
+            || Arc::new(InMemoryPagableStorage::new()),
+            |fresh| black_box(page_out(&fresh, &root).unwrap()),
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("page_in", |b| {
+        b.iter_batched(
+            || (),
+            |()| page_in::<Vec<Shared<Node>>>(&storage, key).unwrap(),
+            BatchSize::PerIteration,
+        )
+    });
+    let alive = page_in::<Vec<Shared<Node>>>(&storage, key).unwrap();
+    group.bench_function("page_in_again_while_alive", |b| {
+        b.iter_with_large_drop(|| page_in::<Vec<Shared<Node>>>(&storage, key).unwrap())
+    });
+    group.finish();
+    drop(alive);
+}
+
+/// pagestore vs serde `rc` + postcard on graphs small enough for the copying encoding.
+fn versus_serde_rc(c: &mut Criterion) {
+    for n in [100usize, 300, 1_000] {
+        let root = build(n);
+        let rc_root = build_rc(n);
+        let storage = Arc::new(InMemoryPagableStorage::new());
+        let key = page_out(&storage, &root).unwrap();
+        let rc_bytes = postcard::to_allocvec(&rc_root).unwrap();
+        eprintln!(
+            "compare n={n}: pagestore {} bytes in {} entries; serde rc + postcard {} bytes",
+            stored_bytes(&storage, key),
+            storage.len(),
+            rc_bytes.len()
+        );
+        let mut group = c.benchmark_group(format!("compare_{n}"));
+        group.sample_size(10);
+        group.measurement_time(Duration::from_secs(3));
+        group.bench_function("pagestore_out", |b| {
+            b.iter_batched(
+                || Arc::new(InMemoryPagableStorage::new()),
+                |fresh| black_box(page_out(&fresh, &root).unwrap()),
+                BatchSize::PerIteration,
+            )
+        });
+        // PerIteration: each result is dropped before the next page-in, so every page-in
+        // really loads (a batch of live results would make the next ones cache hits).
+        group.bench_function("pagestore_in", |b| {
+            b.iter_batched(
+                || (),
+                |()| page_in::<Vec<Shared<Node>>>(&storage, key).unwrap(),
+                BatchSize::PerIteration,
+            )
+        });
+        group.bench_function("serde_rc_out", |b| {
+            b.iter(|| black_box(postcard::to_allocvec(&rc_root).unwrap()))
+        });
+        group.bench_function("serde_rc_in", |b| {
+            b.iter_with_large_drop(|| postcard::from_bytes::<Vec<Arc<RcNode>>>(&rc_bytes).unwrap())
+        });
+        group.finish();
+    }
+}
+
+/// A chain deeper than page-in's recursion bound: the cost of deferring and retrying.
+fn deep_chain(c: &mut Criterion) {
+    #[derive(Serialize, Deserialize)]
+    struct Link(u32, Option<Shared<Link>>);
+    const LEN: u32 = 100_000;
+    let mut chain = Link(0, None);
+    for i in 1..LEN {
+        chain = Link(i, Some(Shared::new(chain)));
+    }
+    let storage = Arc::new(InMemoryPagableStorage::new());
+    let key = page_out(&storage, &chain).unwrap();
+    let mut group = c.benchmark_group("chain_100000");
+    group.sample_size(10);
+    group.bench_function("page_out", |b| {
+        b.iter_batched(
+            || Arc::new(InMemoryPagableStorage::new()),
+            |fresh| black_box(page_out(&fresh, &chain).unwrap()),
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("page_in", |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                let start = std::time::Instant::now();
+                let back = page_in::<Link>(&storage, key).unwrap();
+                total += start.elapsed();
+                // Rust's drop glue would recurse 100,000 deep.
+                pagestore::drop_deep(back).unwrap();
+            }
+            total
+        })
+    });
+    group.finish();
+    pagestore::drop_deep(chain).unwrap();
+}
+
+criterion_group!(benches, big_graph, deep_chain, versus_serde_rc);
+criterion_main!(benches);

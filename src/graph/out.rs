@@ -1,0 +1,336 @@
+//! Page-out: serialize an `Arc` graph into content-addressed nodes, children first, without
+//! recursion.
+//!
+//! Serializing a node never serializes its children: each [`Shared`](crate::Shared) it meets
+//! only records the child (its identity and a handle to serialize it later) in this thread's
+//! session and writes a unit. An explicit work stack then serializes the recorded children and
+//! stores each node once all its children have keys, so a million-deep chain uses a million
+//! heap entries, not a million stack frames.
+
+use std::any::TypeId;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::data::PagableData;
+use crate::error::Error;
+use crate::key::DataKey;
+
+use super::shared::OUTSIDE_SESSION;
+
+/// A shared value waiting to be serialized, with its type erased.
+pub(crate) trait OutNode {
+    /// The value's postcard bytes (its children are recorded in the session meanwhile).
+    fn encode(&self) -> Result<Vec<u8>, postcard::Error>;
+    /// The message of the error `encode` failed with, recovered through a serializer that keeps
+    /// custom messages (postcard replaces them all with `SerdeSerCustom`).
+    fn failure_message(&self) -> String;
+    /// The value's type, for messages.
+    fn type_name(&self) -> &'static str;
+}
+
+impl<T: ?Sized + Serialize + Send + Sync + 'static> OutNode for Arc<T> {
+    fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
+        postcard::to_allocvec(&**self)
+    }
+
+    fn failure_message(&self) -> String {
+        message_of_failure(&**self)
+    }
+
+    fn type_name(&self) -> &'static str {
+        std::any::type_name::<T>()
+    }
+}
+
+fn message_of_failure<T: ?Sized + Serialize>(value: &T) -> String {
+    let mut serializer = postcard::Serializer {
+        output: postcard::ser_flavors::AllocVec::new(),
+    };
+    let mut erased = <dyn erased_serde::Serializer>::erase(&mut serializer);
+    match erased_serde::Serialize::erased_serialize(value, &mut erased) {
+        Err(err) => err.to_string(),
+        Ok(()) => "a custom serde error, which did not happen again on a second try".into(),
+    }
+}
+
+/// What a page-out records while a node is being serialized.
+#[derive(Default)]
+struct OutState {
+    /// Every shared value met so far in this call, by identity: `(TypeId of the view, address)`.
+    /// Keying on the address alone would merge an `Arc<T>` with an `Arc<dyn Trait>` of the same
+    /// allocation, whose serializations differ.
+    memo: HashMap<(TypeId, usize), u32, BuildHasherDefault<IdentityHasher>>,
+    /// Values met for the first time since the driver last looked, in index order.
+    discovered: Vec<Box<dyn OutNode>>,
+    /// The index the next new value gets.
+    next: u32,
+    /// The children of the node being serialized, in the order met.
+    children: Vec<u32>,
+}
+
+/// A hasher for `(TypeId, address)`: addresses are aligned and clustered, so each word is
+/// multiplied and rotated to spread its bits; SipHash's DoS resistance buys nothing for keys
+/// that are our own pointers.
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = (self.0 ^ value)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
+    }
+
+    fn write_u128(&mut self, value: u128) {
+        self.write_u64(value as u64);
+        self.write_u64((value >> 64) as u64);
+    }
+
+    fn write_usize(&mut self, value: usize) {
+        self.write_u64(value as u64);
+    }
+}
+
+thread_local! {
+    static OUT: RefCell<Option<OutState>> = const { RefCell::new(None) };
+}
+
+/// Records `arc` as the next child of the node being serialized on this thread.
+pub(crate) fn record_child<T>(arc: &Arc<T>) -> Result<(), &'static str>
+where
+    T: ?Sized + Serialize + Send + Sync + 'static,
+{
+    OUT.with(|cell| {
+        let mut guard = cell.try_borrow_mut().map_err(|_| OUTSIDE_SESSION)?;
+        let state = guard.as_mut().ok_or(OUTSIDE_SESSION)?;
+        let identity = (TypeId::of::<T>(), Arc::as_ptr(arc) as *const u8 as usize);
+        let index = match state.memo.entry(identity) {
+            Entry::Occupied(known) => *known.get(),
+            Entry::Vacant(new) => {
+                let index = state.next;
+                state.next += 1;
+                // The clone keeps the allocation alive until the call ends, so its address
+                // cannot be reused by another value and alias a memo entry.
+                state.discovered.push(Box::new(Arc::clone(arc)));
+                *new.insert(index)
+            }
+        };
+        state.children.push(index);
+        Ok(())
+    })
+}
+
+/// Installs a fresh session on this thread; the previous one (a page-out nested in a
+/// `Serialize` impl) comes back on drop.
+struct Session {
+    previous: Option<OutState>,
+}
+
+impl Session {
+    fn install() -> Session {
+        Session {
+            previous: OUT.with(|cell| cell.replace(Some(OutState::default()))),
+        }
+    }
+
+    /// Takes the children recorded since the last call.
+    fn take_children(&self) -> Vec<u32> {
+        OUT.with(|cell| match cell.borrow_mut().as_mut() {
+            Some(state) => std::mem::take(&mut state.children),
+            None => Vec::new(),
+        })
+    }
+
+    /// Moves the values discovered since the last call into the node table.
+    fn absorb(&self, nodes: &mut Vec<Node>) {
+        OUT.with(|cell| {
+            if let Some(state) = cell.borrow_mut().as_mut() {
+                nodes.extend(state.discovered.drain(..).map(|value| Node {
+                    value,
+                    state: State::New,
+                }));
+            }
+        });
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let mine = OUT.with(|cell| cell.replace(self.previous.take()));
+        // Dropped outside the borrow: these are the call's Arc clones, whose drop may run
+        // arbitrary code.
+        drop(mine);
+    }
+}
+
+enum State {
+    New,
+    /// Serialized; waiting for its children's keys.
+    Open {
+        data: Vec<u8>,
+        children: Vec<u32>,
+    },
+    Done(DataKey),
+}
+
+struct Node {
+    value: Box<dyn OutNode>,
+    state: State,
+}
+
+/// The result of walking a graph: the root's key, and every shared value met in the order their
+/// nodes were finished (children before parents).
+pub(crate) struct Walk {
+    pub(crate) root: DataKey,
+    pub(crate) finished: Vec<Box<dyn OutNode>>,
+}
+
+/// Serializes `root` and every shared value it reaches, children first, handing each node to
+/// `finish` (which stores it and returns its key) once its children have keys.
+pub(crate) fn walk<T: ?Sized + Serialize>(
+    root: &T,
+    mut finish: impl FnMut(PagableData) -> anyhow::Result<DataKey>,
+) -> anyhow::Result<Walk> {
+    let session = Session::install();
+    let root_type = std::any::type_name::<T>();
+    let (root_data, root_children) = encode_node(
+        &session,
+        root_type,
+        || postcard::to_allocvec(root),
+        || message_of_failure(root),
+    )?;
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut order: Vec<u32> = Vec::new();
+    session.absorb(&mut nodes);
+    let mut stack: Vec<u32> = root_children.iter().rev().copied().collect();
+    while let Some(&top) = stack.last() {
+        let node = &mut nodes[top as usize];
+        match &mut node.state {
+            State::Done(_) => {
+                stack.pop();
+            }
+            State::New => {
+                let value = &node.value;
+                let (data, children) = encode_node(
+                    &session,
+                    value.type_name(),
+                    || value.encode(),
+                    || value.failure_message(),
+                )?;
+                session.absorb(&mut nodes);
+                for &child in children.iter().rev() {
+                    match nodes[child as usize].state {
+                        State::Done(_) => {}
+                        State::New if child != top => stack.push(child),
+                        // An open child is on the path from the root to here (or is this
+                        // node itself): a cycle.
+                        State::New | State::Open { .. } => {
+                            return Err(Error::Serialize {
+                                type_name: nodes[child as usize].value.type_name(),
+                                reason: "the graph has a cycle (a shared value reaches itself \
+                                         through its children); content addressing needs a DAG"
+                                    .into(),
+                            }
+                            .into());
+                        }
+                    }
+                }
+                nodes[top as usize].state = State::Open { data, children };
+            }
+            State::Open { data, children } => {
+                let data = std::mem::take(data);
+                let children = std::mem::take(children);
+                let arcs = keys_of(&nodes, &children)?;
+                let key = finish(PagableData { data, arcs })?;
+                nodes[top as usize].state = State::Done(key);
+                order.push(top);
+                stack.pop();
+            }
+        }
+    }
+    let arcs = keys_of(&nodes, &root_children)?;
+    let root = finish(PagableData {
+        data: root_data,
+        arcs,
+    })?;
+    let mut slots: Vec<Option<Box<dyn OutNode>>> =
+        nodes.into_iter().map(|node| Some(node.value)).collect();
+    let finished = order
+        .into_iter()
+        .filter_map(|index| slots[index as usize].take())
+        .collect();
+    Ok(Walk { root, finished })
+}
+
+fn keys_of(nodes: &[Node], children: &[u32]) -> anyhow::Result<Vec<DataKey>> {
+    children
+        .iter()
+        .map(|&child| match nodes[child as usize].state {
+            State::Done(key) => Ok(key),
+            // The stack finishes every child above its parent, so this is a bug, reported
+            // rather than panicking.
+            State::New | State::Open { .. } => Err(anyhow::anyhow!(
+                "pagestore bug: a child of a `{}` was not paged out before it",
+                nodes[child as usize].value.type_name()
+            )),
+        })
+        .collect()
+}
+
+/// Serializes one node and collects the children it recorded.
+fn encode_node(
+    session: &Session,
+    type_name: &'static str,
+    encode: impl FnOnce() -> Result<Vec<u8>, postcard::Error>,
+    failure_message: impl FnOnce() -> String,
+) -> anyhow::Result<(Vec<u8>, Vec<u32>)> {
+    let result = encode();
+    let children = session.take_children();
+    match result {
+        Ok(data) => Ok((data, children)),
+        Err(err) => {
+            let reason = match err {
+                postcard::Error::SerdeSerCustom => failure_message(),
+                other => other.to_string(),
+            };
+            Err(Error::Serialize { type_name, reason }.into())
+        }
+    }
+}
+
+/// Pages `value` and every shared value it reaches out to `storage`; see
+/// [`page_out`](crate::page_out).
+pub(crate) fn page_out<T: ?Sized + Serialize>(
+    storage: &dyn crate::PagableStorage,
+    value: &T,
+) -> anyhow::Result<DataKey> {
+    // Equal content from different Arcs has one key: store it once per call.
+    let mut stored: std::collections::HashSet<DataKey, crate::key::KeyHasherBuilder> =
+        Default::default();
+    let walk = walk(value, |data| {
+        let key = data.compute_key();
+        if stored.insert(key) {
+            let returned = storage.store_data(data)?;
+            debug_assert_eq!(returned, key);
+        }
+        Ok(key)
+    })?;
+    Ok(walk.root)
+}

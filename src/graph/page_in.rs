@@ -1,0 +1,463 @@
+//! Page-in: rebuild a value from its key, resolving shared children through the arc cache.
+//!
+//! A node is deserialized top-down: when its deserializer reaches a [`Shared<T>`] field, that
+//! field takes the node's next child key and resolves it — from this call's table, else from the
+//! storage's [`ArcCache`](crate::ArcCache) by `(TypeId of T, key)`, whose load-once entry
+//! fetches and deserializes the child (recursively) if no live value exists. That is where the
+//! child's type becomes known, so it is the only place it can be deserialized.
+//!
+//! Recursion is bounded: at depth [`MAX_DEPTH`] a child is not loaded but *deferred*. The
+//! attempt unwinds (its finished descendants stay held in the call's table), the driver loads
+//! the deferred child from depth zero, then retries. A million-deep chain thus costs about two
+//! deserializations per node instead of a million stack frames.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use crate::data::PagableData;
+use crate::error::Error;
+use crate::key::{DataKey, KeyHasherBuilder};
+use crate::storage::PagableStorage;
+
+use super::held::Held;
+use super::shared::OUTSIDE_SESSION;
+
+/// How many nested nodes one attempt deserializes before deferring the next child. Each level
+/// costs a few serde frames; 64 levels stay well inside a 2 MiB thread stack even in debug
+/// builds with large user types.
+pub(crate) const MAX_DEPTH: usize = 64;
+
+type Records = HashMap<DataKey, Arc<PagableData>, KeyHasherBuilder>;
+
+/// A node being deserialized: its record and how many child keys its fields have taken.
+struct Frame {
+    key: DataKey,
+    node: Arc<PagableData>,
+    next: usize,
+}
+
+/// A child left for the driver to load from depth zero.
+#[derive(Clone, Copy)]
+struct Deferred {
+    key: DataKey,
+    load: fn(DataKey) -> anyhow::Result<()>,
+}
+
+/// The marker error of an attempt that hit [`MAX_DEPTH`].
+#[derive(Debug)]
+struct DepthLimit;
+
+impl std::fmt::Display for DepthLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("page-in depth limit reached; the child is loaded first and the node retried")
+    }
+}
+
+impl std::error::Error for DepthLimit {}
+
+struct InState {
+    storage: Arc<dyn PagableStorage>,
+    /// Records fetched ahead of time (by `page_in_async`); others are fetched on demand.
+    prefetched: Records,
+    frames: Vec<Frame>,
+    /// Every shared value this call loaded, held strongly so that an attempt that unwinds
+    /// keeps its finished work.
+    held: Held,
+    deferred: Option<Deferred>,
+    /// The real error behind the serde custom error a failing `Shared` returned: postcard keeps
+    /// no message, so the error travels here.
+    error: Option<anyhow::Error>,
+}
+
+thread_local! {
+    static IN: RefCell<Option<InState>> = const { RefCell::new(None) };
+}
+
+fn with_state<R>(f: impl FnOnce(&mut InState) -> R) -> Option<R> {
+    IN.with(|cell| cell.try_borrow_mut().ok()?.as_mut().map(f))
+}
+
+/// Stashes `err` (unless an inner one is already there) and returns the message for the serde
+/// error that carries it up to the driver.
+fn stash(err: anyhow::Error) -> String {
+    let message = err.to_string();
+    with_state(|state| {
+        if state.error.is_none() {
+            state.error = Some(err);
+        }
+    });
+    message
+}
+
+fn take_stashed() -> Option<anyhow::Error> {
+    with_state(|state| state.error.take()).flatten()
+}
+
+/// Resolves the next child key of the node being deserialized as a `T`.
+pub(crate) fn resolve<T>() -> Result<Arc<T>, String>
+where
+    T: ?Sized + Send + Sync + 'static,
+    Box<T>: DeserializeOwned,
+{
+    enum Step<T: ?Sized> {
+        Hit(Arc<T>),
+        Load(DataKey, Arc<dyn PagableStorage>, Parent),
+        Fail(anyhow::Error),
+    }
+    let step = with_state(|state| {
+        let Some(frame) = state.frames.last_mut() else {
+            return Step::Fail(anyhow::anyhow!(OUTSIDE_SESSION));
+        };
+        let Some(&key) = frame.node.arcs.get(frame.next) else {
+            return Step::Fail(
+                Error::Corrupt {
+                    key: frame.key,
+                    reason: format!(
+                        "its value holds more shared references than its {} child keys",
+                        frame.node.arcs.len()
+                    ),
+                }
+                .into(),
+            );
+        };
+        let parent = Parent {
+            key: frame.key,
+            index: frame.next,
+        };
+        frame.next += 1;
+        if let Some(arc) = state.held.get::<T>(key) {
+            return Step::Hit(arc);
+        }
+        if state.frames.len() >= MAX_DEPTH {
+            state.deferred = Some(Deferred {
+                key,
+                load: load_deferred::<T>,
+            });
+            return Step::Fail(DepthLimit.into());
+        }
+        Step::Load(key, Arc::clone(&state.storage), parent)
+    });
+    match step {
+        None => Err(OUTSIDE_SESSION.to_string()),
+        Some(Step::Hit(arc)) => Ok(arc),
+        Some(Step::Fail(err)) => Err(stash(err)),
+        Some(Step::Load(key, storage, parent)) => match load::<T>(&*storage, key, Some(parent)) {
+            Ok(arc) => Ok(arc),
+            Err(err) => Err(stash(err)),
+        },
+    }
+}
+
+/// Where a child key was found, for error messages.
+#[derive(Clone, Copy)]
+struct Parent {
+    key: DataKey,
+    index: usize,
+}
+
+/// The value of `(T, key)`: live in the arc cache, or fetched and deserialized once (other
+/// threads loading the same entry wait for this one); then held by the call's table.
+///
+/// `parent` is `None` for a deferred load, whose value nothing else holds until the retry:
+/// it is always held.
+fn load<T>(
+    storage: &dyn PagableStorage,
+    key: DataKey,
+    parent: Option<Parent>,
+) -> anyhow::Result<Arc<T>>
+where
+    T: ?Sized + Send + Sync + 'static,
+    Box<T>: DeserializeOwned,
+{
+    let mut loaded_here = false;
+    let arc = storage.arc_cache().get_or_load_typed::<T>(key, || {
+        loaded_here = true;
+        let node = fetch(storage, key).map_err(|err| match parent {
+            // Context keeps the storage's typed error reachable by downcast.
+            Some(parent) => err.context(format!(
+                "child {} of the node stored under {} (a `{}`)",
+                parent.index,
+                parent.key,
+                std::any::type_name::<T>()
+            )),
+            None => err,
+        })?;
+        decode_node::<Box<T>>(key, node).map(Arc::from)
+    })?;
+    // A value that was already alive is held by someone else; only what this call loaded needs
+    // holding (and a deferred load's value).
+    if loaded_here || parent.is_none() {
+        with_state(|state| state.held.insert(key, &arc));
+    }
+    Ok(arc)
+}
+
+fn load_deferred<T>(key: DataKey) -> anyhow::Result<()>
+where
+    T: ?Sized + Send + Sync + 'static,
+    Box<T>: DeserializeOwned,
+{
+    let storage = with_state(|state| Arc::clone(&state.storage))
+        .ok_or_else(|| anyhow::anyhow!(OUTSIDE_SESSION))?;
+    load::<T>(&*storage, key, None).map(drop)
+}
+
+fn fetch(storage: &dyn PagableStorage, key: DataKey) -> anyhow::Result<Arc<PagableData>> {
+    if let Some(node) = with_state(|state| state.prefetched.get(&key).cloned()).flatten() {
+        return Ok(node);
+    }
+    storage.fetch_data_blocking(&key)
+}
+
+/// Deserializes the record `node` (stored under `key`) as an `X`, with `node` as the frame its
+/// `Shared` fields take child keys from.
+fn decode_node<X: DeserializeOwned>(key: DataKey, node: Arc<PagableData>) -> anyhow::Result<X> {
+    let pushed = with_state(|state| {
+        state.frames.push(Frame {
+            key,
+            node: Arc::clone(&node),
+            next: 0,
+        })
+    });
+    if pushed.is_none() {
+        anyhow::bail!(OUTSIDE_SESSION);
+    }
+    let result = decode::<X>(&node.data);
+    let used = with_state(|state| state.frames.pop().map(|frame| frame.next))
+        .flatten()
+        .unwrap_or(0);
+    // A deferral is ours, not the value's: if a lenient `Deserialize` impl (one that maps
+    // errors to a default) swallowed it, the value is missing a child, so the attempt still
+    // unwinds and is retried once the child is loaded.
+    let deferred = with_state(|state| state.deferred.is_some()).unwrap_or(false);
+    match result {
+        Ok(value) if deferred => {
+            drop(value);
+            take_stashed();
+            Err(DepthLimit.into())
+        }
+        Ok(value) if used == node.arcs.len() => {
+            // A user impl may have swallowed an inner error; it is not ours to report.
+            take_stashed();
+            Ok(value)
+        }
+        Ok(value) => {
+            // Its children are held by the call's table, so this drop does not recurse.
+            drop(value);
+            Err(Error::Corrupt {
+                key,
+                reason: format!(
+                    "it has {} child keys but its value used {used}",
+                    node.arcs.len()
+                ),
+            }
+            .into())
+        }
+        Err(err) => Err(match take_stashed() {
+            Some(inner) => inner,
+            None => deserialize_error::<X>(key, &node, err),
+        }),
+    }
+}
+
+enum DecodeError {
+    Postcard(postcard::Error),
+    Trailing(usize),
+}
+
+fn decode<X: DeserializeOwned>(data: &[u8]) -> Result<X, DecodeError> {
+    let mut deserializer = postcard::Deserializer::from_bytes(data);
+    let value = X::deserialize(&mut deserializer).map_err(DecodeError::Postcard)?;
+    match deserializer.finalize() {
+        Ok([]) => Ok(value),
+        Ok(rest) => Err(DecodeError::Trailing(rest.len())),
+        Err(err) => Err(DecodeError::Postcard(err)),
+    }
+}
+
+fn deserialize_error<X: DeserializeOwned>(
+    key: DataKey,
+    node: &Arc<PagableData>,
+    err: DecodeError,
+) -> anyhow::Error {
+    let type_name = std::any::type_name::<X>();
+    let reason = match err {
+        DecodeError::Trailing(count) => format!("{count} bytes are left over after the value"),
+        DecodeError::Postcard(postcard::Error::SerdeDeCustom) => custom_message::<X>(key, node),
+        DecodeError::Postcard(other) => other.to_string(),
+    };
+    Error::Deserialize {
+        key,
+        type_name,
+        reason,
+    }
+    .into()
+}
+
+/// Runs the failed deserialization again through erased-serde, whose error keeps a custom
+/// message (an unknown typetag name, a user's validation) that postcard drops. The children it
+/// meets before the failure point are already in the call's table, so this loads nothing.
+fn custom_message<X: DeserializeOwned>(key: DataKey, node: &Arc<PagableData>) -> String {
+    with_state(|state| {
+        state.frames.push(Frame {
+            key,
+            node: Arc::clone(node),
+            next: 0,
+        })
+    });
+    let mut deserializer = postcard::Deserializer::from_bytes(&node.data);
+    let mut erased = <dyn erased_serde::Deserializer>::erase(&mut deserializer);
+    let message = match erased_serde::deserialize::<X>(&mut erased) {
+        Err(err) => err.to_string(),
+        Ok(value) => {
+            drop(value);
+            "a custom serde error, which did not happen again on a second try".into()
+        }
+    };
+    with_state(|state| state.frames.pop());
+    take_stashed();
+    if message != postcard::Error::SerdeDeCustom.to_string() {
+        return message;
+    }
+    // The message was lost at a nested serde layer. For a typetag trait object, name the tag
+    // and ask typetag itself whether it knows it.
+    if let Some(unknown) = unknown_typetag::<X>(&node.data) {
+        return unknown;
+    }
+    "a custom serde error whose message postcard does not keep; for a `dyn Trait`, check that \
+     the stored typetag name is registered in this program and that the trait is not \
+     internally tagged with an enum impl"
+        .into()
+}
+
+/// typetag's own message ("unknown variant `cat`, expected one of …") when `data` is an
+/// externally tagged trait object whose tag this program does not register.
+fn unknown_typetag<X: DeserializeOwned>(data: &[u8]) -> Option<String> {
+    if !std::any::type_name::<X>().starts_with("alloc::boxed::Box<dyn ") {
+        return None;
+    }
+    // Externally tagged in postcard: a one-entry map, then the tag as a string.
+    let (len, rest) = postcard::take_from_bytes::<usize>(data).ok()?;
+    let (tag, _) = postcard::take_from_bytes::<&str>(rest).ok()?;
+    if len != 1 {
+        return None;
+    }
+    // Ask typetag through a self-describing deserializer, which keeps its message.
+    let probe = serde::de::value::MapDeserializer::<_, serde::de::value::Error>::new(
+        std::iter::once((tag, ())),
+    );
+    match X::deserialize(probe) {
+        Err(err) if err.to_string().starts_with("unknown variant") => Some(err.to_string()),
+        _ => None,
+    }
+}
+
+/// Installs a fresh page-in session on this thread; the previous one (a page-in nested in a
+/// `Deserialize` impl) comes back on drop.
+struct Session {
+    previous: Option<InState>,
+}
+
+impl Session {
+    fn install(storage: Arc<dyn PagableStorage>, prefetched: Records) -> Session {
+        let state = InState {
+            storage,
+            prefetched,
+            frames: Vec::new(),
+            held: Held::default(),
+            deferred: None,
+            error: None,
+        };
+        Session {
+            previous: IN.with(|cell| cell.replace(Some(state))),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let mine = IN.with(|cell| cell.replace(self.previous.take()));
+        // Held releases parents first, so no drop recurses down a chain (which, a million
+        // deep, would overflow the stack).
+        drop(mine);
+    }
+}
+
+/// Pages the value stored under `key` in: see [`page_in`](crate::page_in).
+pub(crate) fn run<T: DeserializeOwned>(
+    storage: Arc<dyn PagableStorage>,
+    key: DataKey,
+    prefetched: Records,
+) -> anyhow::Result<T> {
+    let root = match prefetched.get(&key) {
+        Some(node) => Arc::clone(node),
+        None => storage.fetch_data_blocking(&key)?,
+    };
+    let _session = Session::install(storage, prefetched);
+    // The root's fan-out is a cheap hint of the table's size; growing it step by step costs
+    // rehashes and large allocations.
+    with_state(|state| {
+        let hint = root.arcs.len().min(1 << 20);
+        state.held.reserve(hint);
+    });
+    let mut pending: Vec<Deferred> = Vec::new();
+    loop {
+        let attempt = match pending.last() {
+            Some(deferred) => (deferred.load)(deferred.key).map(|()| None),
+            None => decode_node::<T>(key, Arc::clone(&root)).map(Some),
+        };
+        match attempt {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {
+                pending.pop();
+            }
+            Err(err) if err.is::<DepthLimit>() => {
+                let deferred = with_state(|state| state.deferred.take())
+                    .flatten()
+                    .ok_or_else(|| anyhow::anyhow!("pagestore bug: depth limit without a child"))?;
+                pending.push(deferred);
+            }
+            Err(err) => return Err(err),
+        }
+        with_state(|state| {
+            state.frames.clear();
+            state.error = None;
+        });
+    }
+}
+
+/// Fetches every record reachable from `root` with at most `limit` fetches in flight.
+pub(crate) async fn prefetch(
+    storage: &dyn PagableStorage,
+    root: DataKey,
+    limit: usize,
+) -> anyhow::Result<Records> {
+    use futures_util::StreamExt;
+    use futures_util::stream::FuturesUnordered;
+
+    let mut records = Records::default();
+    let mut seen = std::collections::HashSet::<DataKey, KeyHasherBuilder>::default();
+    seen.insert(root);
+    let mut queue = std::collections::VecDeque::from([root]);
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        while in_flight.len() < limit.max(1) {
+            let Some(key) = queue.pop_front() else { break };
+            in_flight.push(async move { (key, storage.fetch_data(&key).await) });
+        }
+        let Some((key, fetched)) = in_flight.next().await else {
+            break;
+        };
+        let node = fetched?;
+        for &child in &node.arcs {
+            if seen.insert(child) {
+                queue.push_back(child);
+            }
+        }
+        records.insert(key, node);
+    }
+    Ok(records)
+}

@@ -1,0 +1,358 @@
+//! Graph layer: every failure is a typed error that keeps its meaning and names the key.
+
+use std::sync::Arc;
+
+use pagestore::graph::OUTSIDE_SESSION;
+use pagestore::{
+    DataKey, Error, InMemoryPagableStorage, PagableData, PagableStorage, Shared, page_in, page_out,
+};
+use serde::{Deserialize, Serialize};
+
+#[typetag::serde]
+trait Animal: Send + Sync + std::fmt::Debug {
+    fn noise(&self) -> String;
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Dog;
+
+#[typetag::serde(name = "dog")]
+impl Animal for Dog {
+    fn noise(&self) -> String {
+        "woof".into()
+    }
+}
+
+/// Internally tagged: postcard supports struct impls but not enum impls.
+#[typetag::serde(tag = "kind")]
+trait Internal: Send + Sync + std::fmt::Debug {}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Thing {
+    x: u8,
+}
+
+#[typetag::serde(name = "thing")]
+impl Internal for Thing {}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Choice {
+    A(u32),
+}
+
+#[typetag::serde(name = "choice")]
+impl Internal for Choice {}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Holder {
+    name: String,
+    child: Shared<String>,
+}
+
+fn storage() -> Arc<InMemoryPagableStorage> {
+    Arc::new(InMemoryPagableStorage::new())
+}
+
+fn pagestore_error(err: &anyhow::Error) -> &Error {
+    err.downcast_ref::<Error>()
+        .unwrap_or_else(|| panic!("not a pagestore::Error: {err:#}"))
+}
+
+#[test]
+fn shared_outside_a_call_is_a_clear_error_not_a_panic() {
+    let value = Holder {
+        name: "x".into(),
+        child: Shared::new("y".into()),
+    };
+    let err = serde_json::to_string(&value).unwrap_err();
+    assert!(
+        err.to_string().contains("outside page_out/page_in"),
+        "{err}"
+    );
+    let err = serde_json::from_str::<Holder>(r#"{"name":"x","child":null}"#).unwrap_err();
+    assert!(err.to_string().contains(OUTSIDE_SESSION), "{err}");
+}
+
+#[test]
+fn a_missing_child_is_not_found_naming_the_child() {
+    let storage = storage();
+    let child = storage
+        .store_data(PagableData {
+            data: postcard::to_allocvec("gone").unwrap(),
+            arcs: vec![],
+        })
+        .unwrap();
+    let missing: DataKey = "0123456789abcdef0123456789abcdef".parse().unwrap();
+    // A Holder whose child key points nowhere.
+    let root = storage
+        .store_data(PagableData {
+            data: postcard::to_allocvec("name").unwrap(),
+            arcs: vec![missing],
+        })
+        .unwrap();
+    let err = page_in::<Holder>(&storage, root).unwrap_err();
+    assert!(
+        matches!(pagestore_error(&err), Error::NotFound(key) if *key == missing),
+        "{err:#}"
+    );
+    assert!(format!("{err:#}").contains(&missing.to_string()), "{err:#}");
+    assert!(
+        err.to_string()
+            .contains(&format!("child 0 of the node stored under {root}")),
+        "names the parent too: {err}"
+    );
+    // The good child alone still pages in.
+    let ok: String = page_in(&storage, child).unwrap();
+    assert_eq!(ok, "gone");
+}
+
+#[test]
+fn a_missing_root_is_not_found() {
+    let storage = storage();
+    let missing: DataKey = "00000000000000000000000000000001".parse().unwrap();
+    let err = page_in::<String>(&storage, missing).unwrap_err();
+    assert!(Error::is_not_found(&err), "{err:#}");
+}
+
+#[test]
+fn reading_as_the_wrong_type_names_the_key_and_type() {
+    let storage = storage();
+    let key = page_out(&storage, &Shared::new(String::from("text"))).unwrap();
+    let child = storage.fetch_data_blocking(&key).unwrap().arcs[0];
+    // The child holds a string; read it as a u64 pair.
+    let err = page_in::<Shared<(u64, u64, u64, u64)>>(&storage, key).unwrap_err();
+    match pagestore_error(&err) {
+        Error::Deserialize { key, type_name, .. } => {
+            assert_eq!(*key, child);
+            assert!(type_name.contains("u64"), "{type_name}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(err.to_string().contains(&child.to_string()), "{err}");
+}
+
+#[test]
+fn an_unknown_typetag_name_keeps_typetag_message() {
+    let storage = storage();
+    // An externally tagged `dyn Animal` record naming an unregistered type: a map of one
+    // entry, tag "cat", unit content.
+    let mut data = postcard::to_allocvec(&1usize).unwrap(); // map length
+    data.extend(postcard::to_allocvec("cat").unwrap());
+    let cat = storage
+        .store_data(PagableData { data, arcs: vec![] })
+        .unwrap();
+    let root = storage
+        .store_data(PagableData {
+            data: vec![],
+            arcs: vec![cat],
+        })
+        .unwrap();
+    let err = page_in::<Shared<dyn Animal>>(&storage, root).unwrap_err();
+    match pagestore_error(&err) {
+        Error::Deserialize { key, reason, .. } => {
+            assert_eq!(*key, cat);
+            assert!(reason.contains("cat"), "{reason}");
+            assert!(
+                reason.contains("dog"),
+                "typetag lists the known names: {reason}"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // And a known one works.
+    let good = page_out(&storage, &Shared::from(Arc::new(Dog) as Arc<dyn Animal>)).unwrap();
+    let dog: Shared<dyn Animal> = page_in(&storage, good).unwrap();
+    assert_eq!(dog.noise(), "woof");
+}
+
+#[test]
+fn internally_tagged_traits_work_for_structs_and_fail_cleanly_for_enums() {
+    let storage = storage();
+    let thing: Shared<dyn Internal> = Shared::from(Arc::new(Thing { x: 1 }) as Arc<dyn Internal>);
+    let key = page_out(&storage, &thing).unwrap();
+    let back: Shared<dyn Internal> = page_in(&storage, key).unwrap();
+    assert_eq!(format!("{back:?}"), "Thing { x: 1 }");
+    let value: Shared<dyn Internal> = Shared::from(Arc::new(Choice::A(1)) as Arc<dyn Internal>);
+    // Serialization may succeed or fail depending on the serializer; page-in cannot work.
+    match page_out(&storage, &value) {
+        Ok(key) => {
+            let err = page_in::<Shared<dyn Internal>>(&storage, key).unwrap_err();
+            assert!(
+                matches!(pagestore_error(&err), Error::Deserialize { .. }),
+                "{err:#}"
+            );
+        }
+        Err(err) => assert!(
+            matches!(pagestore_error(&err), Error::Serialize { .. }),
+            "{err:#}"
+        ),
+    }
+}
+
+#[test]
+fn a_record_with_too_few_or_too_many_child_keys_is_corrupt() {
+    let storage = storage();
+    let name = postcard::to_allocvec("n").unwrap();
+    let no_children = storage
+        .store_data(PagableData {
+            data: name.clone(),
+            arcs: vec![],
+        })
+        .unwrap();
+    let err = page_in::<Holder>(&storage, no_children).unwrap_err();
+    assert!(
+        matches!(pagestore_error(&err), Error::Corrupt { key, .. } if *key == no_children),
+        "{err:#}"
+    );
+    let leaf = page_out(&storage, &String::from("leaf")).unwrap();
+    let extra = storage
+        .store_data(PagableData {
+            data: name,
+            arcs: vec![leaf, leaf],
+        })
+        .unwrap();
+    let err = page_in::<Holder>(&storage, extra).unwrap_err();
+    assert!(
+        matches!(pagestore_error(&err), Error::Corrupt { key, reason } if *key == extra && reason.contains("2 child keys")),
+        "{err:#}"
+    );
+}
+
+#[test]
+fn garbage_and_trailing_bytes_are_deserialize_errors() {
+    let storage = storage();
+    let mut data = postcard::to_allocvec(&7u32).unwrap();
+    data.push(0);
+    let trailing = storage
+        .store_data(PagableData { data, arcs: vec![] })
+        .unwrap();
+    let err = page_in::<u32>(&storage, trailing).unwrap_err();
+    assert!(
+        matches!(pagestore_error(&err), Error::Deserialize { key, reason, .. } if *key == trailing && reason.contains("left over")),
+        "{err:#}"
+    );
+    let garbage = storage
+        .store_data(PagableData {
+            data: vec![0xff; 3],
+            arcs: vec![],
+        })
+        .unwrap();
+    let err = page_in::<String>(&storage, garbage).unwrap_err();
+    assert!(
+        matches!(pagestore_error(&err), Error::Deserialize { key, .. } if *key == garbage),
+        "{err:#}"
+    );
+}
+
+#[test]
+fn a_failing_serialize_keeps_its_message() {
+    struct Refuses;
+    impl Serialize for Refuses {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("refusing on purpose"))
+        }
+    }
+    let storage = storage();
+    let err = page_out(&storage, &vec![Shared::new(Refuses)]).unwrap_err();
+    match pagestore_error(&err) {
+        Error::Serialize { type_name, reason } => {
+            assert!(type_name.contains("Refuses"), "{type_name}");
+            assert!(reason.contains("refusing on purpose"), "{reason}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn a_cycle_is_an_error_not_a_hang() {
+    use std::sync::Mutex;
+    #[derive(Serialize)]
+    struct Cell {
+        next: Mutex<Option<Shared<Cell>>>,
+    }
+    let a = Shared::new(Cell {
+        next: Mutex::new(None),
+    });
+    *a.next.lock().unwrap() = Some(a.clone());
+    let storage = storage();
+    let err = page_out(&storage, &a).unwrap_err();
+    assert!(
+        matches!(pagestore_error(&err), Error::Serialize { reason, .. } if reason.contains("cycle")),
+        "{err:#}"
+    );
+    // Break the cycle so the test does not leak.
+    a.next.lock().unwrap().take();
+}
+
+#[test]
+fn a_serialize_impl_on_another_thread_loses_the_session() {
+    struct Threaded(Shared<u8>);
+    impl Serialize for Threaded {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let inner = self.0.clone();
+            let result = std::thread::spawn(move || postcard::to_allocvec(&inner).map(drop))
+                .join()
+                .unwrap();
+            match result {
+                Ok(()) => serializer.serialize_unit(),
+                Err(_) => Err(serde::ser::Error::custom(OUTSIDE_SESSION)),
+            }
+        }
+    }
+    let storage = storage();
+    let err = page_out(&storage, &Threaded(Shared::new(1))).unwrap_err();
+    assert!(
+        err.to_string().contains("outside page_out/page_in"),
+        "{err:#}"
+    );
+}
+
+#[tokio::test]
+async fn page_in_async_reports_a_missing_child_by_key() {
+    let storage = storage();
+    let missing: DataKey = "0123456789abcdef0123456789abcdef".parse().unwrap();
+    let root = storage
+        .store_data(PagableData {
+            data: postcard::to_allocvec("name").unwrap(),
+            arcs: vec![missing],
+        })
+        .unwrap();
+    let err = pagestore::page_in_async::<Holder>(&storage, root)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(pagestore_error(&err), Error::NotFound(key) if *key == missing),
+        "{err:#}"
+    );
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Random bytes under random child keys: page-in returns an error or a value, never panics.
+    #[test]
+    fn garbage_records_never_panic(
+        records in proptest::collection::vec(
+            (proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24), proptest::collection::vec(0usize..8, 0..4)),
+            1..8,
+        ),
+    ) {
+        #[derive(Debug, Serialize, Deserialize)]
+        struct Tree {
+            name: String,
+            animal: Option<Shared<dyn Animal>>,
+            kids: Vec<Shared<Tree>>,
+        }
+        let storage = storage();
+        let mut keys: Vec<DataKey> = Vec::new();
+        for (data, picks) in records {
+            let arcs = picks.iter().filter_map(|&p| keys.get(p % (keys.len().max(1))).copied()).collect();
+            keys.push(storage.store_data(PagableData { data, arcs }).unwrap());
+        }
+        for &key in &keys {
+            let _ = page_in::<Tree>(&storage, key);
+            let _ = page_in::<Shared<dyn Animal>>(&storage, key);
+            let _ = page_in::<Vec<Shared<String>>>(&storage, key);
+        }
+    }
+}
