@@ -42,6 +42,7 @@ pub fn run_all<B: Backend>(backend: &B) {
     corrupt_record_is_an_error_naming_the_key(backend);
     arc_cache_first_wins_preserves_identity_and_is_weak(backend);
     concurrent_overlapping_stores_and_fetches_lose_nothing(backend);
+    racing_stores_of_one_content_are_each_readable_at_once(backend);
     async_fetch_matches_blocking_fetch(backend);
     paging_schedule_and_release_memory_keep_data(backend);
 }
@@ -298,6 +299,32 @@ pub fn concurrent_overlapping_stores_and_fetches_lose_nothing<B: Backend>(backen
     storage.flush().unwrap();
     let expected = PER_THREAD / 2 + THREADS * PER_THREAD / 2;
     assert_eq!(backend.count(&storage), expected);
+}
+
+/// §5.2 under a race: threads storing the *same* content at the same instant each read it
+/// back at once (a store that returns because another thread is storing that content must
+/// not return before the content is readable).
+pub fn racing_stores_of_one_content_are_each_readable_at_once<B: Backend>(backend: &B) {
+    let storage = backend.open();
+    const THREADS: usize = 4;
+    const ROUNDS: u64 = 3000;
+    let barrier = Barrier::new(THREADS);
+    std::thread::scope(|s| {
+        for _ in 0..THREADS {
+            let (storage, barrier) = (&storage, &barrier);
+            s.spawn(move || {
+                for round in 0..ROUNDS {
+                    let data = node(round, 8 + (round % 64) as usize, vec![]);
+                    barrier.wait();
+                    let key = storage.store_data(data.clone()).unwrap();
+                    let got = storage.fetch_data_blocking(&key).unwrap_or_else(|e| {
+                        panic!("round {round}: {key} not readable right after store_data: {e:#}")
+                    });
+                    assert_eq!(*got, data);
+                }
+            });
+        }
+    });
 }
 
 /// `fetch_data` (async) returns what `fetch_data_blocking` returns.

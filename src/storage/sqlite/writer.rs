@@ -181,10 +181,16 @@ impl WriteBuffer {
                 .wait(state)
                 .unwrap_or_else(|p| p.into_inner());
         }
+        // Count the record before publishing its key: another thread that finds the key
+        // (`contains`) skips its own store and reads at once, and `pending` trusts a zero
+        // count to skip the map. Counting first makes that read find the record.
+        self.pending_len.fetch_add(1, Ordering::AcqRel);
         match self.known.entry(PackedKey::new(&key)) {
             dashmap::Entry::Occupied(mut slot) => {
                 if slot.get().strong_count() > 0 {
-                    return Ok(()); // pending: stored by another thread meanwhile
+                    // Pending: stored by another thread meanwhile.
+                    self.pending_len.fetch_sub(1, Ordering::AcqRel);
+                    return Ok(());
                 }
                 // Dead entries are committed keys, and callers check those before pushing;
                 // a dead one here was forgotten and re-added by a race: queue it again
@@ -195,7 +201,6 @@ impl WriteBuffer {
                 slot.insert(Arc::downgrade(&record));
             }
         }
-        self.pending_len.fetch_add(1, Ordering::Release);
         state.filling.push((key, record));
         state.filling_bytes += bytes;
         state.in_flight_rows += 1;
