@@ -230,10 +230,10 @@ fn typed_sqlite_error(err: &anyhow::Error, tally: &mut Tally, context: &str) -> 
             rusqlite::Error::FromSqlConversionFailure(..) | rusqlite::Error::InvalidColumnType(..)
         )
     {
-        // KNOWN BUG (sqlite branch 2e7d87b): damage that turns a stored value into TEXT or
-        // NULL makes fetch fail with this conversion error instead of `Corrupt` naming the
-        // key; pinned by `a_value_that_is_not_a_blob_is_corrupt_naming_the_key` (ignored until
-        // fixed). Still typed and never wrong bytes, so counted here rather than failed.
+        // Was a known bug (sqlite branch 2e7d87b), fixed since: damage that turns a stored
+        // value into TEXT or NULL made fetch fail with this conversion error instead of
+        // `Corrupt` naming the key; pinned by `a_value_that_is_not_a_blob_is_corrupt_naming_the_key`.
+        // Still typed and never wrong bytes, so a regression is counted here rather than failed.
         if tally.printed.insert(context.to_string()) {
             eprintln!("corruption: KNOWN BUG, should be Corrupt: {context}: {err:#}");
         }
@@ -447,8 +447,6 @@ fn merge(total: &mut Tally, part: Tally) {
 }
 
 #[test]
-#[ignore = "fails on sqlite 2e7d87b: a stored value that is not a BLOB (damage can turn one into \
-            TEXT) fetches as Error::Sqlite (conversion error) instead of Corrupt naming the key"]
 fn a_value_that_is_not_a_blob_is_corrupt_naming_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut keys = Vec::new();

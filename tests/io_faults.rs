@@ -114,8 +114,6 @@ fn a_missing_parent_is_created() {
 }
 
 #[test]
-#[ignore = "fails on sqlite 2e7d87b: a failed Cache-mode open leaves its unclean marker, so the \
-            next open 'recovers' by resetting the user's file (data loss); run with --ignored"]
 fn a_file_named_pagable_db_that_is_not_a_database_is_left_alone() {
     let mut rng = Rng::new(7);
     for (label, content) in [
@@ -157,9 +155,6 @@ fn a_file_named_pagable_db_that_is_not_a_database_is_left_alone() {
 const READ_ONLY_CHILD_ENV: &str = "PAGESTORE_READ_ONLY_CHILD";
 
 #[test]
-#[ignore = "fails on sqlite 2e7d87b: open accepts a pagable_data table without the key/value \
-            columns (CREATE TABLE IF NOT EXISTS is a no-op); every fetch then fails with 'no such \
-            column: key' and, in Cache mode, a later open may reset the file; run with --ignored"]
 fn another_programs_database_named_pagable_db_is_refused_at_open() {
     for durability in [Durability::Cache, Durability::Durable] {
         let scratch = tempfile::tempdir().unwrap();

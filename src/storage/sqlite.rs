@@ -93,10 +93,14 @@ impl Inner {
             return Ok(decode(key, &record, false)?);
         }
         let bytes = key.as_bytes();
-        match self
-            .pool
-            .read(&bytes, |record| decode(key, record, self.verify_on_read))?
-        {
+        let on_row = |value: Result<&[u8], rusqlite::types::Type>| match value {
+            Ok(record) => decode(key, record, self.verify_on_read),
+            Err(sql_type) => Err(Error::Corrupt {
+                key: *key,
+                reason: format!("the stored value is {sql_type}, not a BLOB"),
+            }),
+        };
+        match self.pool.read(&bytes, on_row)? {
             Some(node) => Ok(node?),
             None => Err(Error::NotFound(*key).into()),
         }
@@ -136,19 +140,21 @@ impl SqliteBackedPagableStorage {
         let marker = recovery::marker_path(&path);
         let unclean = marker.exists();
         let cache_mode = options.durability == Durability::Cache;
-        if cache_mode {
-            recovery::write_marker(&marker)?;
-        }
         let open_report = if unclean {
             recovery::recover(&path, &options)?
         } else {
             OpenReport::Clean
         };
-        let writer_conn = conn::open_writer(&path, &options)?;
-        if !cache_mode && unclean {
+        // The marker is written only once the file is known to be a usable database: a
+        // refused file (not a database, another program's table) is never "recovered".
+        let writer_conn = conn::open_writer(&path)?;
+        if cache_mode {
+            recovery::write_marker(&marker)?;
+        } else if unclean {
             // Recovered, and from now on the WAL protects the file.
             recovery::remove_marker(&marker)?;
         }
+        conn::configure_writer(&writer_conn, &path, &options)?;
         if options.durability == Durability::Sync {
             // SQLite syncs the data; the database file's own directory entry must be durable
             // too for a new store to survive power loss.

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, MAIN_DB, OpenFlags};
 
 use super::options::{Durability, SqliteOptions};
 use crate::error::Error;
@@ -55,15 +55,43 @@ fn size_pragmas(
     .map_err(Error::sqlite("set the cache size of", path))
 }
 
-/// Opens the single read-write connection: page size (new databases), journal mode and
-/// sync level for `options.durability`, then the table.
-pub(super) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connection, Error> {
+/// Opens the single read-write connection and makes sure the file is pagestore's: a SQLite
+/// database (created if missing, with 16 KiB pages) whose `pagable_data` table has the
+/// `key` and `value` columns. Runs in SQLite's default rollback journal, so a crash here
+/// cannot damage the file, and changes nothing in a file that is refused. Returns the
+/// connection for [`configure_writer`].
+pub(super) fn open_writer(path: &Path) -> Result<Connection, Error> {
     let conn = Connection::open(path).map_err(Error::sqlite("open", path))?;
+    if conn.is_readonly(MAIN_DB).unwrap_or(false) {
+        return Err(Error::io("open for writing", path)(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "SQLite could only open the database read-only; check the file's permissions",
+        )));
+    }
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(Error::sqlite("set the busy timeout of", path))?;
     // Only takes effect before the first table exists (and before WAL is chosen).
     conn.execute_batch(&format!("PRAGMA page_size = {NEW_PAGE_SIZE};"))
         .map_err(Error::sqlite("set the page size of", path))?;
+    conn.execute_batch(CREATE_TABLE)
+        .map_err(Error::sqlite("create the table in", path))?;
+    // Another program's table of the same name: refuse it rather than fail every read.
+    conn.prepare("SELECT key, value FROM pagable_data WHERE key = ?1")
+        .map_err(Error::sqlite(
+            "find the columns key and value of table pagable_data (is this another program's \
+             database?) in",
+            path,
+        ))?;
+    Ok(conn)
+}
+
+/// Sets the journal mode, sync level and cache size `options.durability` needs on the
+/// connection from [`open_writer`].
+pub(super) fn configure_writer(
+    conn: &Connection,
+    path: &Path,
+    options: &SqliteOptions,
+) -> Result<(), Error> {
     let wanted = journal_mode(options.durability);
     let mode: String = conn
         .query_row(&format!("PRAGMA journal_mode = {wanted}"), [], |row| {
@@ -89,10 +117,7 @@ pub(super) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connec
     .map_err(Error::sqlite("set the sync level of", path))?;
     // No mmap for the writer: SQLite would fault every page it writes into the mapping
     // (resident memory as large as the file), and it reads little.
-    size_pragmas(&conn, options.cache_size_bytes, 0, path)?;
-    conn.execute_batch(CREATE_TABLE)
-        .map_err(Error::sqlite("create the table in", path))?;
-    Ok(conn)
+    size_pragmas(conn, options.cache_size_bytes, 0, path)
 }
 
 /// Opens one read-only connection, without a memory map, for the reader pool (which maps

@@ -149,7 +149,7 @@ impl SqliteOptions {
     }
 
     /// What to do when open finds that the last session did not close cleanly (only possible
-    /// after [`Durability::Cache`]): `true` checks the database (`PRAGMA quick_check`, then
+    /// after [`Durability::Cache`]): `true` checks the database (`PRAGMA integrity_check`, then
     /// every record) and deletes what is damaged or points to something missing, falling back
     /// to starting empty if the file is beyond repair; `false` always starts empty.
     /// Default = `true`.

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::Connection;
+use rusqlite::types::{Type, ValueRef};
 
 use crate::error::Error;
 
@@ -150,12 +151,13 @@ impl ReaderPool {
         lock(&self.readers[start % self.readers.len()])
     }
 
-    /// Runs `on_row` on the stored record of `key` (borrowed from SQLite, no copy), or
-    /// returns `Ok(None)` when no record is stored under it.
+    /// Runs `on_row` on the stored record of `key` (borrowed from SQLite, no copy), or on
+    /// the SQL type of the stored value when it is not a BLOB; returns `Ok(None)` when no
+    /// record is stored under it.
     pub(super) fn read<R>(
         &self,
         key: &[u8; 16],
-        on_row: impl FnOnce(&[u8]) -> R,
+        on_row: impl FnOnce(Result<&[u8], Type>) -> R,
     ) -> Result<Option<R>, Error> {
         let mut reader = self.acquire();
         reader.used = true;
@@ -172,9 +174,9 @@ impl ReaderPool {
             reader.held = Some(epoch);
         }
         let mut len = None;
-        let result = Self::select(&reader.conn, key, |bytes| {
-            len = Some(bytes.len());
-            on_row(bytes)
+        let result = Self::select(&reader.conn, key, |value| {
+            len = Some(value.map_or(0, <[u8]>::len));
+            on_row(value)
         });
         match (&result, len) {
             // Leave the connection clean for the next read.
@@ -188,19 +190,17 @@ impl ReaderPool {
     fn select<R>(
         conn: &Connection,
         key: &[u8; 16],
-        on_row: impl FnOnce(&[u8]) -> R,
+        on_row: impl FnOnce(Result<&[u8], Type>) -> R,
     ) -> rusqlite::Result<Option<R>> {
         let mut stmt = conn.prepare_cached(SELECT)?;
         let mut rows = stmt.query([&key[..]])?;
         match rows.next()? {
             None => Ok(None),
-            Some(row) => {
-                let value = row.get_ref(0)?;
-                let bytes = value.as_blob().map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(0, value.data_type(), Box::new(e))
-                })?;
-                Ok(Some(on_row(bytes)))
-            }
+            Some(row) => Ok(Some(match row.get_ref(0)? {
+                ValueRef::Blob(bytes) => on_row(Ok(bytes)),
+                // Damaged, or written by someone else: the caller reports it as corrupt.
+                other => on_row(Err(other.data_type())),
+            })),
         }
     }
 

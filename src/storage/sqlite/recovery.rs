@@ -133,7 +133,7 @@ fn reset(db: &Path, reason: String) -> Result<OpenReport, Error> {
     Ok(OpenReport::Reset { reason })
 }
 
-/// Checks the structure, then deletes damaged and dangling records until none is left.
+/// Checks the structure (`PRAGMA integrity_check`), then deletes damaged and dangling records until none is left.
 /// Returns why the database cannot be repaired.
 fn repair(db: &Path) -> Result<OpenReport, String> {
     if !db.exists() {
@@ -146,11 +146,13 @@ fn repair(db: &Path) -> Result<OpenReport, String> {
     let sql = |e: rusqlite::Error| e.to_string();
     let mut conn = Connection::open(db).map_err(sql)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
+    // integrity_check, not quick_check: only the full check verifies that keys are in order,
+    // and a torn write can leave them out of order (then a lookup and a scan disagree).
     let check: String = conn
-        .query_row("PRAGMA quick_check", [], |row| row.get(0))
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
         .map_err(sql)?;
     if check != "ok" {
-        return Err(format!("quick_check: {check}"));
+        return Err(format!("integrity_check: {check}"));
     }
     let table_exists: bool = conn
         .query_row(
