@@ -428,3 +428,32 @@ fn back_pressure_bounds_the_buffer_and_loses_nothing() {
     let key = storage.store_data(big.clone()).unwrap();
     assert_eq!(*storage.fetch_data_blocking(&key).unwrap(), big);
 }
+
+#[test]
+fn a_second_store_on_the_same_directory_is_refused_until_the_first_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    let key = first.store_data(node(1, 10, vec![])).unwrap();
+    for durability in [Durability::Cache, Durability::Durable] {
+        let err = SqliteOptions::default()
+            .durability(durability)
+            .open(dir.path())
+            .unwrap_err();
+        assert_eq!(io_path(&err), dir.path().join("pagable.db"), "{err:#}");
+        assert!(format!("{err:#}").contains("another"), "{err:#}");
+    }
+    // The refused opens did not touch the live store.
+    assert!(first.open_report().is_clean());
+    first.flush().unwrap();
+    drop(first);
+    let second = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    assert!(
+        second.open_report().is_clean(),
+        "{:?}",
+        second.open_report()
+    );
+    assert_eq!(
+        *second.fetch_data_blocking(&key).unwrap(),
+        node(1, 10, vec![])
+    );
+}

@@ -64,8 +64,8 @@ pub const DATABASE_FILE: &str = "pagable.db";
 /// # anyhow::Ok(())
 /// ```
 ///
-/// One store per directory and process: two stores writing the same file at once are not
-/// supported.
+/// One store per directory: opening a second one on the same directory, in this process or
+/// another, fails with [`Error::Io`] until the first is dropped.
 pub struct SqliteBackedPagableStorage {
     inner: Arc<Inner>,
     writer: Option<JoinHandle<()>>,
@@ -76,6 +76,8 @@ pub struct SqliteBackedPagableStorage {
     options: SqliteOptions,
     /// The unclean-shutdown marker, in Cache mode.
     marker: Option<PathBuf>,
+    /// Held until after `close` (fields drop after `Drop::drop`), released last.
+    _dir_lock: recovery::DirLock,
 }
 
 /// What a read needs; shared with reads running on tokio's blocking pool.
@@ -137,6 +139,7 @@ impl SqliteBackedPagableStorage {
             .into());
         }
         let path = dir.join(DATABASE_FILE);
+        let dir_lock = recovery::lock_dir(&path)?;
         let marker = recovery::marker_path(&path);
         let unclean = marker.exists();
         let cache_mode = options.durability == Durability::Cache;
@@ -190,6 +193,7 @@ impl SqliteBackedPagableStorage {
             open_report,
             options,
             marker: cache_mode.then_some(marker),
+            _dir_lock: dir_lock,
         })
     }
 

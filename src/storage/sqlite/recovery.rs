@@ -50,6 +50,53 @@ impl OpenReport {
     }
 }
 
+/// Proof that this process holds the store's directory: an exclusive SQLite lock on
+/// `pagable.db.lock`, held for the store's lifetime and released by the OS if the process
+/// dies. A second store on the same directory, in this process or another, is refused
+/// instead of taking the first one's marker for a crash and repairing a live database.
+pub(super) struct DirLock {
+    path: PathBuf,
+    // Never used after open; the Mutex only makes the holder `Sync`.
+    _conn: std::sync::Mutex<Connection>,
+}
+
+impl Drop for DirLock {
+    /// Removes the lock file while still holding the lock (the connection closes after
+    /// this), so a closed store leaves only `pagable.db`. An opener that opened the file just
+    /// before the removal can still lock the removed file; the lock guards against mistakes,
+    /// not against a race designed to beat it.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Takes the directory lock of the database `db`, or fails at once if another store holds it.
+pub(super) fn lock_dir(db: &Path) -> Result<DirLock, Error> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let conn = Connection::open(&path).map_err(Error::sqlite("open the lock file", &path))?;
+    // With locking_mode=EXCLUSIVE the lock taken by BEGIN EXCLUSIVE is kept after COMMIT,
+    // until the connection closes. No busy timeout: a held lock fails at once.
+    conn.busy_timeout(std::time::Duration::ZERO)
+        .map_err(Error::sqlite("set the busy timeout of", &path))?;
+    conn.execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE; COMMIT;")
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                Error::io(
+                    "open (another SqliteBackedPagableStorage, in this or another process, has \
+                     it open; close that one first)",
+                    db,
+                )(std::io::Error::new(std::io::ErrorKind::WouldBlock, e))
+            }
+            _ => Error::sqlite("lock", &path)(e),
+        })?;
+    Ok(DirLock {
+        path,
+        _conn: std::sync::Mutex::new(conn),
+    })
+}
+
 /// The marker that exists while a Cache-mode session has the database open.
 pub(super) fn marker_path(db: &Path) -> PathBuf {
     let mut name = db.as_os_str().to_owned();
