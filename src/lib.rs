@@ -30,6 +30,17 @@
 //! # anyhow::Ok(())
 //! ```
 //!
+//! # Where to start
+//!
+//! - **Typed graphs**: [`page_out`] and [`page_in`] store and rebuild a whole graph of
+//!   `#[derive(Serialize, Deserialize)]` values whose shared fields are [`Shared<T>`]
+//!   (`Shared<dyn Trait>` through `typetag`); see [`graph`].
+//! - **Persistence**: [`SqliteBackedPagableStorage::try_new`] (or [`SqliteOptions`]) keeps the
+//!   nodes in one SQLite file in the reference's format, in one of three [`Durability`] modes;
+//!   [`InMemoryPagableStorage`] keeps them in memory.
+//! - **Another backend**: implement [`PagableStorage`]; its docs are the contract, and the
+//!   suite in `tests/contract/` checks it.
+//!
 //! # Guarantees
 //!
 //! - A key is the blake3-128 hash of a node's content and children's keys, byte-for-byte the
