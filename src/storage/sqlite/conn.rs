@@ -41,6 +41,12 @@ fn synchronous(durability: Durability) -> &'static str {
     }
 }
 
+/// Sets the page-cache size of `conn` (`PRAGMA cache_size`).
+pub(super) fn set_cache_size(conn: &Connection, cache_bytes: u64) -> rusqlite::Result<()> {
+    let cache_kib = (cache_bytes / 1024).max(1);
+    conn.execute_batch(&format!("PRAGMA cache_size = -{cache_kib};"))
+}
+
 /// Applies the page-cache and mmap sizes.
 fn size_pragmas(
     conn: &Connection,
