@@ -177,11 +177,20 @@ impl SqliteBackedPagableStorage {
             buffer,
             verify_on_read: options.verify_on_read,
         });
+        let cache_bytes = options.cache_size_bytes;
         let writer = {
             let inner = Arc::clone(&inner);
             std::thread::Builder::new()
                 .name("pagestore-sqlite-writer".into())
-                .spawn(move || writer::run(&inner.buffer, &inner.pool, writer_conn, &inner.path))
+                .spawn(move || {
+                    writer::run(
+                        &inner.buffer,
+                        &inner.pool,
+                        writer_conn,
+                        &inner.path,
+                        cache_bytes,
+                    )
+                })
                 .map_err(Error::io("start the writer thread for", &path))?
         };
         Ok(Self {

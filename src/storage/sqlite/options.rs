@@ -122,7 +122,9 @@ impl SqliteOptions {
 
     /// SQLite's page cache per connection (`PRAGMA cache_size`), in bytes. Batches are
     /// inserted in key order and reads go through the memory map, so neither needs a big
-    /// cache; a bigger one mostly holds copies of large records. Default = 2 MiB.
+    /// cache; a bigger one mostly holds copies of large records. The writer uses at least
+    /// 16 MiB while it commits batches of large records (over 8 KiB on average), whose
+    /// inserts re-read their neighbours' overflow pages. Default = 2 MiB.
     pub fn cache_size_bytes(mut self, bytes: u64) -> Self {
         self.cache_size_bytes = bytes;
         self

@@ -28,6 +28,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use rusqlite::{Connection, TransactionBehavior};
 
+use super::conn;
 use super::pool::ReaderPool;
 use crate::error::Error;
 use crate::key::{DataKey, KeyHasherBuilder};
@@ -57,6 +58,19 @@ impl std::hash::Hash for PackedKey {
         state.write_u64(self.0[0]);
     }
 }
+
+/// Records larger than this on average make a batch "large" for [`LARGE_BATCH_CACHE`].
+const LARGE_RECORD: usize = 8 * 1024;
+
+/// The writer's page cache while it commits batches of large records. SQLite compares
+/// index-B-tree cells by their whole record, so every comparison on an insert's descent
+/// copies a neighbour's overflow chain into memory. Sorted inserts descend along nearly the
+/// same path, so a cache that holds the tree's pages and the overflow pages of the records
+/// near the top of the tree serves most of those reads from memory (measured on 4,096
+/// 64 KiB records: reads from the file 2.4 GB -> 0.65 GB, write_large about 12% faster,
+/// peak RSS +14 MiB). Small records do not need it, and a large cache made a million small
+/// writes about 5% slower, so the writer switches back for them.
+const LARGE_BATCH_CACHE: u64 = 16 << 20;
 
 /// Rows per `INSERT` statement: a few rows per statement saves per-statement overhead.
 const ROWS_PER_INSERT: usize = 8;
@@ -317,7 +331,17 @@ impl WriteBuffer {
 }
 
 /// The writer thread's loop: commit sealed batches in order until shut down.
-pub(super) fn run(buffer: &WriteBuffer, pool: &ReaderPool, mut conn: Connection, path: &Path) {
+///
+/// `cache_bytes` is the connection's page cache as configured; batches of large records
+/// run with at least [`LARGE_BATCH_CACHE`].
+pub(super) fn run(
+    buffer: &WriteBuffer,
+    pool: &ReaderPool,
+    mut conn: Connection,
+    path: &Path,
+    cache_bytes: u64,
+) {
+    let mut current_cache = cache_bytes;
     loop {
         let batch = {
             let mut state = buffer.lock();
@@ -345,6 +369,17 @@ pub(super) fn run(buffer: &WriteBuffer, pool: &ReaderPool, mut conn: Connection,
                 }
             }
         };
+        let want_cache = if batch.bytes / batch.entries.len().max(1) > LARGE_RECORD {
+            cache_bytes.max(LARGE_BATCH_CACHE)
+        } else {
+            cache_bytes
+        };
+        if want_cache != current_cache {
+            // Only a speed setting: if it fails, the batch commits with the old size.
+            if conn::set_cache_size(&conn, want_cache).is_ok() {
+                current_cache = want_cache;
+            }
+        }
         let t0 = std::time::Instant::now();
         pool.begin_write();
         let t1 = std::time::Instant::now();
