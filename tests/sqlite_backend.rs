@@ -1,6 +1,7 @@
 //! SQLite backend behaviour beyond the generic contract: the reference's databases, errors
 //! naming paths, unclean shutdowns, sticky write errors, readers during big commits.
 
+mod common;
 mod contract;
 
 use std::path::Path;
@@ -387,24 +388,7 @@ fn verify_on_read_can_be_turned_off() {
         .open(dir.path())
         .unwrap();
     let key = storage.store_data(node(5, 40, vec![])).unwrap();
-    storage.flush().unwrap();
-    storage.release_memory();
-    let conn = Connection::open(storage.path()).unwrap();
-    conn.busy_timeout(std::time::Duration::from_secs(10))
-        .unwrap();
-    let mut value: Vec<u8> = conn
-        .query_row(
-            "SELECT value FROM pagable_data WHERE key = ?1",
-            [&key.as_bytes()[..]],
-            |r| r.get(0),
-        )
-        .unwrap();
-    value[20] ^= 0xff;
-    conn.execute(
-        "UPDATE pagable_data SET value = ?2 WHERE key = ?1",
-        rusqlite::params![&key.as_bytes()[..], value],
-    )
-    .unwrap();
+    common::damage_stored_record(&storage, key, 20, 0xff);
     // Not re-hashed: the flipped byte comes back (the caller chose speed).
     let got = storage.fetch_data_blocking(&key).unwrap();
     assert_ne!(*got, node(5, 40, vec![]));

@@ -1,5 +1,6 @@
 //! The backend contract suite on `SqliteBackedPagableStorage`, in every durability mode.
 
+mod common;
 mod contract;
 
 use std::sync::Mutex;
@@ -61,26 +62,7 @@ impl contract::Backend for Sqlite {
     }
 
     fn corrupt(&self, storage: &SqliteBackedPagableStorage, key: DataKey) -> bool {
-        use pagestore::PagableStorage;
-        storage.flush().unwrap();
-        // Let go of the readers' held read transactions so this outside writer gets its lock.
-        storage.release_memory();
-        let conn = Connection::open(storage.path()).unwrap();
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .unwrap();
-        let mut value: Vec<u8> = conn
-            .query_row(
-                "SELECT value FROM pagable_data WHERE key = ?1",
-                [&key.as_bytes()[..]],
-                |row| row.get(0),
-            )
-            .unwrap();
-        value[16] ^= 0x01; // first data byte
-        conn.execute(
-            "UPDATE pagable_data SET value = ?2 WHERE key = ?1",
-            rusqlite::params![&key.as_bytes()[..], value],
-        )
-        .unwrap();
+        common::damage_stored_record(storage, key, 16, 0x01); // first data byte
         true
     }
 }

@@ -237,3 +237,33 @@ pub fn within<T: Send + 'static>(
         }
     }
 }
+
+/// Damages the committed record of `key` behind the store's back: flushes, lets go of the
+/// readers' held read transactions (so this outside writer gets its lock), then XORs the
+/// record's byte at `offset` with `mask` through a separate SQLite connection.
+pub fn damage_stored_record(
+    storage: &pagestore::SqliteBackedPagableStorage,
+    key: DataKey,
+    offset: usize,
+    mask: u8,
+) {
+    use pagestore::PagableStorage;
+    storage.flush().unwrap();
+    storage.release_memory();
+    let conn = rusqlite::Connection::open(storage.path()).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    let mut value: Vec<u8> = conn
+        .query_row(
+            "SELECT value FROM pagable_data WHERE key = ?1",
+            [&key.as_bytes()[..]],
+            |row| row.get(0),
+        )
+        .unwrap();
+    value[offset] ^= mask;
+    conn.execute(
+        "UPDATE pagable_data SET value = ?2 WHERE key = ?1",
+        rusqlite::params![&key.as_bytes()[..], value],
+    )
+    .unwrap();
+}
