@@ -85,42 +85,42 @@ fn shape(n: usize) -> Vec<([usize; 2], usize)> {
         .collect()
 }
 
-fn build(n: usize) -> Vec<Shared<Node>> {
-    let leaves: Vec<Shared<dyn Leaf>> = leaves().into_iter().map(Shared::from).collect();
-    let mut nodes: Vec<Shared<Node>> = Vec::with_capacity(n);
+/// Builds the `shape(n)` graph, `make` turning (id, leaf index, kids) into a node handle.
+fn build_with<N: Clone>(n: usize, make: impl Fn(u32, usize, Vec<N>) -> N) -> Vec<N> {
+    let mut nodes: Vec<N> = Vec::with_capacity(n);
     for (i, (kids, leaf)) in shape(n).into_iter().enumerate() {
         let kids = kids
             .iter()
             .filter(|&&k| k < i)
             .map(|&k| nodes[k].clone())
             .collect();
-        nodes.push(Shared::new(Node {
-            id: i as u32,
-            name: format!("node-{i}"),
-            leaf: leaves[leaf].clone(),
-            kids,
-        }));
+        nodes.push(make(i as u32, leaf, kids));
     }
     nodes
 }
 
-fn build_rc(n: usize) -> Vec<Arc<RcNode>> {
-    let leaves = leaves();
-    let mut nodes: Vec<Arc<RcNode>> = Vec::with_capacity(n);
-    for (i, (kids, leaf)) in shape(n).into_iter().enumerate() {
-        let kids = kids
-            .iter()
-            .filter(|&&k| k < i)
-            .map(|&k| nodes[k].clone())
-            .collect();
-        nodes.push(Arc::new(RcNode {
-            id: i as u32,
-            name: format!("node-{i}"),
+fn build(n: usize) -> Vec<Shared<Node>> {
+    let leaves: Vec<Shared<dyn Leaf>> = leaves().into_iter().map(Shared::from).collect();
+    build_with(n, |id, leaf, kids| {
+        Shared::new(Node {
+            id,
+            name: format!("node-{id}"),
             leaf: leaves[leaf].clone(),
             kids,
-        }));
-    }
-    nodes
+        })
+    })
+}
+
+fn build_rc(n: usize) -> Vec<Arc<RcNode>> {
+    let leaves = leaves();
+    build_with(n, |id, leaf, kids| {
+        Arc::new(RcNode {
+            id,
+            name: format!("node-{id}"),
+            leaf: leaves[leaf].clone(),
+            kids,
+        })
+    })
 }
 
 fn stored_bytes(storage: &InMemoryPagableStorage, root: pagestore::DataKey) -> usize {
