@@ -165,8 +165,10 @@ fn check_after_reopen(
     );
 }
 
-#[test]
-fn disk_full_on_a_small_tmpfs() {
+/// Runs `each` once per durability mode, each in a fresh 2 MiB tmpfs mounted under a scratch
+/// directory (mounted for the duration of the call). Without CAP_SYS_ADMIN it says loudly that
+/// `test` was skipped (adding `note`) and runs nothing.
+fn on_small_tmpfs_per_mode(test: &str, note: &str, mut each: impl FnMut(usize, Durability, &Path)) {
     let scratch = tempfile::tempdir().unwrap();
     for (i, durability) in [Durability::Cache, Durability::Durable, Durability::Sync]
         .into_iter()
@@ -178,36 +180,46 @@ fn disk_full_on_a_small_tmpfs() {
             Ok(mount) => mount,
             Err(why) => {
                 eprintln!(
-                    "\n!!! SKIPPED disk_full_on_a_small_tmpfs: {why}. It needs root with \
-                     CAP_SYS_ADMIN; file_size_limit_poisons_the_store covers the same path. !!!\n"
+                    "\n!!! SKIPPED {test}: {why}. It needs root with CAP_SYS_ADMIN. {note} !!!\n"
                 );
                 return;
             }
         };
-        let dir = at.join("store");
-        // mmap off: this test runs in-process, and with memory-mapped I/O a page fault on a
-        // full tmpfs is a SIGBUS that would kill the whole test binary (sqlite d691ebe did, in
-        // Cache mode). The defaults are checked in a child process instead:
-        // disk_full_with_default_options_does_not_kill_the_process.
-        let open = |dir: &Path| {
-            SqliteOptions::default()
-                .durability(durability)
-                .mmap_size_bytes(0)
-                .open(dir)
-        };
-        let storage = Arc::new(open(&dir).expect("open on the tmpfs"));
-        let db = storage.path().to_path_buf();
-        let filled = {
-            let storage = Arc::clone(&storage);
-            within(HANG_TIMEOUT, "filling the disk", move || {
-                fill_until_failure(&storage, &db, 11 + i as u64)
-            })
-        };
-        eprintln!("disk full, {durability:?}: {}", filled.first_error);
-        drop(storage);
-        let storage = open(&dir).expect("reopen on the full tmpfs");
-        check_after_reopen(&storage, &filled, durability);
+        each(i, durability, &at);
     }
+}
+
+#[test]
+fn disk_full_on_a_small_tmpfs() {
+    on_small_tmpfs_per_mode(
+        "disk_full_on_a_small_tmpfs",
+        "file_size_limit_poisons_the_store covers the same path",
+        |i, durability, at| {
+            let dir = at.join("store");
+            // mmap off: this test runs in-process, and with memory-mapped I/O a page fault on a
+            // full tmpfs is a SIGBUS that would kill the whole test binary (sqlite d691ebe did, in
+            // Cache mode). The defaults are checked in a child process instead:
+            // disk_full_with_default_options_does_not_kill_the_process.
+            let open = |dir: &Path| {
+                SqliteOptions::default()
+                    .durability(durability)
+                    .mmap_size_bytes(0)
+                    .open(dir)
+            };
+            let storage = Arc::new(open(&dir).expect("open on the tmpfs"));
+            let db = storage.path().to_path_buf();
+            let filled = {
+                let storage = Arc::clone(&storage);
+                within(HANG_TIMEOUT, "filling the disk", move || {
+                    fill_until_failure(&storage, &db, 11 + i as u64)
+                })
+            };
+            eprintln!("disk full, {durability:?}: {}", filled.first_error);
+            drop(storage);
+            let storage = open(&dir).expect("reopen on the full tmpfs");
+            check_after_reopen(&storage, &filled, durability);
+        },
+    );
 }
 
 // ----------------------------------------------------------------- file-size limit (child)
@@ -323,45 +335,33 @@ fn disk_full_default_options_child() {
 /// the whole process. Runs in a child so that such a crash fails this test only.
 #[test]
 fn disk_full_with_default_options_does_not_kill_the_process() {
-    let scratch = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut failures = Vec::new();
-    for (i, durability) in [Durability::Cache, Durability::Durable, Durability::Sync]
-        .into_iter()
-        .enumerate()
-    {
-        let at = scratch.path().join(format!("tmpfs-{i}"));
-        std::fs::create_dir(&at).unwrap();
-        let _mount = match mount_tmpfs(&at, "2m") {
-            Ok(mount) => mount,
-            Err(why) => {
-                eprintln!(
-                    "\n!!! SKIPPED disk_full_with_default_options_does_not_kill_the_process: \
-                     {why}. It needs root with CAP_SYS_ADMIN. !!!\n"
+    on_small_tmpfs_per_mode(
+        "disk_full_with_default_options_does_not_kill_the_process",
+        "",
+        |_, durability, at| {
+            let mut command = Command::new(&exe);
+            command
+                .args([
+                    "--exact",
+                    "write_failures::disk_full_default_options_child",
+                    "--nocapture",
+                ])
+                .env(
+                    DEFAULT_OPTIONS_CHILD_ENV,
+                    format!("{durability:?} {}", at.join("store").display()),
                 );
-                return;
+            let output = output_with_timeout(&mut command, HANG_TIMEOUT);
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            if !(output.status.success() && stdout.contains("CHILD-OK")) {
+                failures.push(format!(
+                    "{durability:?}: a full disk crashed or failed the process ({}):\n{stdout}\n{}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr)
+                ));
             }
-        };
-        let mut command = Command::new(&exe);
-        command
-            .args([
-                "--exact",
-                "write_failures::disk_full_default_options_child",
-                "--nocapture",
-            ])
-            .env(
-                DEFAULT_OPTIONS_CHILD_ENV,
-                format!("{durability:?} {}", at.join("store").display()),
-            );
-        let output = output_with_timeout(&mut command, HANG_TIMEOUT);
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        if !(output.status.success() && stdout.contains("CHILD-OK")) {
-            failures.push(format!(
-                "{durability:?}: a full disk crashed or failed the process ({}):\n{stdout}\n{}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            ));
-        }
-    }
+        },
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
