@@ -53,6 +53,18 @@ fn storage() -> Arc<InMemoryPagableStorage> {
     Arc::new(InMemoryPagableStorage::new())
 }
 
+/// Stores a `Holder` whose child key points nowhere; returns (its key, the missing key).
+fn holder_with_missing_child(storage: &InMemoryPagableStorage) -> (DataKey, DataKey) {
+    let missing: DataKey = "0123456789abcdef0123456789abcdef".parse().unwrap();
+    let root = storage
+        .store_data(PagableData {
+            data: postcard::to_allocvec("name").unwrap(),
+            arcs: vec![missing],
+        })
+        .unwrap();
+    (root, missing)
+}
+
 fn pagestore_error(err: &anyhow::Error) -> &Error {
     err.downcast_ref::<Error>()
         .unwrap_or_else(|| panic!("not a pagestore::Error: {err:#}"))
@@ -82,14 +94,7 @@ fn a_missing_child_is_not_found_naming_the_child() {
             arcs: vec![],
         })
         .unwrap();
-    let missing: DataKey = "0123456789abcdef0123456789abcdef".parse().unwrap();
-    // A Holder whose child key points nowhere.
-    let root = storage
-        .store_data(PagableData {
-            data: postcard::to_allocvec("name").unwrap(),
-            arcs: vec![missing],
-        })
-        .unwrap();
+    let (root, missing) = holder_with_missing_child(&storage);
     let err = page_in::<Holder>(&storage, root).unwrap_err();
     assert!(
         matches!(pagestore_error(&err), Error::NotFound(key) if *key == missing),
@@ -310,13 +315,7 @@ fn a_serialize_impl_on_another_thread_loses_the_session() {
 #[tokio::test]
 async fn page_in_async_reports_a_missing_child_by_key() {
     let storage = storage();
-    let missing: DataKey = "0123456789abcdef0123456789abcdef".parse().unwrap();
-    let root = storage
-        .store_data(PagableData {
-            data: postcard::to_allocvec("name").unwrap(),
-            arcs: vec![missing],
-        })
-        .unwrap();
+    let (root, missing) = holder_with_missing_child(&storage);
     let err = pagestore::page_in_async::<Holder>(&storage, root)
         .await
         .unwrap_err();
