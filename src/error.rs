@@ -121,7 +121,6 @@ impl Error {
     }
 
     /// Wraps an I/O error with the path and operation it concerns.
-    #[allow(dead_code)] // the first users are the persistent backends
     pub(crate) fn io(
         operation: &'static str,
         path: impl Into<PathBuf>,

@@ -49,7 +49,8 @@
 //! - Read-your-writes: once `store_data` returns, every thread can fetch the key.
 //! - The arc cache holds values weakly and loads each `(TypeId, DataKey)` at most once at a
 //!   time; it never keeps a value alive and it prunes itself.
-//! - Bad bytes are typed errors ([`Error`]), never panics and never wrong data.
+//! - Bad bytes are typed errors ([`Error`]), never panics; with verify-on-read (the SQLite
+//!   backend's default) a damaged record is never returned as data.
 //!
 //! # Features
 //!
