@@ -258,6 +258,43 @@ mod tests {
     }
 
     #[test]
+    fn every_hashing_tier_matches_one_buffer_hashing() {
+        // hash_parts picks a strategy by size; each boundary and each side of it must give the
+        // key of the plain one-buffer definition.
+        let arcs: Vec<DataKey> = (1..=3u8)
+            .map(|b| DataKey::from_bytes([b; 16]).unwrap())
+            .collect();
+        for boundary in [256usize, 1024, 64 * 1024] {
+            for total in boundary - 17..=boundary + 17 {
+                for arc_count in 0..=3 {
+                    let Some(data_len) = total.checked_sub(8 + 16 * arc_count) else {
+                        continue;
+                    };
+                    let data: Vec<u8> = (0..data_len).map(|i| (i * 7 + total) as u8).collect();
+                    let arcs = &arcs[..arc_count];
+                    let mut input = (arc_count as u64).to_le_bytes().to_vec();
+                    input.extend_from_slice(&data);
+                    arcs.iter()
+                        .for_each(|k| input.extend_from_slice(&k.as_bytes()));
+                    assert_eq!(
+                        DataKey::hash_parts(arc_count as u64, &data, arcs),
+                        DataKey::from_hash(blake3::hash(&input)),
+                        "total {total}, {arc_count} arcs"
+                    );
+                }
+            }
+        }
+        let big = vec![5u8; (1 << 20) + 3];
+        let mut input = 1u64.to_le_bytes().to_vec();
+        input.extend_from_slice(&big);
+        input.extend_from_slice(&arcs[0].as_bytes());
+        assert_eq!(
+            DataKey::hash_parts(1, &big, &arcs[..1]),
+            DataKey::from_hash(blake3::hash(&input))
+        );
+    }
+
+    #[test]
     fn display_parse_round_trip_and_case() {
         let key: DataKey = "0123456789abcdef0123456789ABCDEF".parse().unwrap();
         assert_eq!(key.to_string(), "0123456789abcdef0123456789abcdef");
