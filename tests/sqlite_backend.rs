@@ -441,3 +441,25 @@ fn a_second_store_on_the_same_directory_is_refused_until_the_first_is_dropped() 
         node(1, 10, vec![])
     );
 }
+
+#[test]
+fn verify_reports_a_row_whose_key_is_an_empty_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    storage.store_data(node(9, 40, vec![])).unwrap();
+    storage.flush().unwrap();
+    storage.release_memory();
+    let conn = Connection::open(storage.path()).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    // The scan walks keys greater than x'', so this row is the one it can never visit.
+    conn.execute(
+        "INSERT INTO pagable_data (key, value) VALUES (x'', x'00')",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let report = storage.verify().unwrap();
+    assert_eq!(report.malformed_keys, 1, "{report:?}");
+    assert!(!report.is_ok());
+}
