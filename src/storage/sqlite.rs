@@ -130,14 +130,8 @@ impl SqliteBackedPagableStorage {
     }
 
     pub(super) fn open_with(dir: &Path, options: SqliteOptions) -> anyhow::Result<Self> {
+        // Fails (AlreadyExists / NotADirectory) when a file is in the way.
         std::fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
-        if !dir.is_dir() {
-            return Err(Error::io("create directory", dir)(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "a file is in the way",
-            ))
-            .into());
-        }
         let path = dir.join(DATABASE_FILE);
         let dir_lock = recovery::lock_dir(&path)?;
         let marker = recovery::marker_path(&path);
@@ -295,17 +289,19 @@ impl PagableStorage for SqliteBackedPagableStorage {
     }
 
     async fn fetch_data(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
-        #[cfg(feature = "tokio")]
-        if self.inner.buffer.pending(key).is_none() {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let (inner, key) = (Arc::clone(&self.inner), *key);
-                return runtime
-                    .spawn_blocking(move || inner.fetch(&key))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("the read of {key} did not complete: {e}"))?;
-            }
+        if let Some(record) = self.inner.buffer.pending(key) {
+            // In memory, encoded here from a node that hashed to `key`: no I/O, no re-hash.
+            return Ok(decode(key, &record, false)?);
         }
-        // A pending node is in memory, and without tokio there is no pool to move to.
+        #[cfg(feature = "tokio")]
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (inner, key) = (Arc::clone(&self.inner), *key);
+            return runtime
+                .spawn_blocking(move || inner.fetch(&key))
+                .await
+                .map_err(|e| anyhow::anyhow!("the read of {key} did not complete: {e}"))?;
+        }
+        // Without tokio there is no pool to move to.
         self.inner.fetch(key)
     }
 
