@@ -51,18 +51,12 @@ pub(super) fn set_cache_size(conn: &Connection, cache_bytes: u64) -> rusqlite::R
     conn.execute_batch(&format!("PRAGMA cache_size = -{cache_kib};"))
 }
 
-/// Applies the page-cache and mmap sizes.
-fn size_pragmas(
-    conn: &Connection,
-    cache_bytes: u64,
-    mmap_bytes: u64,
-    path: &Path,
-) -> Result<(), Error> {
-    let cache_kib = (cache_bytes / 1024).max(1);
-    conn.execute_batch(&format!(
-        "PRAGMA cache_size = -{cache_kib}; PRAGMA mmap_size = {mmap_bytes};"
-    ))
-    .map_err(Error::sqlite("set the cache size of", path))
+/// Applies the page-cache size, and turns memory-mapped I/O off (the connections configured
+/// here map nothing; readers map the file themselves while records are small).
+fn size_pragmas(conn: &Connection, cache_bytes: u64, path: &Path) -> Result<(), Error> {
+    set_cache_size(conn, cache_bytes)
+        .and_then(|()| conn.execute_batch("PRAGMA mmap_size = 0;"))
+        .map_err(Error::sqlite("set the cache size of", path))
 }
 
 /// Opens the single read-write connection and makes sure the file is pagestore's: a SQLite
@@ -127,7 +121,7 @@ pub(super) fn configure_writer(
     .map_err(Error::sqlite("set the sync level of", path))?;
     // No mmap for the writer: SQLite would fault every page it writes into the mapping
     // (resident memory as large as the file), and it reads little.
-    size_pragmas(conn, options.cache_size_bytes, 0, path)
+    size_pragmas(conn, options.cache_size_bytes, path)
 }
 
 /// Opens one read-only connection, without a memory map, for the reader pool (which maps
@@ -140,6 +134,6 @@ pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connec
     .map_err(Error::sqlite("open (read-only)", path))?;
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(Error::sqlite("set the busy timeout of", path))?;
-    size_pragmas(&conn, options.cache_size_bytes, 0, path)?;
+    size_pragmas(&conn, options.cache_size_bytes, path)?;
     Ok(conn)
 }

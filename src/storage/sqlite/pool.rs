@@ -100,7 +100,8 @@ impl std::ops::Deref for Slot {
     }
 }
 
-/// Read-only connections, handed out round robin.
+/// Read-only connections, lowest free one first (so each reading thread keeps one cache and
+/// one mapping warm); a thread waits on one only when all are busy.
 pub(super) struct ReaderPool {
     readers: Vec<Slot>,
     next: AtomicUsize,

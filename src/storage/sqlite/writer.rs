@@ -89,8 +89,8 @@ struct State {
     filling: Vec<(DataKey, Record)>,
     filling_bytes: usize,
     sealed: VecDeque<Batch>,
-    /// Rows and bytes stored but not yet committed (filling + sealed + committing).
-    in_flight_rows: usize,
+    /// Bytes stored but not yet committed (filling + sealed + committing). The matching row
+    /// count is `WriteBuffer::pending_len`, which changes only under this state's lock.
     in_flight_bytes: usize,
     /// Batches sealed so far / committed so far (batches are numbered from 1).
     sealed_seq: u64,
@@ -106,7 +106,8 @@ pub(super) struct WriteBuffer {
     /// Every key pushed this session (up to `known_cap`): alive = pending, dead = committed.
     known: DashMap<PackedKey, Weak<Vec<u8>>, KeyHasherBuilder>,
     known_cap: usize,
-    /// Records not yet committed; reads skip the map lookup when it is zero.
+    /// Records not yet committed; reads skip the map lookup when it is zero. Changed only under
+    /// the `state` lock, so under it this is also the number of rows in flight.
     pending_len: AtomicUsize,
     /// Batches whose commit failed: kept so their records stay readable until reopen.
     failed: Mutex<Vec<Batch>>,
@@ -182,9 +183,10 @@ impl WriteBuffer {
             if let Some(err) = Self::poisoned_error(&state) {
                 return Err(err);
             }
-            let empty = state.in_flight_rows == 0;
-            let fits = state.in_flight_rows < self.max_rows
-                && state.in_flight_bytes + bytes <= self.max_bytes;
+            // Rows in flight: `pending_len` changes only under this lock, so it is exact here.
+            let rows = self.pending_len.load(Ordering::Relaxed);
+            let empty = rows == 0;
+            let fits = rows < self.max_rows && state.in_flight_bytes + bytes <= self.max_bytes;
             if empty || fits {
                 break;
             }
@@ -206,9 +208,9 @@ impl WriteBuffer {
                     self.pending_len.fetch_sub(1, Ordering::AcqRel);
                     return Ok(());
                 }
-                // Dead entries are committed keys, and callers check those before pushing;
-                // a dead one here was forgotten and re-added by a race: queue it again
-                // (INSERT OR IGNORE keeps one copy).
+                // Dead: only a successful commit drops a batch's records, so another thread's
+                // copy was committed between our caller's `contains` and now. Queuing it again
+                // is redundant but harmless (INSERT OR IGNORE keeps one row).
                 slot.insert(Arc::downgrade(&record));
             }
             dashmap::Entry::Vacant(slot) => {
@@ -217,7 +219,6 @@ impl WriteBuffer {
         }
         state.filling.push((key, record));
         state.filling_bytes += bytes;
-        state.in_flight_rows += 1;
         state.in_flight_bytes += bytes;
         if state.filling.len() >= self.max_rows / 2 || state.filling_bytes >= self.max_bytes / 2 {
             self.seal(&mut state);
@@ -299,7 +300,6 @@ impl WriteBuffer {
         match result {
             Ok(()) => {
                 state.committed_seq = batch.seq;
-                state.in_flight_rows -= batch.entries.len();
                 state.in_flight_bytes -= batch.bytes;
                 self.pending_len
                     .fetch_sub(batch.entries.len(), Ordering::Release);
