@@ -260,10 +260,7 @@ pub async fn page_in_async<T: DeserializeOwned>(
 /// [`Error::Serialize`](crate::Error::Serialize) if `value`'s serialization fails; `value` is
 /// then dropped the ordinary way.
 pub fn drop_deep<T: Serialize>(value: T) -> anyhow::Result<()> {
-    const UNUSED: DataKey = match DataKey::from_bytes([1; 16]) {
-        Some(key) => key,
-        None => panic!("non-zero bytes are a key"),
-    };
+    const UNUSED: DataKey = DataKey::from_bytes([1; 16]).unwrap();
     let mut walk = out::walk(&value, |_| Ok(UNUSED))?;
     drop(value);
     // `finished` lists children before parents: pop parents first.

@@ -67,8 +67,6 @@ struct OutState {
     memo: HashMap<(TypeId, usize), u32, BuildHasherDefault<IdentityHasher>>,
     /// Values met for the first time since the driver last looked, in index order.
     discovered: Vec<Box<dyn OutNode>>,
-    /// The index the next new value gets.
-    next: u32,
     /// The children of the node being serialized, in the order met.
     children: Vec<u32>,
 }
@@ -121,15 +119,15 @@ where
         let mut guard = cell.try_borrow_mut().map_err(|_| OUTSIDE_SESSION)?;
         let state = guard.as_mut().ok_or(OUTSIDE_SESSION)?;
         let identity = (TypeId::of::<T>(), Arc::as_ptr(arc) as *const u8 as usize);
+        // Values are numbered in the order they are met: the next one gets the memo's size.
+        let next = state.memo.len() as u32;
         let index = match state.memo.entry(identity) {
             Entry::Occupied(known) => *known.get(),
             Entry::Vacant(new) => {
-                let index = state.next;
-                state.next += 1;
                 // The clone keeps the allocation alive until the call ends, so its address
                 // cannot be reused by another value and alias a memo entry.
                 state.discovered.push(Box::new(Arc::clone(arc)));
-                *new.insert(index)
+                *new.insert(next)
             }
         };
         state.children.push(index);

@@ -392,11 +392,8 @@ pub(crate) fn run<T: DeserializeOwned>(
     key: DataKey,
     prefetched: Records,
 ) -> anyhow::Result<T> {
-    let root = match prefetched.get(&key) {
-        Some(node) => Arc::clone(node),
-        None => storage.fetch_data_blocking(&key)?,
-    };
-    let _session = Session::install(storage, prefetched);
+    let _session = Session::install(Arc::clone(&storage), prefetched);
+    let root = fetch(&*storage, key)?;
     // The root's fan-out is a cheap hint of the table's size; growing it step by step costs
     // rehashes and large allocations.
     with_state(|state| {
