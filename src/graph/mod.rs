@@ -261,10 +261,10 @@ pub async fn page_in_async<T: DeserializeOwned>(
 /// then dropped the ordinary way.
 pub fn drop_deep<T: Serialize>(value: T) -> anyhow::Result<()> {
     const UNUSED: DataKey = DataKey::from_bytes([1; 16]).unwrap();
-    let mut walk = out::walk(&value, |_| Ok(UNUSED))?;
+    let mut finished = out::walk(&value, |_| Ok(UNUSED))?.into_finished();
     drop(value);
     // `finished` lists children before parents: pop parents first.
-    while let Some(shared) = walk.finished.pop() {
+    while let Some(shared) = finished.pop() {
         drop(shared);
     }
     Ok(())

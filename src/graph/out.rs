@@ -197,7 +197,25 @@ struct Node {
 /// nodes were finished (children before parents).
 pub(crate) struct Walk {
     pub(crate) root: DataKey,
-    pub(crate) finished: Vec<Box<dyn OutNode>>,
+    nodes: Vec<Node>,
+    /// Indexes into `nodes`, children before parents.
+    order: Vec<u32>,
+}
+
+impl Walk {
+    /// The values met, children before parents (what `drop_deep` needs; `page_out` does not
+    /// pay for building it).
+    pub(crate) fn into_finished(self) -> Vec<Box<dyn OutNode>> {
+        let mut slots: Vec<Option<Box<dyn OutNode>>> = self
+            .nodes
+            .into_iter()
+            .map(|node| Some(node.value))
+            .collect();
+        self.order
+            .into_iter()
+            .filter_map(|index| slots[index as usize].take())
+            .collect()
+    }
 }
 
 /// Serializes `root` and every shared value it reaches, children first, handing each node to
@@ -268,13 +286,7 @@ pub(crate) fn walk<T: ?Sized + Serialize>(
         data: root_data,
         arcs,
     })?;
-    let mut slots: Vec<Option<Box<dyn OutNode>>> =
-        nodes.into_iter().map(|node| Some(node.value)).collect();
-    let finished = order
-        .into_iter()
-        .filter_map(|index| slots[index as usize].take())
-        .collect();
-    Ok(Walk { root, finished })
+    Ok(Walk { root, nodes, order })
 }
 
 fn keys_of(nodes: &[Node], children: &[u32]) -> anyhow::Result<Vec<DataKey>> {
