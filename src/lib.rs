@@ -86,7 +86,7 @@ pub use session::SessionContext;
 pub use storage::PagableStorage;
 pub use storage::memory::InMemoryPagableStorage;
 pub use storage::sqlite::{
-    Durability, OpenReport, SqliteBackedPagableStorage, SqliteOptions, VerifyReport,
+    Durability, OpenReport, SqliteBackedPagableStorage, SqliteOptions, TableLayout, VerifyReport,
 };
 
 /// The README's examples compile and run as doctests.

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use contract::{node, store_dag};
 use pagestore::{
     Durability, Error, OpenReport, PagableData, PagableStorage, SqliteBackedPagableStorage,
-    SqliteOptions,
+    SqliteOptions, TableLayout,
 };
 use rusqlite::Connection;
 
@@ -30,6 +30,8 @@ fn reads_a_database_written_by_the_reference() {
     copy_dir(&fixture, dir.path());
     let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
     assert!(storage.open_report().is_clean());
+    // The reference's table is kept as it is.
+    assert_eq!(storage.table_layout(), TableLayout::WithoutRowid);
     for (key, expected) in &entries {
         assert_eq!(expected.compute_key(), *key);
         let got = storage.fetch_data_blocking(key).unwrap();
@@ -77,21 +79,103 @@ fn read_like_the_reference(db: &Path, key: &pagestore::DataKey) -> PagableData {
     }
 }
 
+/// Stores `data` the way pagable 0.3.3 does (its statement, its record layout).
+fn write_like_the_reference(db: &Path, data: &PagableData) -> pagestore::DataKey {
+    let conn = Connection::open(db).unwrap();
+    let key = data.compute_key();
+    let mut value = Vec::new();
+    value.extend_from_slice(&(data.data.len() as u64).to_le_bytes());
+    value.extend_from_slice(&(data.arcs.len() as u64).to_le_bytes());
+    value.extend_from_slice(&data.data);
+    for arc in &data.arcs {
+        value.extend_from_slice(&arc.as_bytes());
+    }
+    conn.execute(
+        "INSERT OR IGNORE INTO pagable_data (key, value) VALUES (?1, ?2)",
+        rusqlite::params![&key.as_bytes()[..], value],
+    )
+    .unwrap();
+    key
+}
+
 #[test]
-fn the_reference_can_read_what_pagestore_wrote() {
-    for durability in [Durability::Cache, Durability::Durable] {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = SqliteOptions::default()
-            .durability(durability)
-            .open(dir.path())
-            .unwrap();
-        let model = store_dag(&storage, 11, 300);
-        let db = storage.path().to_path_buf();
-        drop(storage);
-        for (key, data) in &model {
-            assert_eq!(&read_like_the_reference(&db, key), data);
+fn the_reference_can_read_and_write_what_pagestore_wrote() {
+    for layout in [TableLayout::Rowid, TableLayout::WithoutRowid] {
+        for durability in [Durability::Cache, Durability::Durable] {
+            let dir = tempfile::tempdir().unwrap();
+            let storage = SqliteOptions::default()
+                .durability(durability)
+                .table_layout(layout)
+                .open(dir.path())
+                .unwrap();
+            assert_eq!(storage.table_layout(), layout);
+            let model = store_dag(&storage, 11, 300);
+            let db = storage.path().to_path_buf();
+            drop(storage);
+            for (key, data) in &model {
+                assert_eq!(&read_like_the_reference(&db, key), data, "{layout:?}");
+            }
+            // The reference adds a node (and repeats one); pagestore reads both back.
+            let (&child, _) = model.iter().next().unwrap();
+            let added = node(5, 40, vec![child]);
+            let added_key = write_like_the_reference(&db, &added);
+            write_like_the_reference(&db, &model[&child]);
+            let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+            assert_eq!(storage.table_layout(), layout);
+            assert_eq!(*storage.fetch_data_blocking(&added_key).unwrap(), added);
+            let report = storage.verify().unwrap();
+            assert!(report.is_ok(), "{layout:?}: {report:?}");
+            assert_eq!(report.records, model.len() as u64 + 1, "{layout:?}");
         }
     }
+}
+
+#[test]
+fn new_databases_get_the_chosen_layout_and_existing_ones_keep_theirs() {
+    let table_sql = |db: &Path| -> String {
+        Connection::open(db)
+            .unwrap()
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'pagable_data'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap()
+    };
+    for (layout, other) in [
+        (TableLayout::Rowid, TableLayout::WithoutRowid),
+        (TableLayout::WithoutRowid, TableLayout::Rowid),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = SqliteOptions::default()
+            .table_layout(layout)
+            .open(dir.path())
+            .unwrap();
+        let key = storage.store_data(node(1, 100, vec![])).unwrap();
+        let db = storage.path().to_path_buf();
+        drop(storage);
+        let sql = table_sql(&db);
+        assert_eq!(
+            sql.contains("WITHOUT ROWID"),
+            layout == TableLayout::WithoutRowid,
+            "{sql}"
+        );
+        // Asking for the other layout does not change an existing database.
+        let storage = SqliteOptions::default()
+            .table_layout(other)
+            .open(dir.path())
+            .unwrap();
+        assert_eq!(storage.table_layout(), layout);
+        assert_eq!(
+            *storage.fetch_data_blocking(&key).unwrap(),
+            node(1, 100, vec![])
+        );
+        drop(storage);
+        assert_eq!(table_sql(&db), sql);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    assert_eq!(storage.table_layout(), TableLayout::Rowid);
 }
 
 #[test]

@@ -1,16 +1,18 @@
-//! The backend contract suite on `SqliteBackedPagableStorage`, in every durability mode.
+//! The backend contract suite on `SqliteBackedPagableStorage`, in every durability mode and
+//! both table layouts.
 
 mod common;
 mod contract;
 
 use std::sync::Mutex;
 
-use pagestore::{DataKey, Durability, SqliteBackedPagableStorage, SqliteOptions};
+use pagestore::{DataKey, Durability, SqliteBackedPagableStorage, SqliteOptions, TableLayout};
 use rusqlite::Connection;
 
 /// Opens stores in fresh temporary directories, kept until the suite ends.
 struct Sqlite {
     durability: Durability,
+    layout: TableLayout,
     dirs: Mutex<Vec<tempfile::TempDir>>,
 }
 
@@ -18,6 +20,7 @@ impl Sqlite {
     fn new(durability: Durability) -> Self {
         Self {
             durability,
+            layout: TableLayout::default(),
             dirs: Mutex::new(Vec::new()),
         }
     }
@@ -26,6 +29,7 @@ impl Sqlite {
         // Small buffers so the suite's few hundred nodes span several batches.
         SqliteOptions::default()
             .durability(self.durability)
+            .table_layout(self.layout)
             .write_buffer_rows(64)
             .write_buffer_bytes(64 << 10)
     }
@@ -80,6 +84,15 @@ fn durable_mode_keeps_the_contract() {
 #[test]
 fn sync_mode_keeps_the_contract() {
     contract::run_all(&Sqlite::new(Durability::Sync));
+}
+
+#[test]
+fn the_reference_table_layout_keeps_the_contract() {
+    for durability in [Durability::Cache, Durability::Durable] {
+        let mut backend = Sqlite::new(durability);
+        backend.layout = TableLayout::WithoutRowid;
+        contract::run_all(&backend);
+    }
 }
 
 #[test]

@@ -3,9 +3,11 @@
 //!
 //! The on-disk format (table, record encoding, page size, journal modes, marker file) is
 //! written down in `docs/format.md`. In short: one table
-//! `pagable_data (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID`, the key's 16
-//! bytes as `key`, the [`codec`] record as `value` — exactly what `pagable` 0.3.3 writes,
-//! so databases move between the two in both directions.
+//! `pagable_data (key BLOB PRIMARY KEY, value BLOB NOT NULL)`, the key's 16 bytes as `key`,
+//! the [`codec`] record as `value` — what `pagable` 0.3.3 writes, so databases move between
+//! the two in both directions. The reference declares the table `WITHOUT ROWID`; pagestore
+//! creates new tables as rowid tables by default, which write much faster and are read and
+//! written by the same SQL (see [`TableLayout`]), and keeps whichever layout it finds.
 //!
 //! How it is built: `store_data` hashes and encodes on the caller's thread and queues the
 //! record in a bounded buffer that reads see at once (`writer`); a background thread commits
@@ -24,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-pub use options::{Durability, SqliteOptions};
+pub use options::{Durability, SqliteOptions, TableLayout};
 pub use recovery::OpenReport;
 pub use verify::VerifyReport;
 
@@ -74,6 +76,7 @@ pub struct SqliteBackedPagableStorage {
     session: SessionContext,
     open_report: OpenReport,
     options: SqliteOptions,
+    table_layout: TableLayout,
     /// The unclean-shutdown marker, in Cache mode.
     marker: Option<PathBuf>,
     /// Held until after `close` (fields drop after `Drop::drop`), released last.
@@ -144,7 +147,7 @@ impl SqliteBackedPagableStorage {
         };
         // The marker is written only once the file is known to be a usable database: a
         // refused file (not a database, another program's table) is never "recovered".
-        let writer_conn = conn::open_writer(&path)?;
+        let (writer_conn, layout) = conn::open_writer(&path, options.table_layout)?;
         if cache_mode {
             recovery::write_marker(&marker)?;
         } else if unclean {
@@ -181,6 +184,7 @@ impl SqliteBackedPagableStorage {
                         &inner.buffer,
                         &inner.pool,
                         writer_conn,
+                        layout,
                         &inner.path,
                         cache_bytes,
                     )
@@ -195,6 +199,7 @@ impl SqliteBackedPagableStorage {
             session: SessionContext::new(),
             open_report,
             options,
+            table_layout: layout,
             marker: cache_mode.then_some(marker),
             _dir_lock: dir_lock,
         })
@@ -219,6 +224,12 @@ impl SqliteBackedPagableStorage {
     /// The database file (`dir/pagable.db`).
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// The layout of the database's table: the one [`SqliteOptions::table_layout`] asked
+    /// for if this open created the database, else the one the database already had.
+    pub fn table_layout(&self) -> TableLayout {
+        self.table_layout
     }
 
     /// The durability this store was opened with.

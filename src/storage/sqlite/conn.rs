@@ -5,14 +5,37 @@ use std::time::Duration;
 
 use rusqlite::{Connection, MAIN_DB, OpenFlags};
 
-use super::options::{Durability, SqliteOptions};
+use super::options::{Durability, SqliteOptions, TableLayout};
 use crate::error::Error;
 
-/// The reference implementation's table, unchanged, so databases move both ways.
-pub(super) const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS pagable_data (
-    key BLOB PRIMARY KEY,
-    value BLOB NOT NULL
-) WITHOUT ROWID";
+/// The statement that creates the table in a new database, in the chosen layout: the
+/// reference's columns and constraint either way.
+fn create_table(layout: TableLayout) -> &'static str {
+    match layout {
+        TableLayout::WithoutRowid => {
+            "CREATE TABLE IF NOT EXISTS pagable_data (
+                key BLOB PRIMARY KEY,
+                value BLOB NOT NULL
+            ) WITHOUT ROWID"
+        }
+        // `TableLayout` is non-exhaustive only for callers outside the crate.
+        TableLayout::Rowid => {
+            "CREATE TABLE IF NOT EXISTS pagable_data (
+                key BLOB PRIMARY KEY,
+                value BLOB NOT NULL
+            )"
+        }
+    }
+}
+
+/// Which layout the `pagable_data` table of `conn` has.
+fn table_layout(conn: &Connection) -> TableLayout {
+    // A WITHOUT ROWID table has no rowid column to select.
+    match conn.prepare("SELECT rowid FROM pagable_data LIMIT 0") {
+        Ok(_) => TableLayout::Rowid,
+        Err(_) => TableLayout::WithoutRowid,
+    }
+}
 
 /// Page size for databases pagestore creates. Bigger pages than the reference's 8 KiB make
 /// the tree shallower and batch inserts cheaper; an existing database keeps its page size.
@@ -60,11 +83,14 @@ fn size_pragmas(conn: &Connection, cache_bytes: u64, path: &Path) -> Result<(), 
 }
 
 /// Opens the single read-write connection and makes sure the file is pagestore's: a SQLite
-/// database (created if missing, with 32 KiB pages) whose `pagable_data` table has the
-/// `key` and `value` columns. Runs in SQLite's default rollback journal, so a crash here
-/// cannot damage the file, and changes nothing in a file that is refused. Returns the
-/// connection for [`configure_writer`].
-pub(super) fn open_writer(path: &Path) -> Result<Connection, Error> {
+/// database (created if missing, with 32 KiB pages and a table in `new_layout`) whose
+/// `pagable_data` table has the `key` and `value` columns. Runs in SQLite's default
+/// rollback journal, so a crash here cannot damage the file, and changes nothing in a file
+/// that is refused. Returns the connection for [`configure_writer`] and the table's layout.
+pub(super) fn open_writer(
+    path: &Path,
+    new_layout: TableLayout,
+) -> Result<(Connection, TableLayout), Error> {
     let conn = Connection::open(path).map_err(Error::sqlite("open", path))?;
     if conn.is_readonly(MAIN_DB).unwrap_or(false) {
         return Err(Error::io("open for writing", path)(std::io::Error::new(
@@ -77,7 +103,7 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection, Error> {
     // Only takes effect before the first table exists (and before WAL is chosen).
     conn.execute_batch(&format!("PRAGMA page_size = {NEW_PAGE_SIZE};"))
         .map_err(Error::sqlite("set the page size of", path))?;
-    conn.execute_batch(CREATE_TABLE)
+    conn.execute_batch(create_table(new_layout))
         .map_err(Error::sqlite("create the table in", path))?;
     // Another program's table of the same name: refuse it rather than fail every read.
     conn.prepare("SELECT key, value FROM pagable_data WHERE key = ?1")
@@ -86,7 +112,8 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection, Error> {
              database?) in",
             path,
         ))?;
-    Ok(conn)
+    let layout = table_layout(&conn);
+    Ok((conn, layout))
 }
 
 /// Sets the journal mode, sync level and cache size `options.durability` needs on the

@@ -29,6 +29,7 @@ use dashmap::DashMap;
 use rusqlite::{Connection, TransactionBehavior};
 
 use super::conn;
+use super::options::TableLayout;
 use super::pool::ReaderPool;
 use crate::error::Error;
 use crate::key::{DataKey, KeyHasherBuilder};
@@ -62,8 +63,9 @@ impl std::hash::Hash for PackedKey {
 /// Records larger than this on average make a batch "large" for [`LARGE_BATCH_CACHE`].
 const LARGE_RECORD: usize = 8 * 1024;
 
-/// The writer's page cache while it commits batches of large records. SQLite compares
-/// index-B-tree cells by their whole record, so every comparison on an insert's descent
+/// The writer's page cache while it commits batches of large records into a `WithoutRowid`
+/// table (a rowid table never compares records). SQLite compares index-B-tree cells by
+/// their whole record, so every comparison on an insert's descent
 /// copies a neighbour's overflow chain into memory. Sorted inserts descend along nearly the
 /// same path, so a cache that holds the tree's pages and the overflow pages of the records
 /// near the top of the tree serves most of those reads from memory (measured on 4,096
@@ -332,12 +334,13 @@ impl WriteBuffer {
 
 /// The writer thread's loop: commit sealed batches in order until shut down.
 ///
-/// `cache_bytes` is the connection's page cache as configured; batches of large records
-/// run with at least [`LARGE_BATCH_CACHE`].
+/// `cache_bytes` is the connection's page cache as configured; in a `WithoutRowid` table,
+/// batches of large records run with at least [`LARGE_BATCH_CACHE`].
 pub(super) fn run(
     buffer: &WriteBuffer,
     pool: &ReaderPool,
     mut conn: Connection,
+    layout: TableLayout,
     path: &Path,
     cache_bytes: u64,
 ) {
@@ -369,7 +372,8 @@ pub(super) fn run(
                 }
             }
         };
-        let want_cache = if batch.bytes / batch.entries.len().max(1) > LARGE_RECORD {
+        let large = batch.bytes / batch.entries.len().max(1) > LARGE_RECORD;
+        let want_cache = if large && layout == TableLayout::WithoutRowid {
             cache_bytes.max(LARGE_BATCH_CACHE)
         } else {
             cache_bytes
@@ -399,7 +403,8 @@ pub(super) fn run(
 }
 
 /// Inserts one batch in one transaction, in key order (which makes the B-tree inserts
-/// mostly sequential: the largest single speed-up of the write path).
+/// mostly sequential: the largest single speed-up of the write path). In a rowid table,
+/// SQLite gives each row the next rowid, so the rows are appended in that order too.
 fn commit(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<()> {
     let mut rows: Vec<([u8; 16], &[u8])> = batch
         .entries
