@@ -39,7 +39,7 @@ pub enum Durability {
 /// Measured on the side-by-side harness (1M records of 100–340 bytes, 4,096 of 64 KiB;
 /// a shared 2-core VM, one run, see `docs/bench-sqlite.md`), `Rowid` against
 /// `WithoutRowid`: small writes about 1.25x faster, 64 KiB writes 1.5–1.9x faster, the file
-/// 6% larger, random reads about 1.3x slower.
+/// 6% larger, random reads 1.3–1.4x slower.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum TableLayout {
@@ -153,9 +153,10 @@ impl SqliteOptions {
 
     /// SQLite's page cache per connection (`PRAGMA cache_size`), in bytes. Batches are
     /// inserted in key order and reads go through the memory map, so neither needs a big
-    /// cache; a bigger one mostly holds copies of large records. The writer uses at least
-    /// 16 MiB while it commits batches of large records (over 8 KiB on average), whose
-    /// inserts re-read their neighbours' overflow pages. Default = 2 MiB.
+    /// cache; a bigger one mostly holds copies of large records. In a
+    /// [`TableLayout::WithoutRowid`] table the writer uses at least 16 MiB while it commits
+    /// batches of large records (over 8 KiB on average), whose inserts re-read their
+    /// neighbours' overflow pages. Default = 2 MiB.
     pub fn cache_size_bytes(mut self, bytes: u64) -> Self {
         self.cache_size_bytes = bytes;
         self
@@ -172,10 +173,12 @@ impl SqliteOptions {
     }
 
     /// How many keys stored this session are remembered, so that storing the same content
-    /// again costs only a hash and a lookup (24 bytes per key in a hash table, about 50 bytes
-    /// per key as sized). When the cap is passed, the committed keys are forgotten; a repeat
-    /// of one is still correct, just slower (the writer's `INSERT OR IGNORE` drops it).
-    /// Pending keys are always remembered. Default = 2,097,152 (at most about 100 MB).
+    /// again costs only a hash and a lookup: a 24-byte entry in a hash table (about 50 bytes
+    /// per key as sized), plus, for a committed key, the 48-byte allocation its entry's weak
+    /// handle keeps (about 100 bytes per key in all). When the cap is passed, the committed
+    /// keys are forgotten; a repeat of one is still correct, just slower (the writer's
+    /// `INSERT OR IGNORE` drops it). Pending keys are always remembered.
+    /// Default = 2,097,152 (at most about 200 MB).
     pub fn dedup_keys(mut self, keys: usize) -> Self {
         self.dedup_keys = keys;
         self
