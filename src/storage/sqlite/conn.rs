@@ -8,33 +8,35 @@ use rusqlite::{Connection, MAIN_DB, OpenFlags};
 use super::options::{Durability, SqliteOptions, TableLayout};
 use crate::error::Error;
 
-/// The statement that creates the table in a new database, in the chosen layout: the
-/// reference's columns and constraint either way.
+/// The reference's table statement without its `WITHOUT ROWID` clause: the columns and
+/// constraint both layouts share.
+macro_rules! create_table_sql {
+    () => {
+        "CREATE TABLE IF NOT EXISTS pagable_data (key BLOB PRIMARY KEY, value BLOB NOT NULL)"
+    };
+}
+
+/// The statement that creates the table in a new database, in the chosen layout.
 fn create_table(layout: TableLayout) -> &'static str {
     match layout {
-        TableLayout::WithoutRowid => {
-            "CREATE TABLE IF NOT EXISTS pagable_data (
-                key BLOB PRIMARY KEY,
-                value BLOB NOT NULL
-            ) WITHOUT ROWID"
-        }
-        // `TableLayout` is non-exhaustive only for callers outside the crate.
-        TableLayout::Rowid => {
-            "CREATE TABLE IF NOT EXISTS pagable_data (
-                key BLOB PRIMARY KEY,
-                value BLOB NOT NULL
-            )"
-        }
+        TableLayout::Rowid => create_table_sql!(),
+        TableLayout::WithoutRowid => concat!(create_table_sql!(), " WITHOUT ROWID"),
     }
 }
 
-/// Which layout the `pagable_data` table of `conn` has.
-fn table_layout(conn: &Connection) -> TableLayout {
-    // A WITHOUT ROWID table has no rowid column to select.
-    match conn.prepare("SELECT rowid FROM pagable_data LIMIT 0") {
-        Ok(_) => TableLayout::Rowid,
-        Err(_) => TableLayout::WithoutRowid,
-    }
+/// Which layout the `pagable_data` table of `conn` has (SQLite's `table_list` pragma
+/// reports `wr` = 1 for a WITHOUT ROWID table).
+fn table_layout(conn: &Connection) -> rusqlite::Result<TableLayout> {
+    let without_rowid: bool = conn.query_row(
+        "SELECT wr FROM pragma_table_list('pagable_data') WHERE schema = 'main'",
+        [],
+        |row| row.get(0),
+    )?;
+    Ok(if without_rowid {
+        TableLayout::WithoutRowid
+    } else {
+        TableLayout::Rowid
+    })
 }
 
 /// Page size for databases pagestore creates. Bigger pages than the reference's 8 KiB make
@@ -112,7 +114,7 @@ pub(super) fn open_writer(
              database?) in",
             path,
         ))?;
-    let layout = table_layout(&conn);
+    let layout = table_layout(&conn).map_err(Error::sqlite("read the table layout of", path))?;
     Ok((conn, layout))
 }
 

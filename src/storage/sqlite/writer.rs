@@ -65,8 +65,8 @@ const LARGE_RECORD: usize = 8 * 1024;
 
 /// The writer's page cache while it commits batches of large records into a `WithoutRowid`
 /// table (a rowid table never compares records). SQLite compares index-B-tree cells by
-/// their whole record, so every comparison on an insert's descent
-/// copies a neighbour's overflow chain into memory. Sorted inserts descend along nearly the
+/// their whole record, so every comparison on an insert's descent copies a neighbour's
+/// overflow chain into memory. Sorted inserts descend along nearly the
 /// same path, so a cache that holds the tree's pages and the overflow pages of the records
 /// near the top of the tree serves most of those reads from memory (measured on 4,096
 /// 64 KiB records: reads from the file 2.4 GB -> 0.65 GB, write_large about 12% faster,
