@@ -6,7 +6,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use pagestore::{ArcCache, DataKey, PagableData, codec};
+use pagestore::{DataKey, InMemoryPagableStorage, PagableData, PagableStorage, codec};
 
 fn node(len: usize, arcs: usize) -> PagableData {
     let data = (0..len).map(|i| (i as u8).wrapping_mul(31)).collect();
@@ -50,7 +50,8 @@ fn codec(c: &mut Criterion) {
 }
 
 fn arc_cache_hit(c: &mut Criterion) {
-    let cache = ArcCache::new();
+    let storage = InMemoryPagableStorage::new();
+    let type_id = std::any::TypeId::of::<u64>();
     // A realistically full cache: 100k live values.
     let values: Vec<(DataKey, Arc<u64>)> = (0..100_000u64)
         .map(|n| {
@@ -61,32 +62,35 @@ fn arc_cache_hit(c: &mut Criterion) {
                 b
             })
             .unwrap();
-            (
-                key,
-                cache.get_or_load_typed(key, || Ok(Arc::new(n))).unwrap(),
-            )
+            let value = Arc::new(n);
+            assert!(
+                storage
+                    .on_arc_deserialized(type_id, key, Box::new(value.clone()))
+                    .is_none()
+            );
+            (key, value)
         })
         .collect();
     let mut group = c.benchmark_group("arc_cache_hit");
     let mut i = 0;
-    group.bench_function("get_typed", |b| {
+    group.bench_function("fetch_arc_or_data_blocking", |b| {
         b.iter(|| {
             i = (i + 7919) % values.len();
-            cache.get_typed::<u64>(black_box(values[i].0)).unwrap()
+            storage
+                .fetch_arc_or_data_blocking(&type_id, black_box(&values[i].0))
+                .unwrap()
         })
     });
-    group.bench_function("get_erased", |b| {
-        let type_id = std::any::TypeId::of::<u64>();
+    group.bench_function("resolve_arc", |b| {
         b.iter(|| {
             i = (i + 7919) % values.len();
-            cache.get(type_id, black_box(values[i].0)).unwrap()
-        })
-    });
-    group.bench_function("get_or_load_typed", |b| {
-        b.iter(|| {
-            i = (i + 7919) % values.len();
-            cache
-                .get_or_load_typed::<u64>(black_box(values[i].0), || unreachable!())
+            storage
+                .resolve_arc(
+                    type_id,
+                    black_box(values[i].0),
+                    None,
+                    &mut |_| unreachable!(),
+                )
                 .unwrap()
         })
     });

@@ -8,7 +8,7 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use pagestore::erase::{downcast_arc, ArcEraseDyn};
+//! use pagestore::{downcast_arc, ArcEraseDyn};
 //!
 //! let text: Arc<str> = Arc::from("hello");
 //! let erased: Box<dyn ArcEraseDyn> = Box::new(text.clone());
@@ -38,6 +38,14 @@ pub trait ArcEraseDyn: Any + Send + Sync {
 
     /// A weak handle to the same value.
     fn downgrade(&self) -> Box<dyn WeakEraseDyn>;
+
+    /// The bytes the value occupies inside its allocation (`size_of_val` of the pointee):
+    /// what a weak handle keeps allocated after the value is dropped. For `Arc<[u8]>` that is
+    /// the slice's length; for `Arc<Vec<u8>>` only the `Vec`'s 24 bytes (its buffer is freed
+    /// with the value). The default, for other implementors, is 0.
+    fn inline_size(&self) -> usize {
+        0
+    }
 }
 
 /// A weak `Arc` of some type, with its type erased.
@@ -71,6 +79,10 @@ impl<T: ?Sized + Send + Sync + 'static> ArcEraseDyn for Arc<T> {
 
     fn downgrade(&self) -> Box<dyn WeakEraseDyn> {
         Box::new(Arc::downgrade(self))
+    }
+
+    fn inline_size(&self) -> usize {
+        std::mem::size_of_val::<T>(self)
     }
 }
 

@@ -1,29 +1,33 @@
 //! [`Error`]: what pagestore itself reports.
-//!
-//! The [`PagableStorage`](crate::PagableStorage) trait returns [`anyhow::Result`], the error
-//! type of the ecosystem it plugs into. Errors that pagestore raises travel inside it as an
-//! [`Error`], which a caller recovers with [`anyhow::Error::downcast_ref`]:
-//!
-//! ```
-//! use pagestore::{DataKey, Error, InMemoryPagableStorage, PagableStorage};
-//!
-//! let storage = InMemoryPagableStorage::new();
-//! let key: DataKey = "0123456789abcdef0123456789abcdef".parse().unwrap();
-//! let err = storage.fetch_data_blocking(&key).unwrap_err();
-//! match err.downcast_ref::<Error>() {
-//!     Some(Error::NotFound(missing)) => assert_eq!(*missing, key),
-//!     other => panic!("unexpected: {other:?}"),
-//! }
-//! // Or, for the common question, without matching:
-//! assert!(Error::is_not_found(&err));
-//! ```
 
 use std::path::PathBuf;
 
 use crate::key::DataKey;
 
-/// An error raised by pagestore. Carried inside [`anyhow::Error`] by the storage trait; see the
-/// [module docs](self) for how to get it back out.
+/// An error raised by pagestore.
+///
+/// The [`PagableStorage`](crate::PagableStorage) and [`NodeStore`](crate::NodeStore) traits
+/// return [`anyhow::Result`], the error type of the ecosystem they plug into. Errors that
+/// pagestore raises travel inside it as an `Error`, which a caller recovers with
+/// [`anyhow::Error::downcast_ref`] (context added on the way keeps it reachable):
+///
+/// ```
+/// use pagestore::{DataKey, Error, InMemoryPagableStorage, PagableStorage};
+///
+/// let storage = InMemoryPagableStorage::new();
+/// let key: DataKey = "0123456789abcdef0123456789abcdef".parse().unwrap();
+/// let err = storage.fetch_data_blocking(&key).unwrap_err();
+/// match err.downcast_ref::<Error>() {
+///     Some(Error::NotFound(missing)) => assert_eq!(*missing, key),
+///     other => panic!("unexpected: {other:?}"),
+/// }
+/// // Or, for the common question, without matching:
+/// assert!(Error::is_not_found(&err));
+/// ```
+///
+/// A message names what failed and, where one is, the key in hex; the underlying error
+/// (I/O, SQLite) is the [`source`](std::error::Error::source), printed by `{:#}` on the
+/// `anyhow::Error`, not repeated in the message.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -47,8 +51,8 @@ pub enum Error {
         reason: String,
     },
 
-    /// An I/O operation on `path` failed.
-    #[error("could not {operation} {}: {source}", path.display())]
+    /// An I/O operation on `path` failed. The I/O error is the [`source`](std::error::Error::source).
+    #[error("could not {operation} {}", path.display())]
     Io {
         /// The file or directory involved.
         path: PathBuf,
@@ -60,15 +64,16 @@ pub enum Error {
     },
 
     /// SQLite failed while pagestore was doing `operation` on the database at `path`.
-    #[error("SQLite could not {operation} {}: {source}", path.display())]
+    /// SQLite's own error is the [`source`](std::error::Error::source).
+    #[error("SQLite could not {operation} {}", path.display())]
     Sqlite {
         /// The database file.
         path: PathBuf,
         /// What pagestore was doing, as a verb phrase ("commit a batch to", "read a record from").
         operation: &'static str,
-        /// The underlying error.
+        /// SQLite's error (a `rusqlite::Error`; its type is not part of pagestore's API).
         #[source]
-        source: rusqlite::Error,
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
 
     /// A value could not be serialized for page-out: its `Serialize` impl failed, a
@@ -121,6 +126,7 @@ impl Error {
     }
 
     /// Wraps an I/O error with the path and operation it concerns.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     pub(crate) fn io(
         operation: &'static str,
         path: impl Into<PathBuf>,
@@ -134,6 +140,7 @@ impl Error {
     }
 }
 
+#[cfg(feature = "sqlite")]
 impl Error {
     /// Wraps a SQLite error with the database path and the operation it concerns.
     pub(crate) fn sqlite(
@@ -144,7 +151,7 @@ impl Error {
         move |source| Error::Sqlite {
             path,
             operation,
-            source,
+            source: Box::new(source),
         }
     }
 }

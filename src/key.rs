@@ -202,7 +202,7 @@ impl Hash for DataKey {
 /// Only use it for keys whose `Hash` feeds already-uniform integers (a `DataKey`, a
 /// `TypeId`); it is not a general-purpose hasher.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct KeyHasherBuilder;
+pub(crate) struct KeyHasherBuilder;
 
 impl BuildHasher for KeyHasherBuilder {
     type Hasher = KeyHasher;
@@ -216,7 +216,7 @@ impl BuildHasher for KeyHasherBuilder {
 /// The hasher built by [`KeyHasherBuilder`]: folds the integers it is fed with one multiply
 /// each.
 #[derive(Debug, Clone, Copy)]
-pub struct KeyHasher(u64);
+pub(crate) struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     #[inline]

@@ -2,91 +2,112 @@
 //! preserved.
 //!
 //! Large programs (build systems, compilers, language servers) hold huge graphs of
-//! `Arc`-shared data. pagestore stores each node as a [`PagableData`] — its serialized bytes
-//! plus the [`DataKey`]s of the nodes it points to — under a key that hashes both, so equal
-//! subgraphs are stored once whoever wrote them (a Merkle DAG). A [`PagableStorage`] backend
-//! holds the nodes; its [`ArcCache`] makes a node loaded twice come back as the *same* `Arc`.
+//! `Arc`-shared data. pagestore stores each distinct shared value once, as a node keyed by a
+//! hash of its bytes *and its children's keys* (a Merkle DAG), and rebuilds the graph with the
+//! same sharing. Mark shared fields [`Shared<T>`], derive serde as usual, and call
+//! [`page_out`] and [`page_in`]:
 //!
 //! ```
 //! use std::sync::Arc;
-//! use pagestore::{InMemoryPagableStorage, PagableData, PagableStorage};
+//! use serde::{Deserialize, Serialize};
+//! use pagestore::{page_in, page_out, PagableStorage, Shared, SqliteBackedPagableStorage};
 //!
-//! let storage: Arc<dyn PagableStorage> = Arc::new(InMemoryPagableStorage::new());
+//! #[derive(Serialize, Deserialize)]
+//! struct Module {
+//!     name: String,
+//!     imports: Vec<Shared<Module>>,
+//! }
 //!
-//! // Children first: a parent's key covers its children's keys.
-//! let leaf = storage.store_data(PagableData { data: b"shared leaf".to_vec(), arcs: vec![] })?;
-//! let left = storage.store_data(PagableData { data: b"left".to_vec(), arcs: vec![leaf] })?;
-//! let right = storage.store_data(PagableData { data: b"right".to_vec(), arcs: vec![leaf] })?;
-//! let root = storage.store_data(PagableData { data: b"root".to_vec(), arcs: vec![left, right] })?;
+//! let dir = tempfile::tempdir()?;
+//! let storage = Arc::new(SqliteBackedPagableStorage::try_new(dir.path())?);
+//!
+//! let core = Shared::new(Module { name: "core".into(), imports: vec![] });
+//! let app = Module { name: "app".into(), imports: vec![core.clone(), core] };
+//! let key = page_out(&storage, &app)?; // `core` is stored once
 //! storage.flush()?;
 //!
-//! // Same content, same key: storing it again is free and changes nothing.
-//! let again = storage.store_data(PagableData { data: b"shared leaf".to_vec(), arcs: vec![] })?;
-//! assert_eq!(again, leaf);
-//!
-//! let node = storage.fetch_data_blocking(&root)?;
-//! assert_eq!(node.data, b"root");
-//! assert_eq!(node.arcs, [left, right]);
+//! let back: Module = page_in(&storage, key)?;
+//! assert!(Shared::ptr_eq(&back.imports[0], &back.imports[1]), "sharing survives");
+//! assert_eq!(back.imports[0].name, "core");
 //! # anyhow::Ok(())
 //! ```
 //!
+//! # Two layers
+//!
+//! - **The node store** ([`NodeStore`]) keeps bytes by key: [`PagableData`] nodes under their
+//!   [`DataKey`]. [`SqliteNodeStore`] (one SQLite file, in the format of `pagable` 0.3.3) and
+//!   [`MemoryNodeStore`] implement it; so can your own backend.
+//! - **The runtime** ([`WithRuntime`]) holds what concerns live values: the arc cache that
+//!   makes a node loaded twice come back as the *same* `Arc`, the paging queue and the
+//!   session context. Attached to a node store it is a [`PagableStorage`], the trait the
+//!   graph layer and the seed's users work with. [`SqliteBackedPagableStorage`] and
+//!   [`InMemoryPagableStorage`] are the two built-in stores with it attached.
+//!
 //! # Where to start
 //!
-//! - **Typed graphs**: [`page_out`] and [`page_in`] store and rebuild a whole graph of
-//!   `#[derive(Serialize, Deserialize)]` values whose shared fields are [`Shared<T>`]
-//!   (`Shared<dyn Trait>` through `typetag`); see [`graph`].
-//! - **Persistence**: [`SqliteBackedPagableStorage::try_new`] (or [`SqliteOptions`]) keeps the
-//!   nodes in one SQLite file in the reference's format, in one of three [`Durability`] modes;
-//!   [`InMemoryPagableStorage`] keeps them in memory.
-//! - **Another backend**: implement [`PagableStorage`]; its docs are the contract, and the
-//!   suite in `tests/contract/` checks it.
+//! - **Typed graphs**: [`page_out`], [`page_in`] and [`page_in_async`]; the [`graph`] module
+//!   docs say how a graph is stored, the rules shared values follow, and how `dyn Trait`
+//!   values page through `typetag`.
+//! - **Persistence**: [`SqliteBackedPagableStorage::try_new`], or [`SqliteOptions`] for the
+//!   [`Durability`] mode and sizes.
+//! - **Raw nodes**: [`PagableStorage::store_data`] and
+//!   [`fetch_data_blocking`](PagableStorage::fetch_data_blocking).
+//! - **Another backend**: implement [`NodeStore`], attach it with [`WithRuntime::attach`],
+//!   and run the contract suite of [`testing`] (feature `testing`) on it.
 //!
 //! # Guarantees
 //!
 //! - A key is the blake3-128 hash of a node's content and children's keys, byte-for-byte the
-//!   one the reference implementation (`pagable` 0.3.3) computes; records use its encoding
-//!   (see [`codec`]).
-//! - Read-your-writes: once `store_data` returns, every thread can fetch the key.
+//!   one `pagable` 0.3.3 computes; records use its encoding (see [`codec`]).
+//! - Read-your-writes: once a store returns, every thread can fetch the key.
 //! - The arc cache holds values weakly and loads each `(TypeId, DataKey)` at most once at a
-//!   time; it never keeps a value alive and it prunes itself.
+//!   time; it never keeps a value alive.
 //! - Bad bytes are typed errors ([`Error`]), never panics; with verify-on-read (the SQLite
-//!   backend's default) a damaged record is never returned as data.
+//!   store's default) a damaged record is never returned as data.
 //!
 //! # Features
 //!
-//! - **`tokio`** (default): async fetches run the backend's blocking read on tokio's blocking
-//!   pool, so an async caller never stalls a runtime worker. Without it they read inline.
+//! - **`sqlite`** (default): [`SqliteNodeStore`] and [`SqliteBackedPagableStorage`], which
+//!   build SQLite from source (through `rusqlite`'s `bundled`). Turn it off to use only the
+//!   in-memory store or your own.
+//! - **`tokio`** (default): async fetches from SQLite run on tokio's blocking pool, so an
+//!   async caller never stalls a runtime worker. Without it they read inline.
 //! - **`serde_with`**: [`graph::AsShared`], a `serde_with` adapter that pages plain `Arc<T>`
 //!   fields as shared children inside `Vec`, `Option`, maps, … (`#[serde_as(as =
 //!   "Vec<AsShared>")]`). Without it, `Arc<T>` fields still page through the
 //!   [`graph::arc`] `with` module, and [`Shared<T>`] needs neither.
+//! - **`testing`**: the [`testing`] module, the contract suites a node store or a
+//!   `PagableStorage` passes.
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub mod cache;
 pub mod codec;
-pub mod data;
-pub mod erase;
-pub mod error;
+mod data;
+mod erase;
+mod error;
 pub mod graph;
-pub mod key;
-pub mod paging;
-pub mod session;
-pub mod storage;
+mod key;
+mod runtime;
+mod storage;
+mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
-pub use cache::ArcCache;
 pub use data::PagableData;
-pub use erase::{ArcEraseDyn, WeakEraseDyn};
+pub use erase::{ArcEraseDyn, WeakEraseDyn, downcast_arc};
 pub use error::Error;
 pub use graph::{Shared, StorageHandle, drop_deep, page_in, page_in_async, page_out};
 pub use key::{DataKey, ParseKeyError};
-pub use paging::PagingQueue;
-pub use session::SessionContext;
+pub use runtime::{SessionContext, WithRuntime};
 pub use storage::PagableStorage;
-pub use storage::memory::InMemoryPagableStorage;
-pub use storage::sqlite::{
-    Durability, OpenReport, SqliteBackedPagableStorage, SqliteOptions, TableLayout, VerifyReport,
+pub use store::NodeStore;
+pub use store::memory::{InMemoryPagableStorage, MemoryNodeStore};
+#[cfg(feature = "sqlite")]
+pub use store::sqlite::{
+    Durability, OpenReport, SqliteBackedPagableStorage, SqliteNodeStore, SqliteOptions,
+    TableLayout, VerifyReport,
 };
 
 /// The README's examples compile and run as doctests.

@@ -1,30 +1,35 @@
-//! The [`PagableStorage`] trait: the contract every backend keeps.
+//! [`PagableStorage`]: the public face of a node store with the runtime attached.
 //!
-//! Backends: [`InMemoryPagableStorage`](crate::InMemoryPagableStorage) and
-//! [`SqliteBackedPagableStorage`](crate::SqliteBackedPagableStorage). The contract suite in
-//! `tests/contract/` checks the sentences below against each of them.
+//! Its method names are those of the seed trait (`pagable` 0.3.3) that users know. It is
+//! implemented once, by [`WithRuntime`](crate::WithRuntime), over any
+//! [`NodeStore`](crate::NodeStore); [`InMemoryPagableStorage`](crate::InMemoryPagableStorage)
+//! and `SqliteBackedPagableStorage` are that implementation over the two built-in stores.
 
 use std::any::TypeId;
 use std::sync::Arc;
 
 use either::Either;
 
-use crate::cache::ArcCache;
 use crate::data::PagableData;
 use crate::erase::ArcEraseDyn;
 use crate::key::DataKey;
-use crate::session::SessionContext;
+use crate::runtime::SessionContext;
 
-pub mod memory;
-pub mod sqlite;
-
-/// A content-addressed store of [`PagableData`] nodes plus the arc cache that lets paging in
-/// preserve sharing.
+/// A content-addressed store of [`PagableData`] nodes plus the live-value runtime that lets
+/// paging in preserve sharing.
 ///
 /// Object-safe (`Arc<dyn PagableStorage>` is the usual handle) and `Send + Sync + 'static`.
 /// Errors come as [`anyhow::Error`]; those pagestore raises are an [`Error`](crate::Error)
-/// inside it (see [`crate::error`] for how to match them). No method panics on bad data or
-/// bad input.
+/// inside it (see [`Error`](crate::Error) for how to match them). No method panics on bad
+/// data or bad input.
+///
+/// Implement a new backend as a [`NodeStore`](crate::NodeStore) and attach the runtime
+/// ([`WithRuntime::attach`](crate::WithRuntime::attach)) rather than implementing this trait:
+/// the arc cache and paging then come for free. A direct implementation (the seed's way)
+/// works too: the graph layer reaches live values only through
+/// [`fetch_arc_or_data_blocking`](Self::fetch_arc_or_data_blocking),
+/// [`on_arc_deserialized`](Self::on_arc_deserialized) and
+/// [`resolve_arc`](Self::resolve_arc), which is built on those two.
 #[async_trait::async_trait]
 pub trait PagableStorage: Send + Sync + 'static {
     /// Stores `data` and returns its key, which is always `data.compute_key()`.
@@ -51,9 +56,6 @@ pub trait PagableStorage: Send + Sync + 'static {
     /// without blocking the async runtime's worker thread on I/O.
     async fn fetch_data(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>>;
 
-    /// The cache of live `Arc`s deserialized from this storage, keyed by `(TypeId, DataKey)`.
-    fn arc_cache(&self) -> &ArcCache;
-
     /// The live `Arc` cached for `(type_id, key)` if there is one (`Left`), otherwise the node
     /// stored under `key` (`Right`), for the caller to deserialize and then hand to
     /// [`on_arc_deserialized`](Self::on_arc_deserialized).
@@ -63,12 +65,7 @@ pub trait PagableStorage: Send + Sync + 'static {
         &self,
         type_id: &TypeId,
         key: &DataKey,
-    ) -> anyhow::Result<Either<Box<dyn ArcEraseDyn>, Arc<PagableData>>> {
-        match self.arc_cache().get(*type_id, *key) {
-            Some(arc) => Ok(Either::Left(arc)),
-            None => self.fetch_data_blocking(key).map(Either::Right),
-        }
-    }
+    ) -> anyhow::Result<Either<Box<dyn ArcEraseDyn>, Arc<PagableData>>>;
 
     /// Offers `arc`, just deserialized from `key`, to the arc cache.
     ///
@@ -81,8 +78,40 @@ pub trait PagableStorage: Send + Sync + 'static {
         type_id: TypeId,
         key: DataKey,
         arc: Box<dyn ArcEraseDyn>,
-    ) -> Option<Box<dyn ArcEraseDyn>> {
-        self.arc_cache().register(type_id, key, arc)
+    ) -> Option<Box<dyn ArcEraseDyn>>;
+
+    /// The live value of `(type_id, key)`, or the value `deserialize` makes of the node
+    /// stored under `key`, offered to the cache (the winner is returned).
+    ///
+    /// `prefetched` is the node if the caller already has it (then it is not fetched again).
+    /// The default composes [`fetch_arc_or_data_blocking`](Self::fetch_arc_or_data_blocking),
+    /// `deserialize` and [`on_arc_deserialized`](Self::on_arc_deserialized); two threads may
+    /// then both deserialize a key, and both get the first one's value.
+    /// [`WithRuntime`](crate::WithRuntime) overrides it so that concurrent callers for one
+    /// `(type_id, key)` deserialize it once.
+    ///
+    /// `deserialize` may resolve *other* keys through this storage, but never `key` itself.
+    fn resolve_arc(
+        &self,
+        type_id: TypeId,
+        key: DataKey,
+        prefetched: Option<Arc<PagableData>>,
+        deserialize: &mut dyn FnMut(Arc<PagableData>) -> anyhow::Result<Box<dyn ArcEraseDyn>>,
+    ) -> anyhow::Result<Box<dyn ArcEraseDyn>> {
+        let node = match prefetched {
+            Some(node) => node,
+            None => match self.fetch_arc_or_data_blocking(&type_id, &key)? {
+                Either::Left(live) => return Ok(live),
+                Either::Right(node) => node,
+            },
+        };
+        let arc = deserialize(node)?;
+        Ok(
+            match self.on_arc_deserialized(type_id, key, arc.clone_dyn()) {
+                Some(winner) => winner,
+                None => arc,
+            },
+        )
     }
 
     /// Queues `arc`, which no caller pins any more, for paging out. Never blocks on I/O and
@@ -92,9 +121,7 @@ pub trait PagableStorage: Send + Sync + 'static {
     /// Per-session state shared by the serializers that use this storage.
     fn session_context(&self) -> &SessionContext;
 
-    /// Drops memory that can be rebuilt: dead arc-cache entries, and backend caches. Stored
-    /// data and live values are unaffected.
-    fn release_memory(&self) {
-        self.arc_cache().prune();
-    }
+    /// Drops memory that can be rebuilt (dead cache entries, backend caches). Stored data and
+    /// live values are unaffected. The default does nothing.
+    fn release_memory(&self) {}
 }

@@ -223,6 +223,9 @@ fn typed_sqlite_error(err: &anyhow::Error, tally: &mut Tally, context: &str) -> 
         "{context}: SQLite error names {} instead of the database",
         path.display()
     );
+    let Some(source) = source.downcast_ref::<rusqlite::Error>() else {
+        panic!("{context}: the source of a Sqlite error is not SQLite's error: {err:#}");
+    };
     let code = source.sqlite_error_code();
     if code.is_none()
         && matches!(

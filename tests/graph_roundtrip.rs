@@ -300,11 +300,14 @@ async fn page_in_async_matches_page_in() {
     assert!(Shared::ptr_eq(&back.shape, &back.kids[1].shape));
 }
 
-/// A storage that records the order of `store_data` calls.
+/// A storage implemented directly (the seed's way), delegating to the in-memory one: it
+/// records the order of `store_data` calls and counts the arc-cache hooks the graph layer uses.
 #[derive(Default)]
 struct Recording {
     inner: InMemoryPagableStorage,
     order: std::sync::Mutex<Vec<pagestore::PagableData>>,
+    fetch_arc_calls: std::sync::atomic::AtomicUsize,
+    deserialized_calls: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait::async_trait]
@@ -328,8 +331,25 @@ impl PagableStorage for Recording {
     ) -> anyhow::Result<Arc<pagestore::PagableData>> {
         self.inner.fetch_data(key).await
     }
-    fn arc_cache(&self) -> &pagestore::ArcCache {
-        self.inner.arc_cache()
+    fn fetch_arc_or_data_blocking(
+        &self,
+        type_id: &std::any::TypeId,
+        key: &pagestore::DataKey,
+    ) -> anyhow::Result<either::Either<Box<dyn pagestore::ArcEraseDyn>, Arc<pagestore::PagableData>>>
+    {
+        self.fetch_arc_calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.fetch_arc_or_data_blocking(type_id, key)
+    }
+    fn on_arc_deserialized(
+        &self,
+        type_id: std::any::TypeId,
+        key: pagestore::DataKey,
+        arc: Box<dyn pagestore::ArcEraseDyn>,
+    ) -> Option<Box<dyn pagestore::ArcEraseDyn>> {
+        self.deserialized_calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.on_arc_deserialized(type_id, key, arc)
     }
     fn schedule_for_paging(&self, arc: Box<dyn pagestore::ArcEraseDyn>) {
         self.inner.schedule_for_paging(arc)
@@ -378,4 +398,35 @@ fn children_are_stored_before_parents_and_each_content_once() {
     );
     // Two distinct labels per level (i % 2), five levels, the shape and the root.
     assert_eq!(order.len(), 2 * 5 + 1 + 1);
+}
+
+#[test]
+fn page_in_goes_through_the_storage_s_own_arc_hooks() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let storage = Arc::new(Recording::default());
+    let shape = circle(1.0);
+    let kid = Shared::new(Node {
+        label: "kid".into(),
+        shape: shape.clone(),
+        kids: vec![],
+    });
+    let root = Node {
+        label: "root".into(),
+        shape,
+        kids: vec![kid.clone(), kid],
+    };
+    let key = page_out(&storage, &root).unwrap();
+    let back: Node = page_in(&storage, key).unwrap();
+    assert!(Shared::ptr_eq(&back.kids[0], &back.kids[1]));
+    // Two shared values (the kid and the shape), each looked up and then offered once.
+    assert_eq!(storage.fetch_arc_calls.load(Relaxed), 2);
+    assert_eq!(storage.deserialized_calls.load(Relaxed), 2);
+    // A second page-in while the first is alive gets the live values from the hooks.
+    let again: Node = page_in(&storage, key).unwrap();
+    assert!(Shared::ptr_eq(&back.kids[0], &again.kids[0]));
+    assert_eq!(
+        storage.deserialized_calls.load(Relaxed),
+        2,
+        "nothing deserialized again"
+    );
 }

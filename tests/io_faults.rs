@@ -134,8 +134,11 @@ fn a_file_named_pagable_db_that_is_not_a_database_is_left_alone() {
                 let err = open(scratch.path(), durability).unwrap_err();
                 let operation = assert_names_path(&err, &db);
                 if let Some(Error::Sqlite { source, .. }) = err.downcast_ref::<Error>() {
+                    let sqlite = source
+                        .downcast_ref::<rusqlite::Error>()
+                        .expect("the source of a Sqlite error is SQLite's error");
                     assert_eq!(
-                        source.sqlite_error_code(),
+                        sqlite.sqlite_error_code(),
                         Some(rusqlite::ErrorCode::NotADatabase),
                         "{err:#}"
                     );

@@ -1,34 +1,34 @@
-//! The backend contract suite on `InMemoryPagableStorage`.
+//! The contract suites on the in-memory node store, bare and with the runtime attached.
 
-mod contract;
-
-use pagestore::{DataKey, InMemoryPagableStorage};
+use pagestore::testing::{self, NodeStoreHarness, Runtime};
+use pagestore::{DataKey, InMemoryPagableStorage, MemoryNodeStore};
 
 struct Memory;
 
-impl contract::Backend for Memory {
-    type Storage = InMemoryPagableStorage;
+impl NodeStoreHarness for Memory {
+    type Store = MemoryNodeStore;
 
-    fn open(&self) -> InMemoryPagableStorage {
-        InMemoryPagableStorage::new()
+    fn open(&self) -> MemoryNodeStore {
+        MemoryNodeStore::new()
     }
 
-    fn reopen(&self, _storage: InMemoryPagableStorage) -> Option<InMemoryPagableStorage> {
+    fn reopen(&self, _store: MemoryNodeStore) -> Option<MemoryNodeStore> {
         None
     }
 
-    fn count(&self, storage: &InMemoryPagableStorage) -> u64 {
-        storage.len() as u64
-    }
-
-    fn corrupt(&self, _storage: &InMemoryPagableStorage, _key: DataKey) -> bool {
+    fn corrupt(&self, _store: &MemoryNodeStore, _key: DataKey) -> bool {
         false // nodes live as typed values, never as bytes that could rot
     }
 }
 
 #[test]
-fn in_memory_backend_keeps_the_contract() {
-    contract::run_all(&Memory);
+fn memory_node_store_keeps_the_node_store_contract() {
+    testing::node_store_contract(&Memory);
+}
+
+#[test]
+fn in_memory_storage_keeps_the_storage_contract() {
+    testing::storage_contract(&Runtime(Memory));
 }
 
 #[test]

@@ -2,12 +2,11 @@
 //! both table layouts.
 
 mod common;
-mod contract;
 
 use std::sync::Mutex;
 
-use pagestore::{DataKey, Durability, SqliteBackedPagableStorage, SqliteOptions, TableLayout};
-use rusqlite::Connection;
+use pagestore::testing::{self, NodeStoreHarness, Runtime};
+use pagestore::{DataKey, Durability, SqliteNodeStore, SqliteOptions, TableLayout};
 
 /// Opens stores in fresh temporary directories, kept until the suite ends.
 struct Sqlite {
@@ -35,20 +34,20 @@ impl Sqlite {
     }
 }
 
-impl contract::Backend for Sqlite {
-    type Storage = SqliteBackedPagableStorage;
+impl NodeStoreHarness for Sqlite {
+    type Store = SqliteNodeStore;
 
-    fn open(&self) -> SqliteBackedPagableStorage {
+    fn open(&self) -> SqliteNodeStore {
         let dir = tempfile::tempdir().unwrap();
-        let storage = self.options().open(dir.path()).unwrap();
+        let store = self.options().open_node_store(dir.path()).unwrap();
         self.dirs.lock().unwrap().push(dir);
-        storage
+        store
     }
 
-    fn reopen(&self, storage: SqliteBackedPagableStorage) -> Option<SqliteBackedPagableStorage> {
-        let dir = storage.path().parent().unwrap().to_path_buf();
-        drop(storage);
-        let reopened = self.options().open(&dir).unwrap();
+    fn reopen(&self, store: SqliteNodeStore) -> Option<SqliteNodeStore> {
+        let dir = store.path().parent().unwrap().to_path_buf();
+        drop(store);
+        let reopened = self.options().open_node_store(&dir).unwrap();
         assert!(
             reopened.open_report().is_clean(),
             "{:?}",
@@ -57,33 +56,31 @@ impl contract::Backend for Sqlite {
         Some(reopened)
     }
 
-    fn count(&self, storage: &SqliteBackedPagableStorage) -> u64 {
-        let conn = Connection::open(storage.path()).unwrap();
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .unwrap();
-        conn.query_row("SELECT count(*) FROM pagable_data", [], |row| row.get(0))
-            .unwrap()
-    }
-
-    fn corrupt(&self, storage: &SqliteBackedPagableStorage, key: DataKey) -> bool {
-        common::damage_stored_record(storage, key, 16, 0x01); // first data byte
+    fn corrupt(&self, store: &SqliteNodeStore, key: DataKey) -> bool {
+        common::damage_stored_record(store, key, 16, 0x01); // first data byte
         true
     }
 }
 
+/// Both suites: the bare node store, and the store with the runtime attached.
+fn keeps_both_contracts(sqlite: Sqlite) {
+    testing::node_store_contract(&sqlite);
+    testing::storage_contract(&Runtime(sqlite));
+}
+
 #[test]
 fn cache_mode_keeps_the_contract() {
-    contract::run_all(&Sqlite::new(Durability::Cache));
+    keeps_both_contracts(Sqlite::new(Durability::Cache));
 }
 
 #[test]
 fn durable_mode_keeps_the_contract() {
-    contract::run_all(&Sqlite::new(Durability::Durable));
+    keeps_both_contracts(Sqlite::new(Durability::Durable));
 }
 
 #[test]
 fn sync_mode_keeps_the_contract() {
-    contract::run_all(&Sqlite::new(Durability::Sync));
+    keeps_both_contracts(Sqlite::new(Durability::Sync));
 }
 
 #[test]
@@ -91,32 +88,31 @@ fn the_reference_table_layout_keeps_the_contract() {
     for durability in [Durability::Cache, Durability::Durable] {
         let mut backend = Sqlite::new(durability);
         backend.layout = TableLayout::WithoutRowid;
-        contract::run_all(&backend);
+        testing::node_store_contract(&backend);
     }
 }
 
 #[test]
 fn default_options_keep_the_contract() {
     struct Defaults(Sqlite);
-    impl contract::Backend for Defaults {
-        type Storage = SqliteBackedPagableStorage;
-        fn open(&self) -> SqliteBackedPagableStorage {
+    impl NodeStoreHarness for Defaults {
+        type Store = SqliteNodeStore;
+        fn open(&self) -> SqliteNodeStore {
             let dir = tempfile::tempdir().unwrap();
-            let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+            let store = SqliteOptions::default()
+                .open_node_store(dir.path())
+                .unwrap();
             self.0.dirs.lock().unwrap().push(dir);
-            storage
+            store
         }
-        fn reopen(&self, s: SqliteBackedPagableStorage) -> Option<SqliteBackedPagableStorage> {
-            let dir = s.path().parent().unwrap().to_path_buf();
-            drop(s);
-            Some(SqliteBackedPagableStorage::try_new(&dir).unwrap())
+        fn reopen(&self, store: SqliteNodeStore) -> Option<SqliteNodeStore> {
+            let dir = store.path().parent().unwrap().to_path_buf();
+            drop(store);
+            Some(SqliteOptions::default().open_node_store(&dir).unwrap())
         }
-        fn count(&self, s: &SqliteBackedPagableStorage) -> u64 {
-            self.0.count(s)
-        }
-        fn corrupt(&self, s: &SqliteBackedPagableStorage, key: DataKey) -> bool {
-            self.0.corrupt(s, key)
+        fn corrupt(&self, store: &SqliteNodeStore, key: DataKey) -> bool {
+            self.0.corrupt(store, key)
         }
     }
-    contract::run_all(&Defaults(Sqlite::new(Durability::Cache)));
+    testing::storage_contract(&Runtime(Defaults(Sqlite::new(Durability::Cache))));
 }

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use common::{Rng, count_from_env, seed_from_env};
 use dashmap::DashMap;
 use either::Either;
-use pagestore::erase::downcast_arc;
+use pagestore::downcast_arc;
 use pagestore::{
     DataKey, Durability, InMemoryPagableStorage, PagableData, PagableStorage, SqliteOptions,
 };

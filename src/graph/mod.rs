@@ -58,8 +58,8 @@
 //! `dyn` view carries a type tag). The memo of what was already serialized lives for one
 //! call: paging the same graph out twice serializes it twice (and stores nothing new).
 //!
-//! Paging in resolves each child key through the storage's [`ArcCache`](crate::ArcCache) by
-//! `(TypeId, key)`: a value still alive in memory is reused as is (the same `Arc`), and one that
+//! Paging in resolves each child key through the storage's arc cache
+//! ([`PagableStorage::resolve_arc`]) by `(TypeId, key)`: a value still alive in memory is reused as is (the same `Arc`), and one that
 //! is not is fetched and deserialized once, even when many threads page in overlapping graphs at
 //! the same time.
 //!

@@ -2,7 +2,7 @@
 //!
 //! A node is deserialized top-down: when its deserializer reaches a [`Shared<T>`] field, that
 //! field takes the node's next child key and resolves it — from this call's table, else from the
-//! storage's [`ArcCache`](crate::ArcCache) by `(TypeId of T, key)`, whose load-once entry
+//! storage's arc cache ([`PagableStorage::resolve_arc`]) by `(TypeId of T, key)`, whose load-once entry
 //! fetches and deserializes the child (recursively) if no live value exists. That is where the
 //! child's type becomes known, so it is the only place it can be deserialized.
 //!
@@ -11,6 +11,7 @@
 //! the deferred child from depth zero, then retries. A million-deep chain thus costs about two
 //! deserializations per node instead of a million stack frames.
 
+use std::any::TypeId;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use crate::data::PagableData;
+use crate::erase::downcast_arc;
 use crate::error::Error;
 use crate::key::{DataKey, KeyHasherBuilder};
 use crate::storage::PagableStorage;
@@ -173,19 +175,30 @@ where
     Box<T>: DeserializeOwned,
 {
     let mut loaded_here = false;
-    let arc = storage.arc_cache().get_or_load_typed::<T>(key, || {
-        loaded_here = true;
-        let node = fetch(storage, key).map_err(|err| match parent {
-            // Context keeps the storage's typed error reachable by downcast.
-            Some(parent) => err.context(format!(
+    let prefetched = with_state(|state| state.prefetched.get(&key).cloned()).flatten();
+    let erased = storage
+        .resolve_arc(TypeId::of::<T>(), key, prefetched, &mut |node| {
+            loaded_here = true;
+            let value: Arc<T> = decode_node::<Box<T>>(key, node)?.into();
+            Ok(Box::new(value))
+        })
+        .map_err(|err| match parent {
+            // Only the fetch of this very key gets the context (a descendant's error already
+            // has its own); context keeps the storage's typed error reachable by downcast.
+            Some(parent) if names_key(&err, key) => err.context(format!(
                 "child {} of the node stored under {} (a `{}`)",
                 parent.index,
                 parent.key,
                 std::any::type_name::<T>()
             )),
-            None => err,
+            _ => err,
         })?;
-        decode_node::<Box<T>>(key, node).map(Arc::from)
+    let arc = downcast_arc::<T>(&*erased).ok_or_else(|| {
+        anyhow::anyhow!(
+            "the storage resolved {key} as a `{}`, not the `{}` asked for",
+            erased.type_name(),
+            std::any::type_name::<T>()
+        )
     })?;
     // A value that was already alive is held by someone else; only what this call loaded needs
     // holding (and a deferred load's value).
@@ -193,6 +206,15 @@ where
         with_state(|state| state.held.insert(key, &arc));
     }
     Ok(arc)
+}
+
+/// Whether `err` is a fetch error about `key` itself (not about one of its descendants).
+fn names_key(err: &anyhow::Error, key: DataKey) -> bool {
+    match err.downcast_ref::<Error>() {
+        Some(Error::NotFound(missing)) => *missing == key,
+        Some(Error::Corrupt { key: damaged, .. }) => *damaged == key,
+        _ => false,
+    }
 }
 
 fn load_deferred<T>(key: DataKey) -> anyhow::Result<()>
@@ -205,6 +227,7 @@ where
     load::<T>(&*storage, key, None).map(drop)
 }
 
+/// The root's record: prefetched, or fetched now.
 fn fetch(storage: &dyn PagableStorage, key: DataKey) -> anyhow::Result<Arc<PagableData>> {
     if let Some(node) = with_state(|state| state.prefetched.get(&key).cloned()).flatten() {
         return Ok(node);

@@ -242,12 +242,12 @@ pub fn within<T: Send + 'static>(
 /// readers' held read transactions (so this outside writer gets its lock), then XORs the
 /// record's byte at `offset` with `mask` through a separate SQLite connection.
 pub fn damage_stored_record(
-    storage: &pagestore::SqliteBackedPagableStorage,
+    storage: &pagestore::SqliteNodeStore,
     key: DataKey,
     offset: usize,
     mask: u8,
 ) {
-    use pagestore::PagableStorage;
+    use pagestore::NodeStore;
     storage.flush().unwrap();
     storage.release_memory();
     let conn = rusqlite::Connection::open(storage.path()).unwrap();

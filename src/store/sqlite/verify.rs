@@ -13,7 +13,7 @@ use crate::key::DataKey;
 /// store never holds a lock long enough to stall the writer.
 const CHUNK: usize = 4096;
 
-/// What [`verify`](super::SqliteBackedPagableStorage::verify) found.
+/// What [`verify`](super::SqliteNodeStore::verify) found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct VerifyReport {
@@ -126,4 +126,72 @@ fn scan_chunk(
     }
     tx.commit()?;
     Ok(rows_seen)
+}
+
+/// What [`for_each_record`] calls with each row: its key, and its record or why it has none.
+pub(super) type RecordVisitor<'a> =
+    dyn FnMut(DataKey, Result<&[u8], Error>) -> anyhow::Result<()> + 'a;
+
+/// Calls `visit` with every row's key and record (or, for a record that is not a BLOB, a
+/// [`Error::Corrupt`]), in key order, in short read transactions of [`CHUNK`] rows. Rows with
+/// a malformed key are skipped (see [`VerifyReport::malformed_keys`]).
+pub(super) fn for_each_record(
+    conn: &mut Connection,
+    path: &Path,
+    visit: &mut RecordVisitor<'_>,
+) -> anyhow::Result<()> {
+    let mut after: Vec<u8> = Vec::new();
+    loop {
+        let tx = conn
+            .transaction()
+            .map_err(Error::sqlite("begin a scan of", path))?;
+        let mut rows_seen = 0;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT key, value FROM pagable_data WHERE key > ?1 ORDER BY key LIMIT ?2",
+                )
+                .map_err(Error::sqlite("scan the records of", path))?;
+            let mut rows = stmt
+                .query(rusqlite::params![&after[..], CHUNK as i64])
+                .map_err(Error::sqlite("scan the records of", path))?;
+            while let Some(row) = rows
+                .next()
+                .map_err(Error::sqlite("scan the records of", path))?
+            {
+                rows_seen += 1;
+                let raw_key = row
+                    .get_ref(0)
+                    .map_err(Error::sqlite("scan the records of", path))?
+                    .as_blob()
+                    .unwrap_or_default();
+                after.clear();
+                after.extend_from_slice(raw_key);
+                let Some(key) = DataKey::from_slice(raw_key) else {
+                    continue;
+                };
+                let value = row
+                    .get_ref(1)
+                    .map_err(Error::sqlite("scan the records of", path))?;
+                match value.as_blob() {
+                    Ok(bytes) => visit(key, Ok(bytes))?,
+                    Err(_) => visit(
+                        key,
+                        Err(Error::Corrupt {
+                            key,
+                            reason: format!(
+                                "the stored value is {}, not a BLOB",
+                                value.data_type()
+                            ),
+                        }),
+                    )?,
+                }
+            }
+        }
+        tx.commit()
+            .map_err(Error::sqlite("end a scan step of", path))?;
+        if rows_seen < CHUNK {
+            return Ok(());
+        }
+    }
 }

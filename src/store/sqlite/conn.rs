@@ -135,9 +135,10 @@ pub(super) fn configure_writer(
         return Err(Error::Sqlite {
             path: path.into(),
             operation: "switch the journal mode of",
-            source: rusqlite::Error::InvalidParameterName(format!(
+            source: format!(
                 "journal_mode stayed {mode} instead of {wanted}; is another process using it?"
-            )),
+            )
+            .into(),
         });
     }
     // A batch of random keys rewrites most leaf pages, so one commit can put most of the

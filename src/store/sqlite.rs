@@ -1,5 +1,6 @@
-//! [`SqliteBackedPagableStorage`]: nodes in one SQLite file, in the reference
-//! implementation's format, with a background writer and a pool of readers.
+//! [`SqliteNodeStore`]: nodes in one SQLite file, in the reference implementation's format,
+//! with a background writer and a pool of readers; [`SqliteBackedPagableStorage`] is the same
+//! with the runtime attached.
 //!
 //! The on-disk format (table, record encoding, page size, journal modes, marker file) is
 //! written down in `docs/format.md`. In short: one table
@@ -32,20 +33,20 @@ pub use verify::VerifyReport;
 
 use self::pool::ReaderPool;
 use self::writer::WriteBuffer;
-use crate::cache::ArcCache;
 use crate::codec;
 use crate::data::PagableData;
-use crate::erase::ArcEraseDyn;
 use crate::error::Error;
 use crate::key::DataKey;
-use crate::paging::PagingQueue;
-use crate::session::SessionContext;
-use crate::storage::PagableStorage;
+use crate::runtime::WithRuntime;
+use crate::store::NodeStore;
 
 /// The file name of the database inside the store's directory (the reference's name).
-pub const DATABASE_FILE: &str = "pagable.db";
+const DATABASE_FILE: &str = "pagable.db";
 
-/// A [`PagableStorage`] that keeps nodes in a SQLite database, `dir/pagable.db`.
+/// The SQLite node store with the runtime attached: a
+/// [`PagableStorage`](crate::PagableStorage) that keeps nodes in a SQLite database,
+/// `dir/pagable.db`. Methods of the store itself ([`verify`](SqliteNodeStore::verify),
+/// [`open_report`](SqliteNodeStore::open_report), …) are called on it directly.
 ///
 /// ```
 /// use pagestore::{PagableData, PagableStorage, SqliteBackedPagableStorage};
@@ -68,12 +69,24 @@ pub const DATABASE_FILE: &str = "pagable.db";
 ///
 /// One store per directory: opening a second one on the same directory, in this process or
 /// another, fails with [`Error::Io`] until the first is dropped.
-pub struct SqliteBackedPagableStorage {
+pub type SqliteBackedPagableStorage = WithRuntime<SqliteNodeStore>;
+
+impl SqliteBackedPagableStorage {
+    /// Opens (creating if needed) the store in `dir` with default options:
+    /// `SqliteOptions::default().open(dir)`.
+    pub fn try_new(dir: impl AsRef<Path>) -> anyhow::Result<Self> {
+        SqliteOptions::default().open(dir)
+    }
+}
+
+/// A [`NodeStore`] that keeps nodes in a SQLite database, `dir/pagable.db`, in the format of
+/// `pagable` 0.3.3 (see the module docs of the crate root and `docs/format.md`).
+///
+/// Most users want [`SqliteBackedPagableStorage`], which attaches the runtime; open either
+/// with [`SqliteOptions`]. Dropping it flushes what is pending and closes the database.
+pub struct SqliteNodeStore {
     inner: Arc<Inner>,
     writer: Option<JoinHandle<()>>,
-    arc_cache: ArcCache,
-    paging: PagingQueue,
-    session: SessionContext,
     open_report: OpenReport,
     options: SqliteOptions,
     table_layout: TableLayout,
@@ -125,13 +138,7 @@ fn decode(key: &DataKey, record: &[u8], verify: bool) -> Result<Arc<PagableData>
     Ok(Arc::new(view.to_data()))
 }
 
-impl SqliteBackedPagableStorage {
-    /// Opens (creating if needed) the store in `dir` with default options:
-    /// `SqliteOptions::default().open(dir)`.
-    pub fn try_new(dir: impl AsRef<Path>) -> anyhow::Result<Self> {
-        SqliteOptions::default().open(dir)
-    }
-
+impl SqliteNodeStore {
     pub(super) fn open_with(dir: &Path, options: SqliteOptions) -> anyhow::Result<Self> {
         // Fails (AlreadyExists / NotADirectory) when a file is in the way.
         std::fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
@@ -194,9 +201,6 @@ impl SqliteBackedPagableStorage {
         Ok(Self {
             inner,
             writer: Some(writer),
-            arc_cache: ArcCache::new(),
-            paging: PagingQueue::default(),
-            session: SessionContext::new(),
             open_report,
             options,
             table_layout: layout,
@@ -272,7 +276,7 @@ impl SqliteBackedPagableStorage {
     }
 }
 
-impl Drop for SqliteBackedPagableStorage {
+impl Drop for SqliteNodeStore {
     /// Flushes and closes cleanly; errors are logged (call `flush` first to see them).
     fn drop(&mut self) {
         self.close();
@@ -280,26 +284,22 @@ impl Drop for SqliteBackedPagableStorage {
 }
 
 #[async_trait::async_trait]
-impl PagableStorage for SqliteBackedPagableStorage {
-    fn store_data(&self, data: PagableData) -> anyhow::Result<DataKey> {
-        let key = data.compute_key();
+impl NodeStore for SqliteNodeStore {
+    fn put(&self, node: PagableData) -> anyhow::Result<DataKey> {
+        let key = node.compute_key();
         let buffer = &self.inner.buffer;
         buffer.check()?;
         if !buffer.contains(&key) {
-            buffer.push(key, codec::encode(&data))?;
+            buffer.push(key, codec::encode(&node))?;
         }
         Ok(key)
     }
 
-    fn flush(&self) -> anyhow::Result<()> {
-        Ok(self.inner.buffer.flush()?)
-    }
-
-    fn fetch_data_blocking(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
+    fn get(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
         self.inner.fetch(key)
     }
 
-    async fn fetch_data(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
+    async fn get_async(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
         if let Some(record) = self.inner.buffer.pending(key) {
             // In memory, encoded here from a node that hashed to `key`: no I/O, no re-hash.
             return Ok(decode(key, &record, false)?);
@@ -316,38 +316,51 @@ impl PagableStorage for SqliteBackedPagableStorage {
         self.inner.fetch(key)
     }
 
-    fn arc_cache(&self) -> &ArcCache {
-        &self.arc_cache
+    fn contains(&self, key: &DataKey) -> anyhow::Result<bool> {
+        if self.inner.buffer.contains(key) {
+            return Ok(true);
+        }
+        Ok(self.inner.pool.contains(&key.as_bytes())?)
     }
 
-    fn schedule_for_paging(&self, arc: Box<dyn ArcEraseDyn>) {
-        self.paging.push(&*arc);
+    fn flush(&self) -> anyhow::Result<()> {
+        Ok(self.inner.buffer.flush()?)
     }
 
-    fn session_context(&self) -> &SessionContext {
-        &self.session
+    fn scan(
+        &self,
+        visit: &mut dyn FnMut(DataKey, anyhow::Result<PagableData>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        // What is pending is committed first, so the scan sees every node once, from one place.
+        self.flush()?;
+        let mut conn = conn::open_reader(&self.inner.path, &self.options)?;
+        verify::for_each_record(&mut conn, &self.inner.path, &mut |key, record| {
+            let node = match record {
+                Ok(bytes) => decode(&key, bytes, true).map(|node| PagableData::clone(&node)),
+                Err(err) => Err(err),
+            };
+            visit(key, node.map_err(anyhow::Error::from))
+        })
     }
 
-    /// Prunes dead arc-cache entries, ends the readers' held transactions and returns their
-    /// SQLite page caches, asks the writer to do the same, and forgets the remembered
-    /// committed keys (later repeats are then deduplicated by SQLite).
+    /// Ends the readers' held transactions and returns their SQLite page caches, asks the
+    /// writer to do the same, and forgets the remembered committed keys (later repeats are
+    /// then deduplicated by SQLite).
     fn release_memory(&self) {
-        self.arc_cache.prune();
         self.inner.pool.release_memory();
         self.inner.buffer.release_memory();
     }
 }
 
-impl std::fmt::Debug for SqliteBackedPagableStorage {
+impl std::fmt::Debug for SqliteNodeStore {
     /// Settings and counts only: payloads are never printed.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteBackedPagableStorage")
+        f.debug_struct("SqliteNodeStore")
             .field("path", &self.inner.path)
             .field("durability", &self.options.durability)
             .field("pending", &self.inner.buffer.pending_len())
             .field("poisoned", &self.inner.buffer.is_poisoned())
             .field("open_report", &self.open_report)
-            .field("arc_cache", &self.arc_cache)
             .finish()
     }
 }

@@ -188,6 +188,11 @@ impl ReaderPool {
         result.map_err(Error::sqlite("read a record from", &self.path))
     }
 
+    /// Whether a record is stored under `key` (committed; the caller checks what is pending).
+    pub(super) fn contains(&self, key: &[u8; 16]) -> Result<bool, Error> {
+        Ok(self.read(key, |_| ())?.is_some())
+    }
+
     fn select<R>(
         conn: &Connection,
         key: &[u8; 16],

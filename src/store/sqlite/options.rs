@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use super::SqliteBackedPagableStorage;
+use super::{SqliteBackedPagableStorage, SqliteNodeStore};
+use crate::runtime::WithRuntime;
 
 /// What survives a crash, and what it costs. Chosen per open; a database written in one mode
 /// opens in any other (the journal mode is switched at open).
@@ -195,7 +196,7 @@ impl SqliteOptions {
     }
 
     /// The table layout of a database this open *creates*; an existing database keeps its
-    /// own ([`SqliteBackedPagableStorage::table_layout`] says which it has). Default =
+    /// own ([`SqliteNodeStore::table_layout`] says which it has). Default =
     /// [`TableLayout::Rowid`].
     pub fn table_layout(mut self, layout: TableLayout) -> Self {
         self.table_layout = layout;
@@ -208,6 +209,12 @@ impl SqliteOptions {
     /// created or is a file; [`Error::Sqlite`](crate::Error::Sqlite) when SQLite cannot open or
     /// set up the database.
     pub fn open(self, dir: impl AsRef<Path>) -> anyhow::Result<SqliteBackedPagableStorage> {
-        SqliteBackedPagableStorage::open_with(dir.as_ref(), self)
+        self.open_node_store(dir).map(WithRuntime::attach)
+    }
+
+    /// Opens the store in `dir` as [`open`](Self::open) does, without attaching the runtime:
+    /// the bare [`SqliteNodeStore`], for composing with other node stores.
+    pub fn open_node_store(self, dir: impl AsRef<Path>) -> anyhow::Result<SqliteNodeStore> {
+        SqliteNodeStore::open_with(dir.as_ref(), self)
     }
 }

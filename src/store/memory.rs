@@ -1,0 +1,115 @@
+//! [`MemoryNodeStore`]: the node-store contract on a concurrent map, nothing on disk, and
+//! [`InMemoryPagableStorage`], the same with the runtime attached.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::data::PagableData;
+use crate::error::Error;
+use crate::key::{DataKey, KeyHasherBuilder};
+use crate::runtime::WithRuntime;
+use crate::store::NodeStore;
+
+/// A [`NodeStore`] that keeps every node in memory.
+///
+/// For tests, for short-lived graphs and as the model the other stores are checked against.
+/// Storing content already stored keeps the first copy; `flush` has nothing to do.
+/// Most users want [`InMemoryPagableStorage`], which attaches the runtime to it.
+#[derive(Default)]
+pub struct MemoryNodeStore {
+    nodes: DashMap<DataKey, Arc<PagableData>, KeyHasherBuilder>,
+}
+
+/// The in-memory node store with the runtime attached: a
+/// [`PagableStorage`](crate::PagableStorage) that keeps every node in memory.
+///
+/// ```
+/// use pagestore::{InMemoryPagableStorage, PagableData, PagableStorage};
+///
+/// let storage = InMemoryPagableStorage::new();
+/// let leaf = storage.store_data(PagableData { data: b"leaf".to_vec(), arcs: vec![] })?;
+/// let root = storage.store_data(PagableData { data: b"root".to_vec(), arcs: vec![leaf, leaf] })?;
+/// assert_eq!(storage.fetch_data_blocking(&root)?.arcs, [leaf, leaf]);
+/// assert_eq!(storage.len(), 2);
+/// # anyhow::Ok(())
+/// ```
+pub type InMemoryPagableStorage = WithRuntime<MemoryNodeStore>;
+
+impl InMemoryPagableStorage {
+    /// An empty in-memory store with the runtime attached.
+    pub fn new() -> Self {
+        WithRuntime::attach(MemoryNodeStore::new())
+    }
+}
+
+impl Default for InMemoryPagableStorage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryNodeStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The number of distinct nodes stored.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether no node is stored.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}
+
+#[async_trait::async_trait]
+impl NodeStore for MemoryNodeStore {
+    fn put(&self, node: PagableData) -> anyhow::Result<DataKey> {
+        let key = node.compute_key();
+        self.nodes.entry(key).or_insert_with(|| Arc::new(node));
+        Ok(key)
+    }
+
+    fn get(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
+        match self.nodes.get(key) {
+            Some(node) => Ok(Arc::clone(&node)),
+            None => Err(Error::NotFound(*key).into()),
+        }
+    }
+
+    fn contains(&self, key: &DataKey) -> anyhow::Result<bool> {
+        Ok(self.nodes.contains_key(key))
+    }
+
+    fn flush(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn scan(
+        &self,
+        visit: &mut dyn FnMut(DataKey, anyhow::Result<PagableData>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        // Snapshot the keys first: `visit` may store (a shard lock held across it would
+        // deadlock) and iterating the map holds one shard's read lock at a time.
+        let keys: Vec<DataKey> = self.nodes.iter().map(|entry| *entry.key()).collect();
+        for key in keys {
+            if let Some(node) = self.nodes.get(&key).map(|node| Arc::clone(&node)) {
+                visit(key, Ok(PagableData::clone(&node)))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for MemoryNodeStore {
+    /// Counts only: payloads are never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryNodeStore")
+            .field("nodes", &self.nodes.len())
+            .finish()
+    }
+}

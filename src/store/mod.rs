@@ -1,0 +1,85 @@
+//! The node-store layer: [`NodeStore`], bytes by key, and its two implementations.
+//!
+//! A node store knows nothing of Rust types, `Arc`s, `TypeId`s or paging: it keeps
+//! [`PagableData`] nodes under their [`DataKey`]s. Everything about live values (the arc
+//! cache, the paging queue, the session context) is the runtime's, written once in
+//! [`WithRuntime`](crate::WithRuntime) and attached to any node store.
+
+use std::sync::Arc;
+
+use crate::data::PagableData;
+use crate::key::DataKey;
+
+pub(crate) mod memory;
+#[cfg(feature = "sqlite")]
+pub(crate) mod sqlite;
+
+/// A content-addressed store of [`PagableData`] nodes: the contract a backend keeps.
+///
+/// Implement it for a new backend and attach the runtime with
+/// [`WithRuntime::attach`](crate::WithRuntime::attach): the result is a
+/// [`PagableStorage`](crate::PagableStorage) with the arc cache, the paging queue and the
+/// graph layer. The suite in [`testing`](crate::testing) (feature `testing`) checks every
+/// sentence below; run it on your backend.
+///
+/// Errors come as [`anyhow::Error`]; the conditions named here must be a
+/// [`pagestore::Error`](crate::Error) inside it, so callers can `downcast_ref` them. No
+/// method panics on bad data or bad input.
+///
+/// # The contract
+///
+/// 1. **Content addressing.** [`put`](Self::put) returns `node.compute_key()`. Storing equal
+///    content twice keeps one entry.
+/// 2. **Read-your-writes.** Once `put` returns `Ok`, [`get`](Self::get),
+///    [`get_async`](Self::get_async), [`contains`](Self::contains) and [`scan`](Self::scan)
+///    see the node, from every thread, before any flush.
+/// 3. **Durability at flush.** When [`flush`](Self::flush) returns `Ok`, every node whose
+///    `put` returned before it is committed: a new instance on the same location reads them
+///    (for persistent stores; what survives a crash is the backend's documented setting).
+/// 4. **Children first.** A node is never committed before the nodes its `arcs` name (a
+///    caller stores children first, and the store keeps that order), so after any crash no
+///    committed node points to a missing one.
+/// 5. **Typed errors.** A key that is not stored is [`Error::NotFound`](crate::Error::NotFound);
+///    a record that is damaged is [`Error::Corrupt`](crate::Error::Corrupt), never the damaged
+///    bytes. Both name the key.
+/// 6. **Concurrency.** Every method may be called from many threads at once; nothing stored
+///    is lost and nothing deadlocks.
+#[async_trait::async_trait]
+pub trait NodeStore: Send + Sync + 'static {
+    /// Stores `node` and returns its key, `node.compute_key()`. Idempotent; may buffer the
+    /// write (see the contract, items 2–4).
+    fn put(&self, node: PagableData) -> anyhow::Result<DataKey>;
+
+    /// The node stored under `key`; [`Error::NotFound`](crate::Error::NotFound) if there is
+    /// none, [`Error::Corrupt`](crate::Error::Corrupt) if its record is damaged.
+    fn get(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>>;
+
+    /// [`get`](Self::get) for async callers: the same result, without blocking the async
+    /// runtime's worker thread on I/O. The default runs `get` inline, which suits stores
+    /// that never block.
+    async fn get_async(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
+        self.get(key)
+    }
+
+    /// Whether a node is stored under `key` (committed or not), without reading its record.
+    fn contains(&self, key: &DataKey) -> anyhow::Result<bool>;
+
+    /// Commits every node whose [`put`](Self::put) returned before this call.
+    fn flush(&self) -> anyhow::Result<()>;
+
+    /// Visits every stored node once, in no particular order, for maintenance (verification,
+    /// garbage collection). A node whose record is damaged is visited as an
+    /// [`Error::Corrupt`](crate::Error::Corrupt) naming its key; the scan goes on. An error
+    /// from `visit` stops the scan and is returned.
+    ///
+    /// Nodes stored while the scan runs may or may not be visited; the scan must not stop
+    /// other threads from storing and reading for its whole duration.
+    fn scan(
+        &self,
+        visit: &mut dyn FnMut(DataKey, anyhow::Result<PagableData>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()>;
+
+    /// Drops memory that can be rebuilt (caches); stored data is unaffected. The default
+    /// does nothing.
+    fn release_memory(&self) {}
+}

@@ -1,0 +1,656 @@
+//! The contract suites: what every [`NodeStore`] and every [`PagableStorage`] must do, as
+//! runnable checks (feature `testing`).
+//!
+//! A backend written in another crate runs them from its own tests:
+//!
+//! ```
+//! use pagestore::testing::{self, NodeStoreHarness, Runtime};
+//! use pagestore::{DataKey, MemoryNodeStore};
+//!
+//! struct Memory;
+//!
+//! impl NodeStoreHarness for Memory {
+//!     type Store = MemoryNodeStore;
+//!     fn open(&self) -> MemoryNodeStore {
+//!         MemoryNodeStore::new()
+//!     }
+//!     fn reopen(&self, _store: MemoryNodeStore) -> Option<MemoryNodeStore> {
+//!         None // nothing persists
+//!     }
+//!     fn corrupt(&self, _store: &MemoryNodeStore, _key: DataKey) -> bool {
+//!         false // nodes are values, never bytes that could rot
+//!     }
+//! }
+//!
+//! testing::node_store_contract(&Memory);
+//! // The same store with the runtime attached keeps the PagableStorage contract.
+//! testing::storage_contract(&Runtime(Memory));
+//! ```
+//!
+//! Each check panics with a message naming what failed. The suites use a few hundred to a
+//! few thousand small nodes and a handful of threads: seconds, not minutes.
+
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::sync::{Arc, Barrier, mpsc};
+
+use either::Either;
+
+use crate::{DataKey, Error, NodeStore, PagableData, PagableStorage, WithRuntime, downcast_arc};
+
+/// How the node-store suite opens, reopens and damages one kind of [`NodeStore`].
+pub trait NodeStoreHarness {
+    /// The store under test.
+    type Store: NodeStore;
+
+    /// A fresh, empty store (a new location each call).
+    fn open(&self) -> Self::Store;
+
+    /// Closes `store` and opens a new instance on the same location; `None` for stores that
+    /// persist nothing.
+    fn reopen(&self, store: Self::Store) -> Option<Self::Store>;
+
+    /// Damages the committed record of `key` so that its content no longer matches its key;
+    /// returns false for stores whose records cannot be damaged from outside.
+    fn corrupt(&self, store: &Self::Store, key: DataKey) -> bool;
+}
+
+/// How the storage suite opens, reopens, counts and damages one kind of [`PagableStorage`].
+pub trait StorageHarness {
+    /// The storage under test.
+    type Storage: PagableStorage;
+
+    /// A fresh, empty storage (a new location each call).
+    fn open(&self) -> Self::Storage;
+
+    /// Closes `storage` and opens a new instance on the same location; `None` for storages
+    /// that persist nothing.
+    fn reopen(&self, storage: Self::Storage) -> Option<Self::Storage>;
+
+    /// The number of distinct nodes stored (called after a flush).
+    fn count(&self, storage: &Self::Storage) -> u64;
+
+    /// Damages the committed record of `key` (see [`NodeStoreHarness::corrupt`]).
+    fn corrupt(&self, storage: &Self::Storage, key: DataKey) -> bool;
+}
+
+/// A [`NodeStoreHarness`]'s stores with the runtime attached ([`WithRuntime`]), as a
+/// [`StorageHarness`].
+#[derive(Debug, Clone, Copy)]
+pub struct Runtime<H>(pub H);
+
+impl<H: NodeStoreHarness> StorageHarness for Runtime<H> {
+    type Storage = WithRuntime<H::Store>;
+
+    fn open(&self) -> Self::Storage {
+        WithRuntime::attach(self.0.open())
+    }
+
+    fn reopen(&self, storage: Self::Storage) -> Option<Self::Storage> {
+        self.0
+            .reopen(storage.into_node_store())
+            .map(WithRuntime::attach)
+    }
+
+    fn count(&self, storage: &Self::Storage) -> u64 {
+        count_nodes(storage.node_store())
+    }
+
+    fn corrupt(&self, storage: &Self::Storage, key: DataKey) -> bool {
+        self.0.corrupt(storage.node_store(), key)
+    }
+}
+
+/// Runs every check of the node-store contract ([`NodeStore`]'s docs) against `harness`.
+pub fn node_store_contract<H: NodeStoreHarness>(harness: &H) {
+    run_data_checks(&Nodes(harness));
+    contains_sees_pending_and_committed_nodes(harness);
+    scan_visits_every_node_once_before_and_after_flush(harness);
+}
+
+/// Runs every check of the [`PagableStorage`] contract against `harness`: the data checks of
+/// the node-store suite through `store_data`/`fetch_data*`, then the runtime's (arc cache,
+/// load-once, paging queue, `release_memory`).
+pub fn storage_contract<H: StorageHarness>(harness: &H) {
+    run_data_checks(&Storages(harness));
+    arc_cache_first_wins_preserves_identity_and_is_weak(harness);
+    resolve_arc_loads_once_under_concurrent_callers(harness);
+    paging_schedule_and_release_memory_keep_data(harness);
+}
+
+/// A deterministic node: `size` bytes derived from `seed`, and the given children.
+pub fn node(seed: u64, size: usize, arcs: Vec<DataKey>) -> PagableData {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let data = (0..size)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    PagableData { data, arcs }
+}
+
+/// Stores a small DAG through `put` (each node points to up to 3 earlier ones, children
+/// first) and returns the model of what was stored: key → node. Panics if `put` fails or
+/// returns a key other than `compute_key()`.
+pub fn store_dag(
+    put: &dyn Fn(PagableData) -> anyhow::Result<DataKey>,
+    seed: u64,
+    nodes: usize,
+) -> HashMap<DataKey, PagableData> {
+    let mut model = HashMap::new();
+    let mut keys: Vec<DataKey> = Vec::new();
+    for i in 0..nodes {
+        let n = i as u64 + seed * 1_000_003;
+        let arcs = (0..(n % 4) as usize)
+            .filter(|_| !keys.is_empty())
+            .map(|j| keys[(n as usize * 31 + j * 7) % keys.len()])
+            .collect();
+        let data = node(n, (n % 300) as usize, arcs);
+        let key = put(data.clone()).unwrap_or_else(|e| panic!("store node {i}: {e:#}"));
+        assert_eq!(key, data.compute_key(), "a store returns compute_key()");
+        keys.push(key);
+        model.insert(key, data);
+    }
+    model
+}
+
+/// Fetches every key of `model` through `get` and checks the bytes.
+pub fn assert_reads_back(
+    get: &dyn Fn(&DataKey) -> anyhow::Result<Arc<PagableData>>,
+    model: &HashMap<DataKey, PagableData>,
+) {
+    for (key, expected) in model {
+        let got = get(key).unwrap_or_else(|e| panic!("fetch {key}: {e:#}"));
+        assert_eq!(&*got, expected, "node {key} reads back exactly");
+    }
+}
+
+/// The number of nodes `store`'s scan visits.
+fn count_nodes<S: NodeStore + ?Sized>(store: &S) -> u64 {
+    let mut count = 0;
+    store
+        .scan(&mut |_, _| {
+            count += 1;
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("scan: {e:#}"));
+    count
+}
+
+/// The data path both suites check, over a node store or a storage.
+#[async_trait::async_trait]
+trait Subject: Send + Sync {
+    fn put(&self, node: PagableData) -> anyhow::Result<DataKey>;
+    fn get(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>>;
+    async fn get_async(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>>;
+    fn flush(&self) -> anyhow::Result<()>;
+}
+
+/// One kind of subject: how to open, reopen, count and damage it.
+trait Suite {
+    type Subject: Subject + 'static;
+    fn open(&self) -> Self::Subject;
+    fn reopen(&self, subject: Self::Subject) -> Option<Self::Subject>;
+    fn count(&self, subject: &Self::Subject) -> u64;
+    fn corrupt(&self, subject: &Self::Subject, key: DataKey) -> bool;
+}
+
+struct AsNodeStore<S>(S);
+
+#[async_trait::async_trait]
+impl<S: NodeStore> Subject for AsNodeStore<S> {
+    fn put(&self, node: PagableData) -> anyhow::Result<DataKey> {
+        self.0.put(node)
+    }
+    fn get(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
+        self.0.get(key)
+    }
+    async fn get_async(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
+        self.0.get_async(key).await
+    }
+    fn flush(&self) -> anyhow::Result<()> {
+        self.0.flush()
+    }
+}
+
+struct AsStorage<S>(S);
+
+#[async_trait::async_trait]
+impl<S: PagableStorage> Subject for AsStorage<S> {
+    fn put(&self, node: PagableData) -> anyhow::Result<DataKey> {
+        self.0.store_data(node)
+    }
+    fn get(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
+        self.0.fetch_data_blocking(key)
+    }
+    async fn get_async(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
+        self.0.fetch_data(key).await
+    }
+    fn flush(&self) -> anyhow::Result<()> {
+        self.0.flush()
+    }
+}
+
+struct Nodes<'a, H>(&'a H);
+
+impl<H: NodeStoreHarness> Suite for Nodes<'_, H> {
+    type Subject = AsNodeStore<H::Store>;
+    fn open(&self) -> Self::Subject {
+        AsNodeStore(self.0.open())
+    }
+    fn reopen(&self, subject: Self::Subject) -> Option<Self::Subject> {
+        self.0.reopen(subject.0).map(AsNodeStore)
+    }
+    fn count(&self, subject: &Self::Subject) -> u64 {
+        count_nodes(&subject.0)
+    }
+    fn corrupt(&self, subject: &Self::Subject, key: DataKey) -> bool {
+        self.0.corrupt(&subject.0, key)
+    }
+}
+
+struct Storages<'a, H>(&'a H);
+
+impl<H: StorageHarness> Suite for Storages<'_, H> {
+    type Subject = AsStorage<H::Storage>;
+    fn open(&self) -> Self::Subject {
+        AsStorage(self.0.open())
+    }
+    fn reopen(&self, subject: Self::Subject) -> Option<Self::Subject> {
+        self.0.reopen(subject.0).map(AsStorage)
+    }
+    fn count(&self, subject: &Self::Subject) -> u64 {
+        self.0.count(&subject.0)
+    }
+    fn corrupt(&self, subject: &Self::Subject, key: DataKey) -> bool {
+        self.0.corrupt(&subject.0, key)
+    }
+}
+
+fn run_data_checks<T: Suite>(suite: &T) {
+    key_is_compute_key_and_duplicates_are_stored_once(suite);
+    read_your_writes_from_every_thread_before_flush(suite);
+    reopen_after_flush_reads_everything(suite);
+    missing_key_is_not_found_naming_the_key(suite);
+    corrupt_record_is_an_error_naming_the_key(suite);
+    concurrent_overlapping_stores_and_fetches_lose_nothing(suite);
+    racing_stores_of_one_content_are_each_readable_at_once(suite);
+    async_get_matches_blocking_get(suite);
+}
+
+fn dag<S: Subject>(subject: &S, seed: u64, nodes: usize) -> HashMap<DataKey, PagableData> {
+    store_dag(&|node| subject.put(node), seed, nodes)
+}
+
+fn reads_back<S: Subject>(subject: &S, model: &HashMap<DataKey, PagableData>) {
+    assert_reads_back(&|key| subject.get(key), model);
+}
+
+/// Contract 1: the key is `compute_key`; storing the same content twice keeps one entry.
+fn key_is_compute_key_and_duplicates_are_stored_once<T: Suite>(suite: &T) {
+    let subject = suite.open();
+    let model = dag(&subject, 1, 200);
+    for data in model.values() {
+        assert_eq!(subject.put(data.clone()).unwrap(), data.compute_key());
+    }
+    subject.flush().unwrap();
+    assert_eq!(
+        suite.count(&subject),
+        model.len() as u64,
+        "duplicates are stored once"
+    );
+    reads_back(&subject, &model);
+}
+
+/// Contract 2: once a store returned, every thread finds the key, before any flush.
+fn read_your_writes_from_every_thread_before_flush<T: Suite>(suite: &T) {
+    let subject = suite.open();
+    let (tx, rx) = mpsc::channel::<(DataKey, PagableData)>();
+    std::thread::scope(|s| {
+        let subject = &subject;
+        s.spawn(move || {
+            for i in 0..500 {
+                let data = node(i, (i as usize * 37) % 2000, vec![]);
+                let key = subject.put(data.clone()).unwrap();
+                tx.send((key, data)).unwrap();
+            }
+        });
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (fwd_tx, fwd_rx) = mpsc::channel::<(DataKey, PagableData)>();
+                let handle = s.spawn(move || {
+                    for (key, data) in fwd_rx {
+                        let got = subject.get(&key).unwrap_or_else(|e| {
+                            panic!("read-your-writes: {key} not visible before flush: {e:#}")
+                        });
+                        assert_eq!(*got, data);
+                    }
+                });
+                (fwd_tx, handle)
+            })
+            .collect();
+        for (i, item) in rx.into_iter().enumerate() {
+            readers[i % readers.len()].0.send(item).unwrap();
+        }
+        drop(readers);
+    });
+}
+
+/// Contract 3: after `flush`, a fresh instance on the same location reads everything.
+fn reopen_after_flush_reads_everything<T: Suite>(suite: &T) {
+    let subject = suite.open();
+    let model = dag(&subject, 3, 1000);
+    subject.flush().unwrap();
+    let Some(reopened) = suite.reopen(subject) else {
+        return;
+    };
+    reads_back(&reopened, &model);
+    assert_eq!(suite.count(&reopened), model.len() as u64);
+    // And it keeps working.
+    let more = dag(&reopened, 4, 50);
+    reopened.flush().unwrap();
+    reads_back(&reopened, &more);
+}
+
+/// Contract 5: a missing key is `NotFound` naming the key, before and after a flush.
+fn missing_key_is_not_found_naming_the_key<T: Suite>(suite: &T) {
+    let subject = suite.open();
+    dag(&subject, 5, 10);
+    let missing = node(u64::MAX, 10, vec![]).compute_key();
+    let err = subject.get(&missing).unwrap_err();
+    assert!(
+        matches!(err.downcast_ref::<Error>(), Some(Error::NotFound(k)) if *k == missing),
+        "{err:#}"
+    );
+    assert!(format!("{err:#}").contains(&missing.to_string()), "{err:#}");
+    subject.flush().unwrap();
+    let err = subject.get(&missing).unwrap_err();
+    assert!(Error::is_not_found(&err), "after flush too: {err:#}");
+}
+
+/// Contract 5: a damaged record is an error naming the key, never the damaged bytes.
+fn corrupt_record_is_an_error_naming_the_key<T: Suite>(suite: &T) {
+    let subject = suite.open();
+    let model = dag(&subject, 6, 20);
+    subject.flush().unwrap();
+    let (&victim, _) = model
+        .iter()
+        .find(|(_, data)| !data.data.is_empty())
+        .unwrap();
+    if !suite.corrupt(&subject, victim) {
+        return;
+    }
+    let err = subject.get(&victim).unwrap_err();
+    assert!(Error::is_corrupt(&err), "expected Corrupt, got {err:#}");
+    assert!(format!("{err:#}").contains(&victim.to_string()), "{err:#}");
+    for (key, data) in model.iter().filter(|(k, _)| **k != victim) {
+        assert_eq!(&*subject.get(key).unwrap(), data, "others are unaffected");
+    }
+}
+
+/// Contract 6: many threads storing and fetching overlapping keys lose nothing.
+fn concurrent_overlapping_stores_and_fetches_lose_nothing<T: Suite>(suite: &T) {
+    let subject = suite.open();
+    const THREADS: u64 = 6;
+    const PER_THREAD: u64 = 600;
+    let barrier = Barrier::new(THREADS as usize);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (subject, barrier) = (&subject, &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                for i in 0..PER_THREAD {
+                    // Half the content is shared by all threads, half is the thread's own.
+                    let seed = if i % 2 == 0 {
+                        i
+                    } else {
+                        1_000_000 * (t + 1) + i
+                    };
+                    let data = node(seed, 1 + (seed % 500) as usize, vec![]);
+                    let key = subject.put(data.clone()).unwrap();
+                    assert_eq!(*subject.get(&key).unwrap(), data);
+                    if i % 100 == 99 && t == 0 {
+                        subject.flush().unwrap();
+                    }
+                    let other = node(i - i % 2, 1 + ((i - i % 2) % 500) as usize, vec![]);
+                    if let Ok(got) = subject.get(&other.compute_key()) {
+                        assert_eq!(*got, other);
+                    }
+                }
+            });
+        }
+    });
+    subject.flush().unwrap();
+    let expected = PER_THREAD / 2 + THREADS * PER_THREAD / 2;
+    assert_eq!(suite.count(&subject), expected);
+}
+
+/// Contract 2 under a race: threads storing the *same* content at the same instant each read
+/// it back at once.
+fn racing_stores_of_one_content_are_each_readable_at_once<T: Suite>(suite: &T) {
+    let subject = suite.open();
+    const THREADS: usize = 4;
+    const ROUNDS: u64 = 3000;
+    let barrier = Barrier::new(THREADS);
+    std::thread::scope(|s| {
+        for _ in 0..THREADS {
+            let (subject, barrier) = (&subject, &barrier);
+            s.spawn(move || {
+                for round in 0..ROUNDS {
+                    let data = node(round, 8 + (round % 64) as usize, vec![]);
+                    barrier.wait();
+                    let key = subject.put(data.clone()).unwrap();
+                    let got = subject.get(&key).unwrap_or_else(|e| {
+                        panic!("round {round}: {key} not readable right after its store: {e:#}")
+                    });
+                    assert_eq!(*got, data);
+                }
+            });
+        }
+    });
+}
+
+/// The async read returns what the blocking read returns, also under many concurrent tasks.
+fn async_get_matches_blocking_get<T: Suite>(suite: &T) {
+    let subject = Arc::new(suite.open());
+    let model = dag(&*subject, 8, 50);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(async {
+        for (key, data) in &model {
+            assert_eq!(&*subject.get_async(key).await.unwrap(), data);
+        }
+        subject.flush().unwrap();
+        let missing = node(u64::MAX - 1, 3, vec![]).compute_key();
+        assert!(Error::is_not_found(
+            &subject.get_async(&missing).await.unwrap_err()
+        ));
+        let tasks: Vec<_> = model
+            .keys()
+            .map(|key| {
+                let (subject, key) = (Arc::clone(&subject), *key);
+                tokio::spawn(async move { subject.get_async(&key).await.map(|d| (key, d)) })
+            })
+            .collect();
+        for task in tasks {
+            let (key, data) = task.await.unwrap().unwrap();
+            assert_eq!(&*data, &model[&key]);
+        }
+    });
+}
+
+/// `contains` sees a node as soon as `put` returned, and after a flush; not a missing key.
+fn contains_sees_pending_and_committed_nodes<H: NodeStoreHarness>(harness: &H) {
+    let store = harness.open();
+    let key = store.put(node(11, 40, vec![])).unwrap();
+    assert!(store.contains(&key).unwrap(), "before flush");
+    store.flush().unwrap();
+    assert!(store.contains(&key).unwrap(), "after flush");
+    let missing = node(u64::MAX - 2, 3, vec![]).compute_key();
+    assert!(!store.contains(&missing).unwrap());
+    if let Some(reopened) = harness.reopen(store) {
+        assert!(reopened.contains(&key).unwrap(), "after reopening");
+    }
+}
+
+/// `scan` visits every stored node exactly once with its content, pending ones included.
+fn scan_visits_every_node_once_before_and_after_flush<H: NodeStoreHarness>(harness: &H) {
+    let store = harness.open();
+    let first = store_dag(&|node| store.put(node), 12, 300);
+    let check = |store: &H::Store, model: &HashMap<DataKey, PagableData>| {
+        let mut seen = HashMap::new();
+        store
+            .scan(&mut |key, node| {
+                let node = node.unwrap_or_else(|e| panic!("scan of {key}: {e:#}"));
+                assert!(seen.insert(key, node).is_none(), "{key} visited twice");
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(&seen, model, "scan visits exactly what was stored");
+    };
+    check(&store, &first);
+    store.flush().unwrap();
+    let mut all = first;
+    all.extend(store_dag(&|node| store.put(node), 13, 100));
+    check(&store, &all);
+    // An error from the visitor stops the scan and is returned.
+    let mut visited = 0;
+    let err = store
+        .scan(&mut |_, _| {
+            visited += 1;
+            anyhow::bail!("stop here")
+        })
+        .unwrap_err();
+    assert_eq!(visited, 1);
+    assert!(err.to_string().contains("stop here"), "{err:#}");
+}
+
+/// The arc cache keeps the first value, hands back the same `Arc`, and holds it weakly.
+fn arc_cache_first_wins_preserves_identity_and_is_weak<H: StorageHarness>(harness: &H) {
+    let storage = harness.open();
+    let key = storage.store_data(node(7, 32, vec![])).unwrap();
+    let type_id = TypeId::of::<String>();
+
+    match storage.fetch_arc_or_data_blocking(&type_id, &key).unwrap() {
+        Either::Right(data) => assert_eq!(data.compute_key(), key),
+        Either::Left(_) => panic!("nothing was deserialized yet"),
+    }
+    let first = Arc::new(String::from("first"));
+    assert!(
+        storage
+            .on_arc_deserialized(type_id, key, Box::new(first.clone()))
+            .is_none()
+    );
+    let winner = storage
+        .on_arc_deserialized(type_id, key, Box::new(Arc::new(String::from("second"))))
+        .expect("the first value is alive and wins");
+    assert!(Arc::ptr_eq(
+        &downcast_arc::<String>(&*winner).unwrap(),
+        &first
+    ));
+    match storage.fetch_arc_or_data_blocking(&type_id, &key).unwrap() {
+        Either::Left(arc) => assert!(Arc::ptr_eq(&downcast_arc::<String>(&*arc).unwrap(), &first)),
+        Either::Right(_) => panic!("a live value must be returned from the cache"),
+    }
+    assert!(
+        matches!(
+            storage
+                .fetch_arc_or_data_blocking(&TypeId::of::<Vec<u8>>(), &key)
+                .unwrap(),
+            Either::Right(_)
+        ),
+        "another view of the same key is a separate entry"
+    );
+    let weak = Arc::downgrade(&first);
+    drop((first, winner));
+    assert!(
+        weak.upgrade().is_none(),
+        "the cache must not keep the value alive"
+    );
+    assert!(matches!(
+        storage.fetch_arc_or_data_blocking(&type_id, &key).unwrap(),
+        Either::Right(_)
+    ));
+    let missing = node(u64::MAX, 10, vec![]).compute_key();
+    let err = storage
+        .fetch_arc_or_data_blocking(&type_id, &missing)
+        .unwrap_err();
+    assert!(Error::is_not_found(&err), "{err:#}");
+}
+
+/// `resolve_arc`: threads resolving one `(TypeId, key)` at once all get one `Arc`, a value
+/// alive elsewhere is returned as is, and a failed deserialization is returned to its caller.
+fn resolve_arc_loads_once_under_concurrent_callers<H: StorageHarness>(harness: &H) {
+    let storage = harness.open();
+    let key = storage.store_data(node(21, 16, vec![])).unwrap();
+    let type_id = TypeId::of::<Vec<u8>>();
+    const THREADS: usize = 4;
+    let barrier = Barrier::new(THREADS);
+    let values: Vec<Arc<Vec<u8>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (storage, barrier) = (&storage, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    let arc = storage
+                        .resolve_arc(type_id, key, None, &mut |node| {
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                            Ok(Box::new(Arc::new(node.data.clone())))
+                        })
+                        .unwrap();
+                    downcast_arc::<Vec<u8>>(&*arc).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        values.iter().all(|v| Arc::ptr_eq(v, &values[0])),
+        "every caller shares the winner"
+    );
+    assert_eq!(*values[0], node(21, 16, vec![]).data);
+    let again = storage
+        .resolve_arc(type_id, key, None, &mut |_| {
+            panic!("a live value is not deserialized again")
+        })
+        .unwrap();
+    assert!(Arc::ptr_eq(
+        &downcast_arc::<Vec<u8>>(&*again).unwrap(),
+        &values[0]
+    ));
+    drop((values, again));
+    let err = storage
+        .resolve_arc(type_id, key, None, &mut |_| anyhow::bail!("cannot decode"))
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot decode"), "{err:#}");
+}
+
+/// `schedule_for_paging` never panics; `release_memory` drops caches, not data or live values.
+fn paging_schedule_and_release_memory_keep_data<H: StorageHarness>(harness: &H) {
+    let storage = harness.open();
+    let model = store_dag(&|node| storage.store_data(node), 9, 100);
+    let live = Arc::new(String::from("live"));
+    let key = *model.keys().next().unwrap();
+    storage.on_arc_deserialized(TypeId::of::<String>(), key, Box::new(live.clone()));
+    for _ in 0..10 {
+        storage.schedule_for_paging(Box::new(Arc::new(5u32)));
+        storage.schedule_for_paging(Box::new(live.clone()));
+    }
+    storage.release_memory();
+    assert_reads_back(&|key| storage.fetch_data_blocking(key), &model);
+    match storage
+        .fetch_arc_or_data_blocking(&TypeId::of::<String>(), &key)
+        .unwrap()
+    {
+        Either::Left(cached) => assert!(Arc::ptr_eq(
+            &downcast_arc::<String>(&*cached).unwrap(),
+            &live
+        )),
+        Either::Right(_) => panic!("live values stay cached"),
+    }
+}
