@@ -115,13 +115,15 @@ impl Default for SqliteOptions {
 
 impl SqliteOptions {
     /// What survives a crash. Default = [`Durability::Cache`].
+    #[must_use]
     pub fn durability(mut self, durability: Durability) -> Self {
         self.durability = durability;
         self
     }
 
-    /// The number of read-only connections that serve fetches in parallel (at least 1).
-    /// Default = `min(available_parallelism, 8)`.
+    /// The number of read-only connections that serve fetches in parallel.
+    /// Default = `min(available_parallelism, 8)`. Clamped: 0 is raised to 1.
+    #[must_use]
     pub fn readers(mut self, readers: usize) -> Self {
         self.readers = readers.max(1);
         self
@@ -129,7 +131,8 @@ impl SqliteOptions {
 
     /// The most nodes held in memory waiting for their commit; `store_data` waits when it is
     /// reached (back-pressure). One transaction commits up to half of it while the other half
-    /// fills. Default = 524,288.
+    /// fills. Default = 524,288. Clamped: values below 2 are raised to 2.
+    #[must_use]
     pub fn write_buffer_rows(mut self, rows: usize) -> Self {
         self.write_buffer_rows = rows.max(2);
         self
@@ -137,7 +140,9 @@ impl SqliteOptions {
 
     /// The most encoded bytes held in memory waiting for their commit; `store_data` waits
     /// when it is reached (back-pressure; a single node larger than this is still accepted,
-    /// alone). One transaction commits up to half of it. Default = 64 MiB.
+    /// alone). One transaction commits up to half of it. Default = 64 MiB. Clamped: values
+    /// below 2 are raised to 2.
+    #[must_use]
     pub fn write_buffer_bytes(mut self, bytes: usize) -> Self {
         self.write_buffer_bytes = bytes.max(2);
         self
@@ -147,6 +152,7 @@ impl SqliteOptions {
     /// SQLite does not checksum its pages, so this is the only thing that catches a flipped
     /// byte: a mismatch is an [`Error::Corrupt`](crate::Error::Corrupt) and the bytes never
     /// reach the caller. Costs one blake3 hash of the record per read. Default = `true`.
+    #[must_use]
     pub fn verify_on_read(mut self, verify: bool) -> Self {
         self.verify_on_read = verify;
         self
@@ -158,6 +164,7 @@ impl SqliteOptions {
     /// [`TableLayout::WithoutRowid`] table the writer uses at least 16 MiB while it commits
     /// batches of large records (over 8 KiB on average), whose inserts re-read their
     /// neighbours' overflow pages. Default = 2 MiB.
+    #[must_use]
     pub fn cache_size_bytes(mut self, bytes: u64) -> Self {
         self.cache_size_bytes = bytes;
         self
@@ -168,6 +175,7 @@ impl SqliteOptions {
     /// records it reads are small (up to 8 KiB): large records are read from overflow pages
     /// with `pread` anyway, and mapping would only grow the resident set. The writer never
     /// maps. 0 turns it off. Default = 1 GiB on 64-bit targets, 0 elsewhere.
+    #[must_use]
     pub fn mmap_size_bytes(mut self, bytes: u64) -> Self {
         self.mmap_size_bytes = bytes;
         self
@@ -180,6 +188,7 @@ impl SqliteOptions {
     /// keys are forgotten; a repeat of one is still correct, just slower (the writer's
     /// `INSERT OR IGNORE` drops it). Pending keys are always remembered.
     /// Default = 2,097,152 (at most about 200 MB).
+    #[must_use]
     pub fn dedup_keys(mut self, keys: usize) -> Self {
         self.dedup_keys = keys;
         self
@@ -190,6 +199,7 @@ impl SqliteOptions {
     /// every record) and deletes what is damaged or points to something missing, falling back
     /// to starting empty if the file is beyond repair; `false` always starts empty.
     /// Default = `true`.
+    #[must_use]
     pub fn repair_unclean(mut self, repair: bool) -> Self {
         self.repair_unclean = repair;
         self
@@ -198,6 +208,7 @@ impl SqliteOptions {
     /// The table layout of a database this open *creates*; an existing database keeps its
     /// own ([`SqliteNodeStore::table_layout`] says which it has). Default =
     /// [`TableLayout::Rowid`].
+    #[must_use]
     pub fn table_layout(mut self, layout: TableLayout) -> Self {
         self.table_layout = layout;
         self
