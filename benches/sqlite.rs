@@ -1,6 +1,6 @@
 //! SQLite backend hot paths: store, flush, and the three kinds of fetch (a SQLite read, a
 //! read of a pending record, an arc-cache hit). The side-by-side comparison with the
-//! reference lives in `../shared/bench-anchors/` (see docs/bench-sqlite.md).
+//! reference lives in a separate harness outside this repository (see docs/bench-sqlite.md).
 
 use std::any::TypeId;
 use std::hint::black_box;
