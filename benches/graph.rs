@@ -131,7 +131,7 @@ fn stored_bytes(storage: &InMemoryPagableStorage, root: pagestore::DataKey) -> u
     while let Some(key) = stack.pop() {
         if seen.insert(key) {
             let node = storage.fetch_data_blocking(&key).unwrap();
-            bytes += node.encoded_len();
+            bytes += pagestore::codec::encoded_len(&node);
             stack.extend(node.arcs.iter().copied());
         }
     }

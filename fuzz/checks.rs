@@ -25,7 +25,7 @@ pub fn decode_record(bytes: &[u8]) {
                 bytes,
                 "an accepted record must be canonical: re-encoding gives the same bytes"
             );
-            assert_eq!(node.encoded_len(), bytes.len());
+            assert_eq!(codec::encoded_len(&node), bytes.len());
             let key = keyed.expect("parse accepted the record but key_of_record rejected it");
             assert_eq!(key, node.compute_key(), "record hash and node key disagree");
             assert_eq!(key, view.compute_key());

@@ -55,16 +55,22 @@ pub enum DecodeError {
     },
 }
 
+/// The length of `node`'s record: the header, the data and 16 bytes per child key.
+#[inline]
+pub fn encoded_len(node: &PagableData) -> usize {
+    HEADER_LEN + node.data.len() + node.arcs.len() * DataKey::LEN
+}
+
 /// Encodes a node as a record.
 pub fn encode(node: &PagableData) -> Vec<u8> {
-    let mut out = Vec::with_capacity(node.encoded_len());
+    let mut out = Vec::with_capacity(encoded_len(node));
     encode_into(node, &mut out);
     out
 }
 
 /// Appends a node's record to `out`.
 pub fn encode_into(node: &PagableData, out: &mut Vec<u8>) {
-    out.reserve(node.encoded_len());
+    out.reserve(encoded_len(node));
     out.extend_from_slice(&(node.data.len() as u64).to_le_bytes());
     out.extend_from_slice(&(node.arcs.len() as u64).to_le_bytes());
     out.extend_from_slice(&node.data);
@@ -174,7 +180,7 @@ mod tests {
         assert_eq!(&record[16..19], &[7, 8, 9]);
         assert_eq!(&record[19..35], &[1; 16]);
         assert_eq!(&record[35..], &[2; 16]);
-        assert_eq!(record.len(), node.encoded_len());
+        assert_eq!(record.len(), encoded_len(&node));
         assert_eq!(decode(&record).unwrap(), node);
         assert_eq!(key_of_record(&record).unwrap(), node.compute_key());
     }

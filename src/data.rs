@@ -21,13 +21,6 @@ impl PagableData {
     pub fn compute_key(&self) -> DataKey {
         DataKey::hash_parts(self.arcs.len() as u64, &self.data, &self.arcs)
     }
-
-    /// The size of this node's record on disk: a 16-byte header, the data and 16 bytes per
-    /// child key.
-    #[inline]
-    pub fn encoded_len(&self) -> usize {
-        crate::codec::HEADER_LEN + self.data.len() + self.arcs.len() * DataKey::LEN
-    }
 }
 
 impl std::fmt::Debug for PagableData {

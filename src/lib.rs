@@ -90,7 +90,6 @@ mod error;
 pub mod graph;
 mod key;
 mod runtime;
-mod storage;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -100,14 +99,14 @@ pub use erase::{ArcEraseDyn, WeakEraseDyn, downcast_arc};
 pub use error::Error;
 pub use graph::{Shared, StorageHandle, drop_deep, page_in, page_in_async, page_out};
 pub use key::{DataKey, ParseKeyError};
-pub use runtime::{SessionContext, WithRuntime};
-pub use storage::PagableStorage;
+#[cfg(feature = "sqlite")]
+pub use runtime::SqliteBackedPagableStorage;
+pub use runtime::{InMemoryPagableStorage, PagableStorage, SessionContext, WithRuntime};
 pub use store::NodeStore;
-pub use store::memory::{InMemoryPagableStorage, MemoryNodeStore};
+pub use store::memory::MemoryNodeStore;
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::{
-    Durability, OpenReport, SqliteBackedPagableStorage, SqliteNodeStore, SqliteOptions,
-    TableLayout, VerifyReport,
+    Durability, OpenReport, SqliteNodeStore, SqliteOptions, TableLayout, VerifyReport,
 };
 
 /// The README's examples compile and run as doctests.

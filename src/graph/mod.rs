@@ -133,7 +133,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::key::DataKey;
-use crate::storage::PagableStorage;
+use crate::runtime::PagableStorage;
 
 #[cfg(feature = "serde_with")]
 pub use adapters::AsShared;

@@ -22,7 +22,7 @@ use crate::data::PagableData;
 use crate::erase::downcast_arc;
 use crate::error::Error;
 use crate::key::{DataKey, KeyHasherBuilder};
-use crate::storage::PagableStorage;
+use crate::runtime::PagableStorage;
 
 use super::held::Held;
 use super::shared::OUTSIDE_SESSION;

@@ -5,23 +5,28 @@
 //! [`PagableStorage`] over them. Nothing here does I/O of its own: bytes go through the
 //! node store.
 
+mod builtin;
 mod cache;
 mod paging;
 mod session;
+mod storage;
 
 use std::any::TypeId;
 use std::sync::Arc;
 
 use either::Either;
 
-pub(crate) use cache::ArcCache;
+pub use builtin::InMemoryPagableStorage;
+#[cfg(feature = "sqlite")]
+pub use builtin::SqliteBackedPagableStorage;
+use cache::ArcCache;
 use paging::PagingQueue;
 pub use session::SessionContext;
+pub use storage::PagableStorage;
 
 use crate::data::PagableData;
 use crate::erase::ArcEraseDyn;
 use crate::key::DataKey;
-use crate::storage::PagableStorage;
 use crate::store::NodeStore;
 
 /// A [`NodeStore`] with pagestore's runtime attached: the [`PagableStorage`] the graph layer

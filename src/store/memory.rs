@@ -1,5 +1,4 @@
-//! [`MemoryNodeStore`]: the node-store contract on a concurrent map, nothing on disk, and
-//! [`InMemoryPagableStorage`], the same with the runtime attached.
+//! [`MemoryNodeStore`]: the node-store contract on a concurrent map, nothing on disk.
 
 use std::sync::Arc;
 
@@ -8,45 +7,16 @@ use dashmap::DashMap;
 use crate::data::PagableData;
 use crate::error::Error;
 use crate::key::{DataKey, KeyHasherBuilder};
-use crate::runtime::WithRuntime;
 use crate::store::NodeStore;
 
 /// A [`NodeStore`] that keeps every node in memory.
 ///
 /// For tests, for short-lived graphs and as the model the other stores are checked against.
 /// Storing content already stored keeps the first copy; `flush` has nothing to do.
-/// Most users want [`InMemoryPagableStorage`], which attaches the runtime to it.
+/// Most users want [`InMemoryPagableStorage`](crate::InMemoryPagableStorage), which attaches the runtime to it.
 #[derive(Default)]
 pub struct MemoryNodeStore {
     nodes: DashMap<DataKey, Arc<PagableData>, KeyHasherBuilder>,
-}
-
-/// The in-memory node store with the runtime attached: a
-/// [`PagableStorage`](crate::PagableStorage) that keeps every node in memory.
-///
-/// ```
-/// use pagestore::{InMemoryPagableStorage, PagableData, PagableStorage};
-///
-/// let storage = InMemoryPagableStorage::new();
-/// let leaf = storage.store_data(PagableData { data: b"leaf".to_vec(), arcs: vec![] })?;
-/// let root = storage.store_data(PagableData { data: b"root".to_vec(), arcs: vec![leaf, leaf] })?;
-/// assert_eq!(storage.fetch_data_blocking(&root)?.arcs, [leaf, leaf]);
-/// assert_eq!(storage.len(), 2);
-/// # anyhow::Ok(())
-/// ```
-pub type InMemoryPagableStorage = WithRuntime<MemoryNodeStore>;
-
-impl InMemoryPagableStorage {
-    /// An empty in-memory store with the runtime attached.
-    pub fn new() -> Self {
-        WithRuntime::attach(MemoryNodeStore::new())
-    }
-}
-
-impl Default for InMemoryPagableStorage {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 impl MemoryNodeStore {

@@ -1,6 +1,5 @@
 //! [`SqliteNodeStore`]: nodes in one SQLite file, in the reference implementation's format,
-//! with a background writer and a pool of readers; [`SqliteBackedPagableStorage`] is the same
-//! with the runtime attached.
+//! with a background writer and a pool of readers.
 //!
 //! The on-disk format (table, record encoding, page size, journal modes, marker file) is
 //! written down in `docs/format.md`. In short: one table
@@ -37,52 +36,16 @@ use crate::codec;
 use crate::data::PagableData;
 use crate::error::Error;
 use crate::key::DataKey;
-use crate::runtime::WithRuntime;
 use crate::store::NodeStore;
 
 /// The file name of the database inside the store's directory (the reference's name).
 const DATABASE_FILE: &str = "pagable.db";
 
-/// The SQLite node store with the runtime attached: a
-/// [`PagableStorage`](crate::PagableStorage) that keeps nodes in a SQLite database,
-/// `dir/pagable.db`. Methods of the store itself ([`verify`](SqliteNodeStore::verify),
-/// [`open_report`](SqliteNodeStore::open_report), …) are called on it directly.
-///
-/// ```
-/// use pagestore::{PagableData, PagableStorage, SqliteBackedPagableStorage};
-///
-/// let dir = tempfile::tempdir()?;
-/// let storage = SqliteBackedPagableStorage::try_new(dir.path())?;
-/// let leaf = storage.store_data(PagableData { data: b"leaf".to_vec(), arcs: vec![] })?;
-/// let root = storage.store_data(PagableData { data: b"root".to_vec(), arcs: vec![leaf] })?;
-/// // Readable at once, before any flush.
-/// assert_eq!(storage.fetch_data_blocking(&root)?.arcs, [leaf]);
-/// storage.flush()?;
-/// assert!(storage.verify()?.is_ok());
-/// drop(storage); // flushes, closes cleanly
-///
-/// let reopened = SqliteBackedPagableStorage::try_new(dir.path())?;
-/// assert!(reopened.open_report().is_clean());
-/// assert_eq!(reopened.fetch_data_blocking(&leaf)?.data, b"leaf");
-/// # anyhow::Ok(())
-/// ```
-///
-/// One store per directory: opening a second one on the same directory, in this process or
-/// another, fails with [`Error::Io`] until the first is dropped.
-pub type SqliteBackedPagableStorage = WithRuntime<SqliteNodeStore>;
-
-impl SqliteBackedPagableStorage {
-    /// Opens (creating if needed) the store in `dir` with default options:
-    /// `SqliteOptions::default().open(dir)`.
-    pub fn try_new(dir: impl AsRef<Path>) -> anyhow::Result<Self> {
-        SqliteOptions::default().open(dir)
-    }
-}
-
 /// A [`NodeStore`] that keeps nodes in a SQLite database, `dir/pagable.db`, in the format of
 /// `pagable` 0.3.3 (see the module docs of the crate root and `docs/format.md`).
 ///
-/// Most users want [`SqliteBackedPagableStorage`], which attaches the runtime; open either
+/// Most users want [`SqliteBackedPagableStorage`](crate::SqliteBackedPagableStorage), which
+/// attaches the runtime; open either
 /// with [`SqliteOptions`]. Dropping it flushes what is pending and closes the database.
 pub struct SqliteNodeStore {
     inner: Arc<Inner>,

@@ -2,8 +2,7 @@
 
 use std::path::Path;
 
-use super::{SqliteBackedPagableStorage, SqliteNodeStore};
-use crate::runtime::WithRuntime;
+use super::SqliteNodeStore;
 
 /// What survives a crash, and what it costs. Chosen per open; a database written in one mode
 /// opens in any other (the journal mode is switched at open).
@@ -60,7 +59,7 @@ pub enum TableLayout {
     WithoutRowid,
 }
 
-/// How to open a [`SqliteBackedPagableStorage`]: a consuming builder whose every setter says
+/// How to open a [`SqliteBackedPagableStorage`](crate::SqliteBackedPagableStorage): a consuming builder whose every setter says
 /// its default.
 ///
 /// ```
@@ -212,15 +211,6 @@ impl SqliteOptions {
     pub fn table_layout(mut self, layout: TableLayout) -> Self {
         self.table_layout = layout;
         self
-    }
-
-    /// Opens (creating if needed) the store in `dir`, whose database is `dir/pagable.db`.
-    ///
-    /// Errors: [`Error::Io`](crate::Error::Io) naming the path when the directory cannot be
-    /// created or is a file; [`Error::Sqlite`](crate::Error::Sqlite) when SQLite cannot open or
-    /// set up the database.
-    pub fn open(self, dir: impl AsRef<Path>) -> anyhow::Result<SqliteBackedPagableStorage> {
-        self.open_node_store(dir).map(WithRuntime::attach)
     }
 
     /// Opens the store in `dir` as [`open`](Self::open) does, without attaching the runtime:

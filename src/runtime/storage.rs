@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use either::Either;
 
+use super::session::SessionContext;
 use crate::data::PagableData;
 use crate::erase::ArcEraseDyn;
 use crate::key::DataKey;
-use crate::runtime::SessionContext;
 
 /// A content-addressed store of [`PagableData`] nodes plus the live-value runtime that lets
 /// paging in preserve sharing.

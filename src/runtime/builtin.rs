@@ -1,0 +1,88 @@
+//! The built-in stores with the runtime attached: [`InMemoryPagableStorage`] and
+//! `SqliteBackedPagableStorage`, and the constructors that return them.
+
+#[cfg(feature = "sqlite")]
+use std::path::Path;
+
+use super::WithRuntime;
+use crate::store::memory::MemoryNodeStore;
+#[cfg(feature = "sqlite")]
+use crate::store::sqlite::{SqliteNodeStore, SqliteOptions};
+
+/// The in-memory node store with the runtime attached: a
+/// [`PagableStorage`](crate::PagableStorage) that keeps every node in memory.
+///
+/// ```
+/// use pagestore::{InMemoryPagableStorage, PagableData, PagableStorage};
+///
+/// let storage = InMemoryPagableStorage::new();
+/// let leaf = storage.store_data(PagableData { data: b"leaf".to_vec(), arcs: vec![] })?;
+/// let root = storage.store_data(PagableData { data: b"root".to_vec(), arcs: vec![leaf, leaf] })?;
+/// assert_eq!(storage.fetch_data_blocking(&root)?.arcs, [leaf, leaf]);
+/// assert_eq!(storage.len(), 2);
+/// # anyhow::Ok(())
+/// ```
+pub type InMemoryPagableStorage = WithRuntime<MemoryNodeStore>;
+
+impl InMemoryPagableStorage {
+    /// An empty in-memory store with the runtime attached.
+    pub fn new() -> Self {
+        WithRuntime::attach(MemoryNodeStore::new())
+    }
+}
+
+impl Default for InMemoryPagableStorage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(feature = "sqlite")]
+/// The SQLite node store with the runtime attached: a
+/// [`PagableStorage`](crate::PagableStorage) that keeps nodes in a SQLite database,
+/// `dir/pagable.db`. Methods of the store itself ([`verify`](SqliteNodeStore::verify),
+/// [`open_report`](SqliteNodeStore::open_report), …) are called on it directly.
+///
+/// ```
+/// use pagestore::{PagableData, PagableStorage, SqliteBackedPagableStorage};
+///
+/// let dir = tempfile::tempdir()?;
+/// let storage = SqliteBackedPagableStorage::try_new(dir.path())?;
+/// let leaf = storage.store_data(PagableData { data: b"leaf".to_vec(), arcs: vec![] })?;
+/// let root = storage.store_data(PagableData { data: b"root".to_vec(), arcs: vec![leaf] })?;
+/// // Readable at once, before any flush.
+/// assert_eq!(storage.fetch_data_blocking(&root)?.arcs, [leaf]);
+/// storage.flush()?;
+/// assert!(storage.verify()?.is_ok());
+/// drop(storage); // flushes, closes cleanly
+///
+/// let reopened = SqliteBackedPagableStorage::try_new(dir.path())?;
+/// assert!(reopened.open_report().is_clean());
+/// assert_eq!(reopened.fetch_data_blocking(&leaf)?.data, b"leaf");
+/// # anyhow::Ok(())
+/// ```
+///
+/// One store per directory: opening a second one on the same directory, in this process or
+/// another, fails with [`Error::Io`](crate::Error::Io) until the first is dropped.
+pub type SqliteBackedPagableStorage = WithRuntime<SqliteNodeStore>;
+
+#[cfg(feature = "sqlite")]
+impl SqliteBackedPagableStorage {
+    /// Opens (creating if needed) the store in `dir` with default options:
+    /// `SqliteOptions::default().open(dir)`.
+    pub fn try_new(dir: impl AsRef<Path>) -> anyhow::Result<Self> {
+        SqliteOptions::default().open(dir)
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl SqliteOptions {
+    /// Opens (creating if needed) the store in `dir`, whose database is `dir/pagable.db`.
+    ///
+    /// Errors: [`Error::Io`](crate::Error::Io) naming the path when the directory cannot be
+    /// created or is a file; [`Error::Sqlite`](crate::Error::Sqlite) when SQLite cannot open or
+    /// set up the database.
+    pub fn open(self, dir: impl AsRef<Path>) -> anyhow::Result<SqliteBackedPagableStorage> {
+        self.open_node_store(dir).map(WithRuntime::attach)
+    }
+}
