@@ -36,10 +36,9 @@ pub enum Durability {
 /// the same SQL, by pagestore and by the reference (whose `CREATE TABLE IF NOT EXISTS`
 /// leaves either in place), so a database in either layout opens in both.
 ///
-/// Measured on the side-by-side harness (1M records of 100–340 bytes, 4,096 of 64 KiB;
-/// a shared 2-core VM, one run, see `docs/bench-sqlite.md`), `Rowid` against
-/// `WithoutRowid`: small writes about 1.25x faster, 64 KiB writes 1.5–1.9x faster, the file
-/// 6% larger, random reads 1.3–1.4x slower.
+/// The trade-off: `Rowid` writes faster (markedly so for records of several KiB) and reads by
+/// key a little slower (two B-tree descents instead of one); `docs/bench-sqlite.md` has the
+/// measurements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum TableLayout {
