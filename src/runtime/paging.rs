@@ -122,14 +122,24 @@ mod tests {
 
     #[test]
     fn a_full_queue_is_cut_to_half_not_by_one() {
+        // Was O(n) per push once full: every push past the capacity scanned the whole queue
+        // and dropped one entry. Cutting to half leaves room for capacity/2 pushes before the
+        // next scan, which makes a push O(1) amortized.
         let queue = PagingQueue::with_capacity(1 << 10);
-        let alive: Vec<Arc<u32>> = (0..4096).map(Arc::new).collect();
+        let alive: Vec<Arc<u32>> = (0..(1 << 10) + 1).map(Arc::new).collect();
         for value in &alive {
             queue.push(value);
         }
-        // Each O(n) pass leaves room for capacity/2 pushes (not one), which is what makes a
-        // push amortized O(1): the length after many pushes shows where the last pass cut.
-        assert!(queue.len() <= 1 << 10);
-        assert!(queue.len() > 1 << 9);
+        assert_eq!(
+            queue.len(),
+            (1 << 9) + 1,
+            "half the queue, then the new entry"
+        );
+        let live = queue.drain();
+        assert_eq!(
+            live.last().unwrap().identity(),
+            Arc::as_ptr(alive.last().unwrap()) as usize,
+            "the newest entries are kept"
+        );
     }
 }
