@@ -547,3 +547,23 @@ fn verify_reports_a_row_whose_key_is_an_empty_blob() {
     assert_eq!(report.malformed_keys, 1, "{report:?}");
     assert!(!report.is_ok());
 }
+
+#[test]
+fn a_lock_file_opened_before_a_close_cannot_let_a_second_store_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    // What another process racing the close holds: the lock file, opened while it was held.
+    let late = Connection::open(dir.path().join("pagable.db.lock")).unwrap();
+    drop(first);
+    // Takes the lock the way a store does. Were the file unlinked at close, this would lock
+    // an inode no later opener sees, and the open below would succeed beside it.
+    late.busy_timeout(std::time::Duration::ZERO).unwrap();
+    late.execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE; COMMIT;")
+        .unwrap();
+    let err = SqliteBackedPagableStorage::try_new(dir.path()).unwrap_err();
+    assert_eq!(io_path(&err), dir.path().join("pagable.db"), "{err:#}");
+    assert!(format!("{err:#}").contains("another"), "{err:#}");
+    drop(late);
+    let second = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    assert!(second.open_report().is_clean());
+}

@@ -54,20 +54,13 @@ impl OpenReport {
 /// `pagable.db.lock`, held for the store's lifetime and released by the OS if the process
 /// dies. A second store on the same directory, in this process or another, is refused
 /// instead of taking the first one's marker for a crash and repairing a live database.
+///
+/// The lock file is never removed, not even at close: an opener that opened it before the
+/// removal would lock the unlinked file while the next opener created and locked a new one,
+/// and two stores would share the directory. Releasing the lock is closing the connection.
 pub(super) struct DirLock {
-    path: PathBuf,
     // Never used after open; the Mutex only makes the holder `Sync`.
     _conn: std::sync::Mutex<Connection>,
-}
-
-impl Drop for DirLock {
-    /// Removes the lock file while still holding the lock (the connection closes after
-    /// this), so a closed store leaves only `pagable.db`. An opener that opened the file just
-    /// before the removal can still lock the removed file; the lock guards against mistakes,
-    /// not against a race designed to beat it.
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
 }
 
 /// Takes the directory lock of the database `db`, or fails at once if another store holds it.
@@ -92,7 +85,6 @@ pub(super) fn lock_dir(db: &Path) -> Result<DirLock, Error> {
             _ => Error::sqlite("lock", &path)(e),
         })?;
     Ok(DirLock {
-        path,
         _conn: std::sync::Mutex::new(conn),
     })
 }
