@@ -117,16 +117,25 @@ pub(super) fn remove_marker(marker: &Path) -> Result<(), Error> {
     }
 }
 
-/// Makes a file's creation or removal durable.
+/// Makes a file's creation or removal durable: fsyncs the directory that holds it. `Sync`
+/// mode and the marker rely on it, so a failed fsync is an error naming the directory.
 pub(super) fn sync_parent(path: &Path) -> Result<(), Error> {
     let Some(dir) = path.parent() else {
         return Ok(());
     };
-    // Directories cannot be opened for syncing on every platform; where they can, do it.
-    if let Ok(dir_file) = File::open(dir) {
-        let _ = dir_file.sync_all();
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    match File::open(dir) {
+        Ok(dir_file) => dir_file
+            .sync_all()
+            .map_err(Error::io("sync the directory", dir)),
+        // Where a directory cannot be opened as a file (Windows), there is nothing to sync.
+        Err(_) if cfg!(not(unix)) => Ok(()),
+        Err(e) => Err(Error::io("open for syncing the directory", dir)(e)),
     }
-    Ok(())
 }
 
 /// Deals with a database left by an unclean shutdown: repair it or start empty.
@@ -241,5 +250,44 @@ fn repair(db: &Path) -> Result<OpenReport, String> {
         if removed_corrupt + removed_dangling == before {
             return Err("repair made no progress".into());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_failed_directory_fsync_is_an_error_naming_the_directory() {
+        // procfs directories open, but refuse fsync (EINVAL).
+        let err = sync_parent(Path::new("/proc/self/pagable.db.open")).unwrap_err();
+        match &err {
+            Error::Io {
+                path, operation, ..
+            } => {
+                assert_eq!(path, Path::new("/proc/self"));
+                assert_eq!(*operation, "sync the directory");
+            }
+            other => panic!("expected an Io error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn a_directory_that_cannot_be_opened_is_an_error_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone");
+        let err = sync_parent(&gone.join("pagable.db")).unwrap_err();
+        assert!(
+            matches!(&err, Error::Io { path, .. } if *path == gone),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_directory_that_exists_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        sync_parent(&dir.path().join("pagable.db")).unwrap();
     }
 }
