@@ -548,6 +548,21 @@ fn verify_reports_a_row_whose_key_is_an_empty_blob() {
     assert!(!report.is_ok());
 }
 
+/// Runs `f` on its own thread and fails the test if it takes longer than `limit`: turns a
+/// hang (or a pass that would take hours) into a failure.
+fn within<T: Send + 'static>(
+    limit: std::time::Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|e| panic!("{what} did not finish within {limit:?} ({e})"))
+}
+
 #[test]
 fn a_lock_file_opened_before_a_close_cannot_let_a_second_store_in() {
     let dir = tempfile::tempdir().unwrap();
@@ -566,4 +581,65 @@ fn a_lock_file_opened_before_a_close_cannot_let_a_second_store_in() {
     drop(late);
     let second = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
     assert!(second.open_report().is_clean());
+}
+
+#[test]
+fn repairing_a_long_chain_after_a_crash_takes_one_pass() {
+    const LEN: usize = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    let mut chain: Vec<pagestore::DataKey> = Vec::with_capacity(LEN);
+    for i in 0..LEN {
+        let arcs = chain.last().copied().into_iter().collect();
+        chain.push(
+            storage
+                .store_data(PagableData {
+                    data: (i as u64).to_le_bytes().to_vec(),
+                    arcs,
+                })
+                .unwrap(),
+        );
+    }
+    storage.flush().unwrap();
+    drop(storage);
+    // Damage the leaf, which every other node reaches, and leave the crash marker behind.
+    let conn = Connection::open(dir.path().join("pagable.db")).unwrap();
+    let changed = conn
+        .execute(
+            "UPDATE pagable_data SET value = x'00' WHERE key = ?1",
+            [&chain[0].as_bytes()[..]],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(conn);
+    std::fs::write(dir.path().join("pagable.db.open"), b"crashed").unwrap();
+
+    let path = dir.path().to_path_buf();
+    let storage = within(
+        std::time::Duration::from_secs(120),
+        "the repair of a 20,000-long chain",
+        move || {
+            SqliteOptions::default()
+                .durability(Durability::Cache)
+                .open(&path)
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        storage.open_report(),
+        &OpenReport::Repaired {
+            records: 0,
+            removed_corrupt: 1,
+            removed_dangling: LEN as u64 - 1,
+        }
+    );
+    let report = storage.verify().unwrap();
+    assert!(report.is_ok() && report.records == 0, "{report:?}");
+    assert!(Error::is_not_found(
+        &storage.fetch_data_blocking(&chain[LEN - 1]).unwrap_err()
+    ));
+    let fresh = node(5, 64, vec![]);
+    let key = storage.store_data(fresh.clone()).unwrap();
+    storage.flush().unwrap();
+    assert_eq!(*storage.fetch_data_blocking(&key).unwrap(), fresh);
 }
