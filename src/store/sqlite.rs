@@ -287,6 +287,13 @@ impl Drop for SqliteNodeStore {
 impl NodeStore for SqliteNodeStore {
     fn put(&self, node: PagableData) -> anyhow::Result<DataKey> {
         let key = node.compute_key();
+        // Refused here, not at commit: a row over SQLite's limit would fail its whole batch
+        // and poison the store for every caller.
+        let bytes = conn::record_bytes(node.encoded_len());
+        let limit = self.options.max_record_bytes as u64;
+        if bytes > limit {
+            return Err(Error::TooLarge { key, bytes, limit }.into());
+        }
         let buffer = &self.inner.buffer;
         buffer.check()?;
         if !buffer.contains(&key) {
