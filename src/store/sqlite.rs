@@ -185,7 +185,7 @@ impl SqliteNodeStore {
         let writer = {
             let inner = Arc::clone(&inner);
             std::thread::Builder::new()
-                .name("pagestore-sqlite-writer".into())
+                .name(writer::THREAD_NAME.into())
                 .spawn(move || {
                     writer::run(
                         &inner.buffer,
