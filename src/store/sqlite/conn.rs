@@ -107,7 +107,8 @@ fn size_pragmas(conn: &Connection, cache_bytes: u64, path: &Path) -> Result<(), 
 /// database (created if missing, with 32 KiB pages and a table in `new_layout`) whose
 /// `pagable_data` table has the `key` and `value` columns. Runs in SQLite's default
 /// rollback journal, so a crash here cannot damage the file, and changes nothing in a file
-/// that is refused. Returns the connection for [`configure_writer`] and the table's layout.
+/// that is refused. Returns the connection for [`tune_writer`] and [`set_durability`], and the table's
+/// layout.
 pub(super) fn open_writer(
     path: &Path,
     new_layout: TableLayout,
@@ -137,9 +138,30 @@ pub(super) fn open_writer(
     Ok((conn, layout))
 }
 
-/// Sets the journal mode, sync level and cache size `options.durability` needs on the
-/// connection from [`open_writer`].
-pub(super) fn configure_writer(
+/// Applies the writer's settings that write nothing to the file (page cache, no memory
+/// map, WAL size limit, record size limit) on the connection from [`open_writer`].
+pub(super) fn tune_writer(
+    conn: &Connection,
+    path: &Path,
+    options: &SqliteOptions,
+) -> Result<(), Error> {
+    // A batch of random keys rewrites most leaf pages, so one commit can put most of the
+    // database in the WAL; after a checkpoint, truncate the log back to this size instead of
+    // keeping it as large as the largest commit.
+    conn.execute_batch(&format!("PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"))
+        .map_err(Error::sqlite("set the WAL size limit of", path))?;
+    let limit = i32::try_from(options.max_record_bytes).unwrap_or(i32::MAX);
+    conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, limit)
+        .map_err(Error::sqlite("set the record size limit of", path))?;
+    // No mmap for the writer: SQLite would fault every page it writes into the mapping
+    // (resident memory as large as the file), and it reads little.
+    size_pragmas(conn, options.cache_size_bytes, path)
+}
+
+/// Sets the journal mode and sync level `options.durability` needs on the connection from
+/// [`open_writer`]. Can write: leaving WAL checkpoints the log into the database and
+/// rewrites its header.
+pub(super) fn set_durability(
     conn: &Connection,
     path: &Path,
     options: &SqliteOptions,
@@ -160,21 +182,12 @@ pub(super) fn configure_writer(
             .into(),
         });
     }
-    // A batch of random keys rewrites most leaf pages, so one commit can put most of the
-    // database in the WAL; after a checkpoint, truncate the log back to this size instead of
-    // keeping it as large as the largest commit.
+    // After the switch, so that a checkpoint out of WAL runs at SQLite's default level.
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {}; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};",
+        "PRAGMA synchronous = {};",
         synchronous(options.durability)
     ))
-    .map_err(Error::sqlite("set the sync level of", path))?;
-    // Last: the limit applies to everything this connection reads, the schema included.
-    let limit = i32::try_from(options.max_record_bytes).unwrap_or(i32::MAX);
-    conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, limit)
-        .map_err(Error::sqlite("set the record size limit of", path))?;
-    // No mmap for the writer: SQLite would fault every page it writes into the mapping
-    // (resident memory as large as the file), and it reads little.
-    size_pragmas(conn, options.cache_size_bytes, path)
+    .map_err(Error::sqlite("set the sync level of", path))
 }
 
 /// Opens one read-only connection, without a memory map, for the reader pool (which maps

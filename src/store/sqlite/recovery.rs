@@ -110,6 +110,35 @@ pub(super) fn write_marker(marker: &Path) -> Result<(), Error> {
     sync_parent(marker)
 }
 
+/// Removes the marker it guards when dropped, unless [`disarm`](Self::disarm)ed: an open
+/// that fails after writing the marker did not crash, and a marker left behind would make the
+/// next open "repair" a healthy database.
+pub(super) struct MarkerGuard<'a> {
+    marker: Option<&'a Path>,
+}
+
+impl<'a> MarkerGuard<'a> {
+    /// Guards the marker just written at `marker`, if one was.
+    pub(super) fn new(marker: Option<&'a Path>) -> Self {
+        Self { marker }
+    }
+
+    /// The open succeeded: the marker stays until a clean close.
+    pub(super) fn disarm(mut self) {
+        self.marker = None;
+    }
+}
+
+impl Drop for MarkerGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(marker) = self.marker {
+            if let Err(err) = remove_marker(marker) {
+                log::warn!("pagestore: {err}; the next open will check the database");
+            }
+        }
+    }
+}
+
 /// Removes the marker at a clean close.
 pub(super) fn remove_marker(marker: &Path) -> Result<(), Error> {
     match std::fs::remove_file(marker) {
