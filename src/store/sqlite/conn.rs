@@ -64,9 +64,13 @@ fn journal_mode(durability: Durability) -> &'static str {
     }
 }
 
+/// The `synchronous` level each durability runs at. Durable needs `NORMAL`: SQLite keeps a
+/// WAL database consistent through power loss at `NORMAL` (the log is synced before each
+/// checkpoint), not at `OFF`.
 fn synchronous(durability: Durability) -> &'static str {
     match durability {
-        Durability::Cache | Durability::Durable => "OFF",
+        Durability::Cache => "OFF",
+        Durability::Durable => "NORMAL",
         Durability::Sync => "FULL",
     }
 }
@@ -219,6 +223,28 @@ mod tests {
             .unwrap();
         let limit = conn.limit(Limit::SQLITE_LIMIT_LENGTH).unwrap();
         assert_eq!(usize::try_from(limit).unwrap(), SQLITE_MAX_LENGTH);
+    }
+
+    /// The writer runs at the sync level each durability promises: Durable at `NORMAL`,
+    /// the lowest level at which SQLite keeps a WAL database consistent through power loss.
+    #[test]
+    fn each_durability_gets_its_sync_level() {
+        for (durability, level) in [
+            (Durability::Cache, 0),
+            (Durability::Durable, 1),
+            (Durability::Sync, 2),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("pagable.db");
+            let options = SqliteOptions::default().durability(durability);
+            let (conn, _) = open_writer(&path, TableLayout::Rowid).unwrap();
+            tune_writer(&conn, &path, &options).unwrap();
+            set_durability(&conn, &path, &options).unwrap();
+            let got: i64 = conn
+                .query_row("PRAGMA synchronous", [], |row| row.get(0))
+                .unwrap();
+            assert_eq!(got, level, "{durability:?}");
+        }
     }
 
     /// `record_bytes` is exactly the size SQLite checks: a limit of that size stores the

@@ -20,10 +20,12 @@ pub enum Durability {
     #[default]
     Cache,
     /// Every node whose [`flush`](crate::PagableStorage::flush) returned survives a crash of
-    /// the process (`journal_mode=WAL`, `synchronous=OFF`: SQLite's WAL commits survive an
-    /// application crash whatever `synchronous` is). A power loss may lose recent commits
-    /// but never breaks the database. Children are always committed before (or with) their
-    /// parents, so no committed node ever points to a missing one.
+    /// the process (`journal_mode=WAL`, `synchronous=NORMAL`: a commit is in the WAL file
+    /// before `flush` returns, and the OS keeps it when the process dies). A power loss or an
+    /// OS crash may lose the last commits, but not the database: at `NORMAL` SQLite syncs the
+    /// WAL before every checkpoint, which keeps a WAL database consistent (commits are not
+    /// synced one by one; [`Sync`](Self::Sync) does that). Children are always committed
+    /// before (or with) their parents, so no committed node ever points to a missing one.
     Durable,
     /// Every node whose [`flush`](crate::PagableStorage::flush) returned survives power loss
     /// (`journal_mode=WAL`, `synchronous=FULL`: each commit is fsynced). Same ordering
