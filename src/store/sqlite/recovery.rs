@@ -282,8 +282,9 @@ fn repair(db: &Path) -> Result<OpenReport, String> {
 }
 
 /// The table as a graph, for [`repair`]: every well-formed key once, numbered by a `u32` in
-/// scan order, and the parent-child edges between stored records by those numbers (8 bytes
-/// an edge, 20 per record plus a byte for the walk).
+/// scan order, and the parent-child edges between stored records by those numbers. Held:
+/// 16 bytes a record and 8 an edge, plus a byte a record for the walk; while the scan
+/// resolves child keys to numbers, 20 more bytes an edge and 4 a record.
 struct Graph {
     keys: Vec<[u8; 16]>,
     /// Records that do not decode or do not hash to their key.
