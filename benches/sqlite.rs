@@ -71,6 +71,26 @@ fn flush(c: &mut Criterion) {
     });
     group.throughput(Throughput::Elements(1));
     group.bench_function("nothing_pending", |b| b.iter(|| storage.flush().unwrap()));
+
+    // The same commits in Durable mode (WAL): what its `synchronous` level costs per commit.
+    let durable_dir = tempfile::tempdir().unwrap();
+    let durable = pagestore::SqliteOptions::default()
+        .durability(Durability::Durable)
+        .open(durable_dir.path())
+        .unwrap();
+    group.throughput(Throughput::Elements(1000));
+    group.bench_function("1000_new_nodes_durable", |b| {
+        b.iter_batched(
+            || {
+                for _ in 0..1000 {
+                    i += 1;
+                    durable.store_data(node(i)).unwrap();
+                }
+            },
+            |()| durable.flush().unwrap(),
+            BatchSize::PerIteration,
+        )
+    });
     group.finish();
 }
 

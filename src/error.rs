@@ -102,6 +102,24 @@ pub enum Error {
         reason: String,
     },
 
+    /// A node is too large for the store: its record would be `bytes` bytes, over the
+    /// store's `limit` (for SQLite, `SqliteOptions::max_record_bytes`). Refused by `put`
+    /// before anything is queued, so the store carries on.
+    #[error(
+        "the node under key {key} needs a {bytes}-byte record, over this store's limit of \
+         {limit} bytes (SqliteOptions::max_record_bytes; SQLite allows at most 1000000000); \
+         split its data across child nodes"
+    )]
+    TooLarge {
+        /// The key of the refused node.
+        key: DataKey,
+        /// The size of the record it needs, as the store counts it against `limit` (for
+        /// SQLite: the whole row, key and record header included).
+        bytes: u64,
+        /// The store's limit, in the same unit.
+        limit: u64,
+    },
+
     /// An earlier write failed, so the store no longer knows what reached disk; it refuses
     /// further writes instead of pretending they succeed.
     #[error(

@@ -76,11 +76,16 @@ fn build_template(seed: u64) -> Template {
         "the undamaged template fails verify: {report:?}"
     );
     drop(storage);
-    let files: Vec<_> = std::fs::read_dir(dir.path())
+    let mut files: Vec<_> = std::fs::read_dir(dir.path())
         .expect("list template")
         .map(|e| e.expect("entry").file_name())
         .collect();
-    assert_eq!(files, ["pagable.db"], "a cleanly closed store is one file");
+    files.sort();
+    assert_eq!(
+        files,
+        ["pagable.db", "pagable.db.lock"],
+        "a cleanly closed store is the database and its (unlocked) lock file"
+    );
     let file = std::fs::read(dir.path().join("pagable.db")).expect("read template");
     let payload_spots = find_payloads(&file, &nodes, &mut rng);
     assert!(

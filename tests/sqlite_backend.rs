@@ -547,3 +547,186 @@ fn verify_reports_a_row_whose_key_is_an_empty_blob() {
     assert_eq!(report.malformed_keys, 1, "{report:?}");
     assert!(!report.is_ok());
 }
+
+/// Runs `f` on its own thread and fails the test if it takes longer than `limit`: turns a
+/// hang (or a pass that would take hours) into a failure.
+fn within<T: Send + 'static>(
+    limit: std::time::Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|e| panic!("{what} did not finish within {limit:?} ({e})"))
+}
+
+#[test]
+fn a_lock_file_opened_before_a_close_cannot_let_a_second_store_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    // What another process racing the close holds: the lock file, opened while it was held.
+    let late = Connection::open(dir.path().join("pagable.db.lock")).unwrap();
+    drop(first);
+    // Takes the lock the way a store does. Were the file unlinked at close, this would lock
+    // an inode no later opener sees, and the open below would succeed beside it.
+    late.busy_timeout(std::time::Duration::ZERO).unwrap();
+    late.execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE; COMMIT;")
+        .unwrap();
+    let err = SqliteBackedPagableStorage::try_new(dir.path()).unwrap_err();
+    assert_eq!(io_path(&err), dir.path().join("pagable.db"), "{err:#}");
+    assert!(format!("{err:#}").contains("another"), "{err:#}");
+    drop(late);
+    let second = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    assert!(second.open_report().is_clean());
+}
+
+/// The longest value SQLite itself stores in a `pagable_data` table of `layout` under a
+/// length limit of `limit` bytes, found by asking it (independently of pagestore's own
+/// arithmetic).
+fn longest_value_sqlite_stores(layout: TableLayout, limit: usize) -> usize {
+    let conn = Connection::open_in_memory().unwrap();
+    let without_rowid = if layout == TableLayout::WithoutRowid {
+        " WITHOUT ROWID"
+    } else {
+        ""
+    };
+    conn.execute_batch(&format!(
+        "CREATE TABLE pagable_data (key BLOB PRIMARY KEY, value BLOB NOT NULL){without_rowid}"
+    ))
+    .unwrap();
+    conn.set_limit(
+        rusqlite::limits::Limit::SQLITE_LIMIT_LENGTH,
+        i32::try_from(limit).unwrap(),
+    )
+    .unwrap();
+    let fits = |len: usize| {
+        let result = conn.execute(
+            "INSERT INTO pagable_data (key, value) VALUES (?1, ?2)",
+            rusqlite::params![[7u8; 16], vec![0u8; len]],
+        );
+        conn.execute("DELETE FROM pagable_data", []).unwrap();
+        match result {
+            Ok(_) => true,
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::TooBig) => false,
+            Err(e) => panic!("unexpected SQLite error: {e}"),
+        }
+    };
+    let longest = (0..=limit).rev().find(|&len| fits(len)).unwrap();
+    assert!(!fits(longest + 1));
+    longest
+}
+
+#[test]
+fn a_record_over_the_length_limit_is_refused_by_put_and_the_store_keeps_working() {
+    const LIMIT: usize = 4096;
+    for layout in [TableLayout::Rowid, TableLayout::WithoutRowid] {
+        // A node's record is its 16-byte header plus its data (no arcs here).
+        let longest_data = longest_value_sqlite_stores(layout, LIMIT) - 16;
+        let dir = tempfile::tempdir().unwrap();
+        let storage = SqliteOptions::default()
+            .table_layout(layout)
+            .max_record_bytes(LIMIT)
+            .open(dir.path())
+            .unwrap();
+        let largest = node(1, longest_data, vec![]);
+        let key = storage.store_data(largest.clone()).unwrap();
+        storage.flush().unwrap();
+        storage.release_memory();
+        assert_eq!(*storage.fetch_data_blocking(&key).unwrap(), largest);
+
+        let too_large = node(2, longest_data + 1, vec![]);
+        let err = storage.store_data(too_large.clone()).unwrap_err();
+        match err.downcast_ref::<Error>() {
+            Some(Error::TooLarge {
+                key: refused,
+                bytes,
+                limit,
+            }) => {
+                assert_eq!(*refused, too_large.compute_key());
+                assert_eq!((*bytes, *limit), (LIMIT as u64 + 1, LIMIT as u64));
+            }
+            other => panic!("{layout:?}: expected TooLarge, got {other:?} ({err:#})"),
+        }
+        let msg = err.to_string();
+        for needle in ["4097", "4096", "max_record_bytes"] {
+            assert!(msg.contains(needle), "{msg}");
+        }
+
+        // Nothing was poisoned: the store goes on storing, committing and reading.
+        let after = node(3, 100, vec![key]);
+        let after_key = storage.store_data(after.clone()).unwrap();
+        storage.flush().unwrap();
+        storage.release_memory();
+        assert_eq!(*storage.fetch_data_blocking(&after_key).unwrap(), after);
+        assert!(Error::is_not_found(
+            &storage
+                .fetch_data_blocking(&too_large.compute_key())
+                .unwrap_err()
+        ));
+        assert!(storage.verify().unwrap().is_ok());
+    }
+}
+
+#[test]
+fn repairing_a_long_chain_after_a_crash_takes_one_pass() {
+    const LEN: usize = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    let mut chain: Vec<pagestore::DataKey> = Vec::with_capacity(LEN);
+    for i in 0..LEN {
+        let arcs = chain.last().copied().into_iter().collect();
+        chain.push(
+            storage
+                .store_data(PagableData {
+                    data: (i as u64).to_le_bytes().to_vec(),
+                    arcs,
+                })
+                .unwrap(),
+        );
+    }
+    storage.flush().unwrap();
+    drop(storage);
+    // Damage the leaf, which every other node reaches, and leave the crash marker behind.
+    let conn = Connection::open(dir.path().join("pagable.db")).unwrap();
+    let changed = conn
+        .execute(
+            "UPDATE pagable_data SET value = x'00' WHERE key = ?1",
+            [&chain[0].as_bytes()[..]],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(conn);
+    std::fs::write(dir.path().join("pagable.db.open"), b"crashed").unwrap();
+
+    let path = dir.path().to_path_buf();
+    let storage = within(
+        std::time::Duration::from_secs(120),
+        "the repair of a 20,000-long chain",
+        move || {
+            SqliteOptions::default()
+                .durability(Durability::Cache)
+                .open(&path)
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        storage.open_report(),
+        &OpenReport::Repaired {
+            records: 0,
+            removed_corrupt: 1,
+            removed_dangling: LEN as u64 - 1,
+        }
+    );
+    let report = storage.verify().unwrap();
+    assert!(report.is_ok() && report.records == 0, "{report:?}");
+    assert!(Error::is_not_found(
+        &storage.fetch_data_blocking(&chain[LEN - 1]).unwrap_err()
+    ));
+    let fresh = node(5, 64, vec![]);
+    let key = storage.store_data(fresh.clone()).unwrap();
+    storage.flush().unwrap();
+    assert_eq!(*storage.fetch_data_blocking(&key).unwrap(), fresh);
+}

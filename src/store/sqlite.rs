@@ -38,6 +38,32 @@ use crate::error::Error;
 use crate::key::DataKey;
 use crate::store::NodeStore;
 
+/// Failure points in the open sequence, for the unit tests of what a failed open leaves
+/// behind; without `cfg(test)`, nothing.
+mod failpoint {
+    use crate::error::Error;
+
+    #[cfg(test)]
+    thread_local! {
+        /// The step of an open on this thread that fails, if any.
+        pub(super) static FAIL: std::cell::Cell<Option<&'static str>> =
+            const { std::cell::Cell::new(None) };
+    }
+
+    /// Fails if a test asked `step` to fail.
+    #[cfg_attr(not(test), inline(always))]
+    pub(super) fn check(step: &'static str) -> Result<(), Error> {
+        #[cfg(test)]
+        if FAIL.get() == Some(step) {
+            return Err(Error::io(step, "(test failure point)")(
+                std::io::Error::other("failed on purpose"),
+            ));
+        }
+        let _ = step;
+        Ok(())
+    }
+}
+
 /// The file name of the database inside the store's directory (the reference's name).
 const DATABASE_FILE: &str = "pagable.db";
 
@@ -115,29 +141,37 @@ impl SqliteNodeStore {
         } else {
             OpenReport::Clean
         };
-        // The marker is written only once the file is known to be a usable database: a
-        // refused file (not a database, another program's table) is never "recovered".
         let (writer_conn, layout) = conn::open_writer(&path, options.table_layout)?;
+        conn::tune_writer(&writer_conn, &path, &options)?;
+        let buffer = WriteBuffer::new(
+            options.write_buffer_rows,
+            options.write_buffer_bytes,
+            options.dedup_keys,
+        );
+        // The marker is written only once the file is known to be a usable database (a
+        // refused file, not a database or another program's table, is never "recovered"),
+        // and as late as it can be: before the journal-mode switch, which can write (leaving
+        // WAL rewrites the header) and must not do so unmarked in Cache mode. The readers
+        // open after the switch (an open reader would keep the database in WAL) and the
+        // writer thread after them. If one of those fails, the guard removes the marker.
         if cache_mode {
             recovery::write_marker(&marker)?;
         } else if unclean {
             // Recovered, and from now on the WAL protects the file.
             recovery::remove_marker(&marker)?;
         }
-        conn::configure_writer(&writer_conn, &path, &options)?;
+        let marker_guard = recovery::MarkerGuard::new(cache_mode.then_some(marker.as_path()));
+        failpoint::check("set the durability")?;
+        conn::set_durability(&writer_conn, &path, &options)?;
         if options.durability == Durability::Sync {
             // SQLite syncs the data; the database file's own directory entry must be durable
             // too for a new store to survive power loss.
             recovery::sync_parent(&path)?;
         }
+        failpoint::check("open the readers")?;
         let readers = (0..options.readers)
             .map(|_| conn::open_reader(&path, &options))
             .collect::<Result<Vec<_>, _>>()?;
-        let buffer = WriteBuffer::new(
-            options.write_buffer_rows,
-            options.write_buffer_bytes,
-            options.dedup_keys,
-        );
         let inner = Arc::new(Inner {
             path: path.clone(),
             pool: ReaderPool::new(&path, readers, options.mmap_size_bytes),
@@ -145,10 +179,11 @@ impl SqliteNodeStore {
             verify_on_read: options.verify_on_read,
         });
         let cache_bytes = options.cache_size_bytes;
+        failpoint::check("start the writer")?;
         let writer = {
             let inner = Arc::clone(&inner);
             std::thread::Builder::new()
-                .name("pagestore-sqlite-writer".into())
+                .name(writer::THREAD_NAME.into())
                 .spawn(move || {
                     writer::run(
                         &inner.buffer,
@@ -161,6 +196,7 @@ impl SqliteNodeStore {
                 })
                 .map_err(Error::io("start the writer thread for", &path))?
         };
+        marker_guard.disarm();
         Ok(Self {
             inner,
             writer: Some(writer),
@@ -250,6 +286,13 @@ impl Drop for SqliteNodeStore {
 impl NodeStore for SqliteNodeStore {
     fn put(&self, node: PagableData) -> anyhow::Result<DataKey> {
         let key = node.compute_key();
+        // Refused here, not at commit: a row over SQLite's limit would fail its whole batch
+        // and poison the store for every caller.
+        let bytes = conn::record_bytes(codec::encoded_len(&node));
+        let limit = self.options.max_record_bytes as u64;
+        if bytes > limit {
+            return Err(Error::TooLarge { key, bytes, limit }.into());
+        }
         let buffer = &self.inner.buffer;
         buffer.check()?;
         if !buffer.contains(&key) {
@@ -325,5 +368,42 @@ impl std::fmt::Debug for SqliteNodeStore {
             .field("poisoned", &self.inner.buffer.is_poisoned())
             .field("open_report", &self.open_report)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An open that fails after writing the Cache-mode marker removes it again, so the next
+    /// open finds a clean database instead of "repairing" a healthy one.
+    #[test]
+    fn a_failed_open_leaves_no_unclean_shutdown_marker() {
+        for step in ["set the durability", "open the readers", "start the writer"] {
+            let dir = tempfile::tempdir().unwrap();
+            let node = PagableData {
+                data: b"kept".to_vec(),
+                arcs: vec![],
+            };
+            let store = SqliteOptions::default()
+                .open_node_store(dir.path())
+                .unwrap();
+            let key = store.put(node.clone()).unwrap();
+            drop(store);
+
+            failpoint::FAIL.set(Some(step));
+            let failed = SqliteOptions::default().open_node_store(dir.path());
+            failpoint::FAIL.set(None);
+            let err = failed.err().unwrap_or_else(|| panic!("{step}: opened"));
+            assert!(format!("{err:#}").contains(step), "{step}: {err:#}");
+            let marker = recovery::marker_path(&dir.path().join(DATABASE_FILE));
+            assert!(!marker.exists(), "{step}: the marker was left behind");
+
+            let store = SqliteOptions::default()
+                .open_node_store(dir.path())
+                .unwrap();
+            assert_eq!(store.open_report(), &OpenReport::Clean, "{step}");
+            assert_eq!(*store.get(&key).unwrap(), node, "{step}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use rusqlite::limits::Limit;
 use rusqlite::{Connection, MAIN_DB, OpenFlags};
 
 use super::options::{Durability, SqliteOptions, TableLayout};
@@ -63,11 +64,33 @@ fn journal_mode(durability: Durability) -> &'static str {
     }
 }
 
+/// The `synchronous` level each durability runs at. Durable needs `NORMAL`: SQLite keeps a
+/// WAL database consistent through power loss at `NORMAL` (the log is synced before each
+/// checkpoint), not at `OFF`.
 fn synchronous(durability: Durability) -> &'static str {
     match durability {
-        Durability::Cache | Durability::Durable => "OFF",
+        Durability::Cache => "OFF",
+        Durability::Durable => "NORMAL",
         Durability::Sync => "FULL",
     }
+}
+
+/// The size of the row SQLite builds to store a value of `value_len` bytes, which is what its
+/// length limit (`SQLITE_LIMIT_LENGTH`) is checked against: the record header (its own
+/// length, the 16-byte key's type, the value's type as a varint), the key, and the value.
+/// The same in both layouts: a `WithoutRowid` row is this record, and a rowid table keeps
+/// the rowid outside it (its index on `key` holds only the key and the rowid).
+pub(super) fn record_bytes(value_len: usize) -> u64 {
+    let value_len = value_len as u64;
+    // SQLite's serial type of a BLOB of n bytes is 2n + 12, stored as a varint of 7 bits
+    // per byte; the header's own length and the key's type fit in one byte each.
+    let mut value_type = value_len.saturating_mul(2).saturating_add(12) >> 7;
+    let mut varint = 1;
+    while value_type != 0 && varint < 9 {
+        varint += 1;
+        value_type >>= 7;
+    }
+    2 + varint + 16 + value_len
 }
 
 /// Sets the page-cache size of `conn` (`PRAGMA cache_size`).
@@ -88,7 +111,8 @@ fn size_pragmas(conn: &Connection, cache_bytes: u64, path: &Path) -> Result<(), 
 /// database (created if missing, with 32 KiB pages and a table in `new_layout`) whose
 /// `pagable_data` table has the `key` and `value` columns. Runs in SQLite's default
 /// rollback journal, so a crash here cannot damage the file, and changes nothing in a file
-/// that is refused. Returns the connection for [`configure_writer`] and the table's layout.
+/// that is refused. Returns the connection for [`tune_writer`] and [`set_durability`], and the table's
+/// layout.
 pub(super) fn open_writer(
     path: &Path,
     new_layout: TableLayout,
@@ -118,9 +142,30 @@ pub(super) fn open_writer(
     Ok((conn, layout))
 }
 
-/// Sets the journal mode, sync level and cache size `options.durability` needs on the
-/// connection from [`open_writer`].
-pub(super) fn configure_writer(
+/// Applies the writer's settings that write nothing to the file (page cache, no memory
+/// map, WAL size limit, record size limit) on the connection from [`open_writer`].
+pub(super) fn tune_writer(
+    conn: &Connection,
+    path: &Path,
+    options: &SqliteOptions,
+) -> Result<(), Error> {
+    // A batch of random keys rewrites most leaf pages, so one commit can put most of the
+    // database in the WAL; after a checkpoint, truncate the log back to this size instead of
+    // keeping it as large as the largest commit.
+    conn.execute_batch(&format!("PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"))
+        .map_err(Error::sqlite("set the WAL size limit of", path))?;
+    let limit = i32::try_from(options.max_record_bytes).unwrap_or(i32::MAX);
+    conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, limit)
+        .map_err(Error::sqlite("set the record size limit of", path))?;
+    // No mmap for the writer: SQLite would fault every page it writes into the mapping
+    // (resident memory as large as the file), and it reads little.
+    size_pragmas(conn, options.cache_size_bytes, path)
+}
+
+/// Sets the journal mode and sync level `options.durability` needs on the connection from
+/// [`open_writer`]. Can write: leaving WAL checkpoints the log into the database and
+/// rewrites its header.
+pub(super) fn set_durability(
     conn: &Connection,
     path: &Path,
     options: &SqliteOptions,
@@ -141,17 +186,12 @@ pub(super) fn configure_writer(
             .into(),
         });
     }
-    // A batch of random keys rewrites most leaf pages, so one commit can put most of the
-    // database in the WAL; after a checkpoint, truncate the log back to this size instead of
-    // keeping it as large as the largest commit.
+    // After the switch, so that a checkpoint out of WAL runs at SQLite's default level.
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {}; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};",
+        "PRAGMA synchronous = {};",
         synchronous(options.durability)
     ))
-    .map_err(Error::sqlite("set the sync level of", path))?;
-    // No mmap for the writer: SQLite would fault every page it writes into the mapping
-    // (resident memory as large as the file), and it reads little.
-    size_pragmas(conn, options.cache_size_bytes, path)
+    .map_err(Error::sqlite("set the sync level of", path))
 }
 
 /// Opens one read-only connection, without a memory map, for the reader pool (which maps
@@ -166,4 +206,79 @@ pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connec
         .map_err(Error::sqlite("set the busy timeout of", path))?;
     size_pragmas(&conn, options.cache_size_bytes, path)?;
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::options::SQLITE_MAX_LENGTH;
+
+    #[test]
+    fn the_default_limit_is_the_bundled_sqlites() {
+        let conn = Connection::open_in_memory().unwrap();
+        let limit = conn.limit(Limit::SQLITE_LIMIT_LENGTH).unwrap();
+        assert_eq!(usize::try_from(limit).unwrap(), SQLITE_MAX_LENGTH);
+        // Raising it is clamped: SQLITE_MAX_LENGTH is SQLite's ceiling, not just a default.
+        conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, i32::MAX)
+            .unwrap();
+        let limit = conn.limit(Limit::SQLITE_LIMIT_LENGTH).unwrap();
+        assert_eq!(usize::try_from(limit).unwrap(), SQLITE_MAX_LENGTH);
+    }
+
+    /// The writer runs at the sync level each durability promises: Durable at `NORMAL`,
+    /// the lowest level at which SQLite keeps a WAL database consistent through power loss.
+    #[test]
+    fn each_durability_gets_its_sync_level() {
+        for (durability, level) in [
+            (Durability::Cache, 0),
+            (Durability::Durable, 1),
+            (Durability::Sync, 2),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("pagable.db");
+            let options = SqliteOptions::default().durability(durability);
+            let (conn, _) = open_writer(&path, TableLayout::Rowid).unwrap();
+            tune_writer(&conn, &path, &options).unwrap();
+            set_durability(&conn, &path, &options).unwrap();
+            let got: i64 = conn
+                .query_row("PRAGMA synchronous", [], |row| row.get(0))
+                .unwrap();
+            assert_eq!(got, level, "{durability:?}");
+        }
+    }
+
+    /// `record_bytes` is exactly the size SQLite checks: a limit of that size stores the
+    /// value, one byte less refuses it. Around each change of the varint's length above
+    /// the 1 KiB floor of `max_record_bytes` (below it SQLite refuses smaller things too).
+    #[test]
+    fn record_bytes_is_the_size_sqlite_limits() {
+        for layout in [TableLayout::Rowid, TableLayout::WithoutRowid] {
+            let conn = Connection::open_in_memory().unwrap();
+            conn.execute_batch(create_table(layout)).unwrap();
+            for value_len in [1010, 8185, 8186, 1_048_569, 1_048_570] {
+                let value = vec![0u8; value_len];
+                let fits = |limit: u64| {
+                    conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, limit as i32)
+                        .unwrap();
+                    let result = conn.execute(
+                        "INSERT INTO pagable_data (key, value) VALUES (?1, ?2)",
+                        rusqlite::params![[1u8; 16], value],
+                    );
+                    conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, i32::MAX)
+                        .unwrap();
+                    conn.execute("DELETE FROM pagable_data", []).unwrap();
+                    match result {
+                        Ok(_) => true,
+                        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::TooBig) => {
+                            false
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                };
+                let bytes = record_bytes(value_len);
+                assert!(fits(bytes), "{layout:?}, {value_len}-byte value");
+                assert!(!fits(bytes - 1), "{layout:?}, {value_len}-byte value");
+            }
+        }
+    }
 }

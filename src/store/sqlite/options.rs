@@ -19,10 +19,12 @@ pub enum Durability {
     #[default]
     Cache,
     /// Every node whose [`flush`](crate::PagableStorage::flush) returned survives a crash of
-    /// the process (`journal_mode=WAL`, `synchronous=OFF`: SQLite's WAL commits survive an
-    /// application crash whatever `synchronous` is). A power loss may lose recent commits
-    /// but never breaks the database. Children are always committed before (or with) their
-    /// parents, so no committed node ever points to a missing one.
+    /// the process (`journal_mode=WAL`, `synchronous=NORMAL`: a commit is in the WAL file
+    /// before `flush` returns, and the OS keeps it when the process dies). A power loss or an
+    /// OS crash may lose the last commits, but not the database: at `NORMAL` SQLite syncs the
+    /// WAL before every checkpoint, which keeps a WAL database consistent (commits are not
+    /// synced one by one; [`Sync`](Self::Sync) does that). Children are always committed
+    /// before (or with) their parents, so no committed node ever points to a missing one.
     Durable,
     /// Every node whose [`flush`](crate::PagableStorage::flush) returned survives power loss
     /// (`journal_mode=WAL`, `synchronous=FULL`: each commit is fsynced). Same ordering
@@ -85,7 +87,16 @@ pub struct SqliteOptions {
     pub(super) dedup_keys: usize,
     pub(super) repair_unclean: bool,
     pub(super) table_layout: TableLayout,
+    pub(super) max_record_bytes: usize,
 }
+
+/// SQLite's compiled length limit (`SQLITE_MAX_LENGTH` of the bundled build), the most a
+/// row record may be: the default of [`SqliteOptions::max_record_bytes`] and its ceiling.
+pub(super) const SQLITE_MAX_LENGTH: usize = 1_000_000_000;
+
+/// The lowest [`SqliteOptions::max_record_bytes`]: SQLite applies the same limit to what the
+/// writer reads, its own schema included.
+pub(super) const MIN_RECORD_LIMIT: usize = 1024;
 
 impl Default for SqliteOptions {
     fn default() -> Self {
@@ -107,6 +118,7 @@ impl Default for SqliteOptions {
             dedup_keys: 2 << 20,
             repair_unclean: true,
             table_layout: TableLayout::default(),
+            max_record_bytes: SQLITE_MAX_LENGTH,
         }
     }
 }
@@ -209,6 +221,22 @@ impl SqliteOptions {
     #[must_use]
     pub fn table_layout(mut self, layout: TableLayout) -> Self {
         self.table_layout = layout;
+        self
+    }
+
+    /// The largest row SQLite is asked to store, in bytes: a node's record (a 16-byte header,
+    /// the data, and 16 bytes per child), its 16-byte key, and a few bytes of SQLite's row
+    /// header.
+    /// [`put`](crate::NodeStore::put) (and so `store_data`) refuses a larger node with
+    /// [`Error::TooLarge`](crate::Error::TooLarge) before queuing it, and the store carries
+    /// on; the writer's connection gets the same `SQLITE_LIMIT_LENGTH`, so SQLite enforces
+    /// exactly the check `put` makes. Records already stored are read whatever their size.
+    /// Clamped to SQLite's own limit, 1,000,000,000 bytes (no row can be larger), and to at
+    /// least 1 KiB (SQLite applies the limit to the schema it reads too).
+    /// Default = 1,000,000,000.
+    #[must_use]
+    pub fn max_record_bytes(mut self, bytes: usize) -> Self {
+        self.max_record_bytes = bytes.clamp(MIN_RECORD_LIMIT, SQLITE_MAX_LENGTH);
         self
     }
 

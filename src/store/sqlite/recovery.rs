@@ -15,8 +15,9 @@ use rusqlite::Connection;
 
 use super::conn::BUSY_TIMEOUT;
 use super::options::SqliteOptions;
-use super::verify;
+use crate::codec;
 use crate::error::Error;
+use crate::key::DataKey;
 
 /// What opening the store found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +39,8 @@ pub enum OpenReport {
         /// Records deleted because they did not decode or did not hash to their key (or had
         /// a malformed key).
         removed_corrupt: u64,
-        /// Records deleted because a child they name was missing (repeated until none is).
+        /// Records deleted because a record they reach through their children, at any depth,
+        /// was missing or deleted as corrupt.
         removed_dangling: u64,
     },
 }
@@ -54,20 +56,13 @@ impl OpenReport {
 /// `pagable.db.lock`, held for the store's lifetime and released by the OS if the process
 /// dies. A second store on the same directory, in this process or another, is refused
 /// instead of taking the first one's marker for a crash and repairing a live database.
+///
+/// The lock file is never removed, not even at close: an opener that opened it before the
+/// removal would lock the unlinked file while the next opener created and locked a new one,
+/// and two stores would share the directory. Releasing the lock is closing the connection.
 pub(super) struct DirLock {
-    path: PathBuf,
     // Never used after open; the Mutex only makes the holder `Sync`.
     _conn: std::sync::Mutex<Connection>,
-}
-
-impl Drop for DirLock {
-    /// Removes the lock file while still holding the lock (the connection closes after
-    /// this), so a closed store leaves only `pagable.db`. An opener that opened the file just
-    /// before the removal can still lock the removed file; the lock guards against mistakes,
-    /// not against a race designed to beat it.
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
 }
 
 /// Takes the directory lock of the database `db`, or fails at once if another store holds it.
@@ -92,7 +87,6 @@ pub(super) fn lock_dir(db: &Path) -> Result<DirLock, Error> {
             _ => Error::sqlite("lock", &path)(e),
         })?;
     Ok(DirLock {
-        path,
         _conn: std::sync::Mutex::new(conn),
     })
 }
@@ -116,6 +110,35 @@ pub(super) fn write_marker(marker: &Path) -> Result<(), Error> {
     sync_parent(marker)
 }
 
+/// Removes the marker it guards when dropped, unless [`disarm`](Self::disarm)ed: an open
+/// that fails after writing the marker did not crash, and a marker left behind would make the
+/// next open "repair" a healthy database.
+pub(super) struct MarkerGuard<'a> {
+    marker: Option<&'a Path>,
+}
+
+impl<'a> MarkerGuard<'a> {
+    /// Guards the marker just written at `marker`, if one was.
+    pub(super) fn new(marker: Option<&'a Path>) -> Self {
+        Self { marker }
+    }
+
+    /// The open succeeded: the marker stays until a clean close.
+    pub(super) fn disarm(mut self) {
+        self.marker = None;
+    }
+}
+
+impl Drop for MarkerGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(marker) = self.marker {
+            if let Err(err) = remove_marker(marker) {
+                log::warn!("pagestore: {err}; the next open will check the database");
+            }
+        }
+    }
+}
+
 /// Removes the marker at a clean close.
 pub(super) fn remove_marker(marker: &Path) -> Result<(), Error> {
     match std::fs::remove_file(marker) {
@@ -125,16 +148,25 @@ pub(super) fn remove_marker(marker: &Path) -> Result<(), Error> {
     }
 }
 
-/// Makes a file's creation or removal durable.
+/// Makes a file's creation or removal durable: fsyncs the directory that holds it. `Sync`
+/// mode and the marker rely on it, so a failed fsync is an error naming the directory.
 pub(super) fn sync_parent(path: &Path) -> Result<(), Error> {
     let Some(dir) = path.parent() else {
         return Ok(());
     };
-    // Directories cannot be opened for syncing on every platform; where they can, do it.
-    if let Ok(dir_file) = File::open(dir) {
-        let _ = dir_file.sync_all();
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    match File::open(dir) {
+        Ok(dir_file) => dir_file
+            .sync_all()
+            .map_err(Error::io("sync the directory", dir)),
+        // Where a directory cannot be opened as a file (Windows), there is nothing to sync.
+        Err(_) if cfg!(not(unix)) => Ok(()),
+        Err(e) => Err(Error::io("open for syncing the directory", dir)(e)),
     }
-    Ok(())
 }
 
 /// Deals with a database left by an unclean shutdown: repair it or start empty.
@@ -180,7 +212,10 @@ fn reset(db: &Path, reason: String) -> Result<OpenReport, Error> {
     Ok(OpenReport::Reset { reason })
 }
 
-/// Checks the structure (`PRAGMA integrity_check`), then deletes damaged and dangling records until none is left.
+/// Checks the structure (`PRAGMA integrity_check`), then deletes, in one transaction, every
+/// record that is damaged or has a malformed key, and every record that reaches one of those
+/// or a missing record through its children, at any depth. One scan of the table finds them
+/// all, so the cost does not grow with the depth of the damage.
 /// Returns why the database cannot be repaired.
 fn repair(db: &Path) -> Result<OpenReport, String> {
     if !db.exists() {
@@ -208,46 +243,183 @@ fn repair(db: &Path) -> Result<OpenReport, String> {
             |row| row.get(0),
         )
         .map_err(sql)?;
-    let (mut removed_corrupt, mut removed_dangling) = (0, 0);
     if !table_exists {
         return Ok(OpenReport::Repaired {
             records: 0,
-            removed_corrupt,
-            removed_dangling,
+            removed_corrupt: 0,
+            removed_dangling: 0,
         });
     }
-    loop {
-        let report = verify::scan(&mut conn, db, &|_| false).map_err(|e| e.to_string())?;
-        if report.is_ok() {
-            return Ok(OpenReport::Repaired {
-                records: report.records,
-                removed_corrupt,
-                removed_dangling,
-            });
+    let graph = Graph::scan(&conn)?;
+    let (corrupt, dangling) = graph.doomed();
+    let tx = conn.transaction().map_err(sql)?;
+    // The rows the scan skipped: no key could ever fetch them.
+    let mut removed_corrupt = tx
+        .execute(
+            "DELETE FROM pagable_data WHERE typeof(key) != 'blob' OR length(key) != 16 \
+             OR key = zeroblob(16)",
+            [],
+        )
+        .map_err(sql)? as u64;
+    let mut removed_dangling = 0;
+    {
+        let mut delete = tx
+            .prepare("DELETE FROM pagable_data WHERE key = ?1")
+            .map_err(sql)?;
+        for &i in &corrupt {
+            removed_corrupt += delete.execute([&graph.keys[i as usize][..]]).map_err(sql)? as u64;
         }
-        let before = removed_corrupt + removed_dangling;
-        let tx = conn.transaction().map_err(sql)?;
-        removed_corrupt += tx
-            .execute(
-                "DELETE FROM pagable_data WHERE typeof(key) != 'blob' OR length(key) != 16 \
-                 OR key = zeroblob(16)",
-                [],
-            )
-            .map_err(sql)? as u64;
-        {
-            let mut delete = tx
-                .prepare("DELETE FROM pagable_data WHERE key = ?1")
-                .map_err(sql)?;
-            for key in &report.corrupt {
-                removed_corrupt += delete.execute([&key.as_bytes()[..]]).map_err(sql)? as u64;
+        for &i in &dangling {
+            removed_dangling += delete.execute([&graph.keys[i as usize][..]]).map_err(sql)? as u64;
+        }
+    }
+    tx.commit().map_err(sql)?;
+    Ok(OpenReport::Repaired {
+        records: (graph.keys.len() - corrupt.len() - dangling.len()) as u64,
+        removed_corrupt,
+        removed_dangling,
+    })
+}
+
+/// The table as a graph, for [`repair`]: every well-formed key once, numbered by a `u32` in
+/// scan order, and the parent-child edges between stored records by those numbers. Held:
+/// 16 bytes a record and 8 an edge, plus a byte a record for the walk; while the scan
+/// resolves child keys to numbers, 20 more bytes an edge and 4 a record.
+struct Graph {
+    keys: Vec<[u8; 16]>,
+    /// Records that do not decode or do not hash to their key.
+    corrupt: Vec<u32>,
+    /// Records that name a child that is not stored.
+    missing_child: Vec<u32>,
+    /// `(child, parent)`, sorted, so the parents of a record are one contiguous run.
+    edges: Vec<(u32, u32)>,
+}
+
+impl Graph {
+    /// One pass over the table. Rows with a malformed key are left out (no record can name
+    /// them as a child, and the caller deletes them by SQL).
+    fn scan(conn: &Connection) -> Result<Graph, String> {
+        let sql = |e: rusqlite::Error| e.to_string();
+        let mut keys: Vec<[u8; 16]> = Vec::new();
+        let mut corrupt = Vec::new();
+        // By child key until every key is known and has its number.
+        let mut named: Vec<([u8; 16], u32)> = Vec::new();
+        let mut stmt = conn
+            .prepare("SELECT key, value FROM pagable_data")
+            .map_err(sql)?;
+        let mut rows = stmt.query([]).map_err(sql)?;
+        while let Some(row) = rows.next().map_err(sql)? {
+            let Some(key) = row
+                .get_ref(0)
+                .map_err(sql)?
+                .as_blob()
+                .ok()
+                .and_then(DataKey::from_slice)
+            else {
+                continue;
+            };
+            let index = u32::try_from(keys.len())
+                .map_err(|_| "more than 4,294,967,295 records, more than repair indexes")?;
+            keys.push(key.as_bytes());
+            let record = row
+                .get_ref(1)
+                .map_err(sql)?
+                .as_blob()
+                .ok()
+                .and_then(|bytes| codec::parse(bytes).ok());
+            match record {
+                Some(record) if record.compute_key() == key => {
+                    named.extend(record.arcs().map(|child| (child.as_bytes(), index)));
+                }
+                _ => corrupt.push(index),
             }
-            for (parent, _) in &report.missing_children {
-                removed_dangling += delete.execute([&parent.as_bytes()[..]]).map_err(sql)? as u64;
+        }
+        drop(rows);
+        let mut by_key: Vec<u32> = (0..keys.len() as u32).collect();
+        by_key.sort_unstable_by_key(|&i| keys[i as usize]);
+        let mut missing_child = Vec::new();
+        let mut edges = Vec::with_capacity(named.len());
+        for (child, parent) in named {
+            match by_key.binary_search_by_key(&child, |&i| keys[i as usize]) {
+                Ok(at) => edges.push((by_key[at], parent)),
+                Err(_) => missing_child.push(parent),
             }
         }
-        tx.commit().map_err(sql)?;
-        if removed_corrupt + removed_dangling == before {
-            return Err("repair made no progress".into());
+        edges.sort_unstable();
+        Ok(Graph {
+            keys,
+            corrupt,
+            missing_child,
+            edges,
+        })
+    }
+
+    /// The records to delete: the corrupt ones, and every other record that has a corrupt
+    /// or missing descendant (found by walking the edges from child to parent).
+    fn doomed(&self) -> (Vec<u32>, Vec<u32>) {
+        let mut doomed = vec![false; self.keys.len()];
+        for &i in &self.corrupt {
+            doomed[i as usize] = true;
         }
+        let mut dangling = Vec::new();
+        let mut stack: Vec<u32> = self.corrupt.clone();
+        for &i in &self.missing_child {
+            if !std::mem::replace(&mut doomed[i as usize], true) {
+                dangling.push(i);
+                stack.push(i);
+            }
+        }
+        while let Some(child) = stack.pop() {
+            let from = self.edges.partition_point(|&(c, _)| c < child);
+            for &(c, parent) in &self.edges[from..] {
+                if c != child {
+                    break;
+                }
+                if !std::mem::replace(&mut doomed[parent as usize], true) {
+                    dangling.push(parent);
+                    stack.push(parent);
+                }
+            }
+        }
+        (self.corrupt.clone(), dangling)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_failed_directory_fsync_is_an_error_naming_the_directory() {
+        // procfs directories open, but refuse fsync (EINVAL).
+        let err = sync_parent(Path::new("/proc/self/pagable.db.open")).unwrap_err();
+        match &err {
+            Error::Io {
+                path, operation, ..
+            } => {
+                assert_eq!(path, Path::new("/proc/self"));
+                assert_eq!(*operation, "sync the directory");
+            }
+            other => panic!("expected an Io error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn a_directory_that_cannot_be_opened_is_an_error_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone");
+        let err = sync_parent(&gone.join("pagable.db")).unwrap_err();
+        assert!(
+            matches!(&err, Error::Io { path, .. } if *path == gone),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_directory_that_exists_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        sync_parent(&dir.path().join("pagable.db")).unwrap();
     }
 }

@@ -17,9 +17,12 @@
 //!   (`dedup_keys`): when it is full, the dead entries are dropped and repeats of them fall
 //!   back to the writer's `INSERT OR IGNORE`.
 //! - A failed commit latches a sticky error: every later `store_data` and `flush` returns
-//!   [`Error::Poisoned`] until the store is reopened.
+//!   [`Error::Poisoned`] until the store is reopened. So does a panic on the writer thread
+//!   (see [`run`]): no caller is left waiting for a writer that is gone.
 
+use std::any::Any;
 use std::collections::VecDeque;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -299,29 +302,24 @@ impl WriteBuffer {
 
     fn after_commit(&self, batch: Batch, result: Result<(), Error>) {
         let mut state = self.lock();
-        match result {
+        let failure = match result {
             Ok(()) => {
                 state.committed_seq = batch.seq;
                 state.in_flight_bytes -= batch.bytes;
                 self.pending_len
                     .fetch_sub(batch.entries.len(), Ordering::Release);
+                None
             }
             Err(err) => {
-                log::error!(
-                    "pagestore: commit failed, the store refuses writes until reopened: {err}"
-                );
                 state.error.get_or_insert_with(|| err.to_string());
                 self.poisoned.store(true, Ordering::Release);
+                Some(err)
             }
-        }
+        };
         drop(state);
         self.committed.notify_all();
         if self.poisoned.load(Ordering::Acquire) {
-            // What failed stays readable until the store is reopened.
-            self.failed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(batch);
+            self.keep_readable(batch);
         } else {
             // Frees the records; their keys stay in the map as committed.
             drop(batch);
@@ -329,28 +327,112 @@ impl WriteBuffer {
                 self.forget_committed();
             }
         }
+        // Logged last: a logger that panics finds everything already settled.
+        if let Some(err) = failure {
+            log::error!("pagestore: commit failed, the store refuses writes until reopened: {err}");
+        }
+    }
+
+    /// Keeps a batch that was not committed, so its records stay readable until reopen.
+    fn keep_readable(&self, batch: Batch) {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(batch);
+    }
+
+    /// Latches the writer's panic as the sticky error and wakes every waiter; `batch`, if
+    /// the panic interrupted one, stays readable like a batch whose commit failed.
+    fn writer_panicked(&self, batch: Option<Batch>, message: &str) {
+        let mut state = self.lock();
+        state
+            .error
+            .get_or_insert_with(|| format!("the writer thread panicked: {message}"));
+        self.poisoned.store(true, Ordering::Release);
+        drop(state);
+        if let Some(batch) = batch {
+            self.keep_readable(batch);
+        }
+        self.committed.notify_all();
     }
 }
 
-/// The writer thread's loop: commit sealed batches in order until shut down.
+/// The name of the writer thread.
+pub(super) const THREAD_NAME: &str = "pagestore-sqlite-writer";
+
+/// The writer thread's body: commit sealed batches in order until shut down.
+///
+/// A panic on this thread (in SQLite's bindings, or in a `log` implementation it calls)
+/// poisons the store like a failed commit: callers waiting in `flush` or for room in the
+/// buffer get [`Error::Poisoned`] instead of waiting for a writer that is gone. It is caught
+/// per batch, so the batch it interrupted stays readable, and around the whole loop.
 ///
 /// `cache_bytes` is the connection's page cache as configured; in a `WithoutRowid` table,
 /// batches of large records run with at least [`LARGE_BATCH_CACHE`].
 pub(super) fn run(
     buffer: &WriteBuffer,
     pool: &ReaderPool,
-    mut conn: Connection,
+    conn: Connection,
     layout: TableLayout,
     path: &Path,
     cache_bytes: u64,
 ) {
-    let mut current_cache = cache_bytes;
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+        run_loop(buffer, pool, conn, layout, path, cache_bytes)
+    }));
+    if let Err(payload) = outcome {
+        report_panic(buffer, None, &*payload);
+    }
+}
+
+/// Poisons the store with the panic's message, then tries to log it (a logger that panics
+/// again is what may have caused the first panic).
+fn report_panic(buffer: &WriteBuffer, batch: Option<Batch>, payload: &(dyn Any + Send)) {
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message");
+    buffer.writer_panicked(batch, message);
+    let _ = panic::catch_unwind(|| {
+        log::error!(
+            "pagestore: the writer thread panicked ({message}); the store refuses writes until \
+             reopened"
+        );
+    });
+}
+
+/// The writer's connection and the settings it commits with.
+struct Committer<'a> {
+    conn: Connection,
+    layout: TableLayout,
+    path: &'a Path,
+    /// The page cache as configured, and as currently set.
+    cache_bytes: u64,
+    current_cache: u64,
+}
+
+fn run_loop(
+    buffer: &WriteBuffer,
+    pool: &ReaderPool,
+    conn: Connection,
+    layout: TableLayout,
+    path: &Path,
+    cache_bytes: u64,
+) {
+    let mut committer = Committer {
+        conn,
+        layout,
+        path,
+        cache_bytes,
+        current_cache: cache_bytes,
+    };
     loop {
         let batch = {
             let mut state = buffer.lock();
             loop {
                 if std::mem::take(&mut state.release_memory) {
-                    let _ = conn.release_memory();
+                    let _ = committer.conn.release_memory();
                 }
                 if state.error.is_none() {
                     if let Some(batch) = state.sealed.pop_front() {
@@ -372,26 +454,54 @@ pub(super) fn run(
                 }
             }
         };
-        let large = batch.bytes / batch.entries.len().max(1) > LARGE_RECORD;
-        let want_cache = if large && layout == TableLayout::WithoutRowid {
-            cache_bytes.max(LARGE_BATCH_CACHE)
-        } else {
-            cache_bytes
+        // Owned out here, so that a panic while committing it leaves it to keep readable.
+        let mut batch = Some(batch);
+        let step = panic::catch_unwind(AssertUnwindSafe(|| {
+            committer.commit_and_settle(buffer, pool, &mut batch)
+        }));
+        if let Err(payload) = step {
+            // Readers must not go on treating a commit that ended in a panic as running.
+            pool.end_write();
+            report_panic(buffer, batch.take(), &*payload);
+        }
+    }
+}
+
+impl Committer<'_> {
+    /// Commits `batch` and hands it to [`WriteBuffer::after_commit`] (taking it out of the
+    /// `Option` only then).
+    fn commit_and_settle(
+        &mut self,
+        buffer: &WriteBuffer,
+        pool: &ReaderPool,
+        batch: &mut Option<Batch>,
+    ) {
+        let Some(pending) = batch.as_ref() else {
+            return;
         };
-        if want_cache != current_cache {
+        let large = pending.bytes / pending.entries.len().max(1) > LARGE_RECORD;
+        let want_cache = if large && self.layout == TableLayout::WithoutRowid {
+            self.cache_bytes.max(LARGE_BATCH_CACHE)
+        } else {
+            self.cache_bytes
+        };
+        if want_cache != self.current_cache {
             // Only a speed setting: if it fails, the batch commits with the old size.
-            if conn::set_cache_size(&conn, want_cache).is_ok() {
-                current_cache = want_cache;
+            if conn::set_cache_size(&self.conn, want_cache).is_ok() {
+                self.current_cache = want_cache;
             }
         }
         let t0 = std::time::Instant::now();
         pool.begin_write();
         let t1 = std::time::Instant::now();
-        let result = commit(&mut conn, &batch).map_err(Error::sqlite("commit a batch to", path));
+        let result =
+            commit(&mut self.conn, pending).map_err(Error::sqlite("commit a batch to", self.path));
         let t2 = std::time::Instant::now();
         pool.end_write();
-        let (seq, rows, bytes) = (batch.seq, batch.entries.len(), batch.bytes);
-        buffer.after_commit(batch, result);
+        let (seq, rows, bytes) = (pending.seq, pending.entries.len(), pending.bytes);
+        if let Some(done) = batch.take() {
+            buffer.after_commit(done, result);
+        }
         log::debug!(
             "pagestore: batch {seq}: {rows} rows, {bytes} bytes; readers released in {:?}, \
              committed in {:?}, cleaned up in {:?}",
