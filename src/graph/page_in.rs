@@ -6,10 +6,14 @@
 //! fetches and deserializes the child (recursively) if no live value exists. That is where the
 //! child's type becomes known, so it is the only place it can be deserialized.
 //!
-//! Recursion is bounded: at depth [`MAX_DEPTH`] a child is not loaded but *deferred*. The
-//! attempt unwinds (its finished descendants stay held in the call's table), the driver loads
-//! the deferred child from depth zero, then retries. A million-deep chain thus costs about two
-//! deserializations per node instead of a million stack frames.
+//! So page-in recurses once per level of the graph, and the recursion runs on a growable stack:
+//! each child's load goes through [`stacker::maybe_grow`], which moves to a new stack segment
+//! when the current one runs low. Any depth pages in, on any thread, with one deserialization
+//! per node; the cost is memory: the stack of the deepest path is alive until it unwinds.
+//!
+//! A node's deserialization is never cut short or retried by page-in itself, so a user's
+//! lenient `Deserialize` impl (one that maps an error to a default) behaves at every depth as
+//! it does at the root.
 
 use std::any::TypeId;
 use std::cell::RefCell;
@@ -27,10 +31,23 @@ use crate::storage::PagableStorage;
 use super::held::Held;
 use super::shared::OUTSIDE_SESSION;
 
-/// How many nested nodes one attempt deserializes before deferring the next child. Each level
-/// costs a few serde frames; 64 levels stay well inside a 2 MiB thread stack even in debug
-/// builds with large user types.
-pub(crate) const MAX_DEPTH: usize = 64;
+/// Stack left below which a child's load moves to a new stack segment.
+///
+/// It must cover everything one level can use before the next level's check: page-in's own
+/// frames (the arc cache's load, the node's decoding) plus every serde frame of the user's
+/// types between a node's start and its next `Shared` field, and at the bottom a leaf's whole
+/// deserialization. Debug builds give every temporary its own stack slot, and serde's derived
+/// visitors hold each field's value in their frame, so a user type with a large inline field
+/// (a `[u8; 64 << 10]` buffer, say) costs a few times its size per level there. 1 MiB leaves
+/// room for such types even in debug builds (rustc uses 100 KiB; a level of ordinary types
+/// takes a few KiB in debug builds and well under 1 KiB in release builds).
+const RED_ZONE: usize = 1 << 20;
+
+/// The size of a new stack segment. A segment is mapped lazily (only the pages the levels
+/// touch are committed), so a large one costs address space rather than memory, and it makes
+/// switching rare: one segment holds thousands of levels (of a few KiB each in debug builds),
+/// and the red zone wastes at most a sixteenth of it.
+const STACK_SEGMENT: usize = 16 << 20;
 
 type Records = HashMap<DataKey, Arc<PagableData>, KeyHasherBuilder>;
 
@@ -41,34 +58,14 @@ struct Frame {
     next: usize,
 }
 
-/// A child left for the driver to load from depth zero.
-#[derive(Clone, Copy)]
-struct Deferred {
-    key: DataKey,
-    load: fn(DataKey) -> anyhow::Result<()>,
-}
-
-/// The marker error of an attempt that hit [`MAX_DEPTH`].
-#[derive(Debug)]
-struct DepthLimit;
-
-impl std::fmt::Display for DepthLimit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("page-in depth limit reached; the child is loaded first and the node retried")
-    }
-}
-
-impl std::error::Error for DepthLimit {}
-
 struct InState {
     storage: Arc<dyn PagableStorage>,
     /// Records fetched ahead of time (by `page_in_async`); others are fetched on demand.
     prefetched: Records,
     frames: Vec<Frame>,
-    /// Every shared value this call loaded, held strongly so that an attempt that unwinds
-    /// keeps its finished work.
+    /// Every shared value this call loaded, held strongly so that dropping a partly built
+    /// value (after an error) or the call's own handles never recurses down a chain.
     held: Held,
-    deferred: Option<Deferred>,
     /// The real error behind the serde custom error a failing `Shared` returned: postcard keeps
     /// no message, so the error travels here.
     error: Option<anyhow::Error>,
@@ -114,16 +111,7 @@ where
             return Step::Fail(anyhow::anyhow!(OUTSIDE_SESSION));
         };
         let Some(&key) = frame.node.arcs.get(frame.next) else {
-            return Step::Fail(
-                Error::Corrupt {
-                    key: frame.key,
-                    reason: format!(
-                        "its value holds more shared references than its {} child keys",
-                        frame.node.arcs.len()
-                    ),
-                }
-                .into(),
-            );
+            return Step::Fail(too_few_keys(frame.key, frame.node.arcs.len()));
         };
         let parent = Parent {
             key: frame.key,
@@ -133,24 +121,45 @@ where
         if let Some(arc) = state.held.get::<T>(key) {
             return Step::Hit(arc);
         }
-        if state.frames.len() >= MAX_DEPTH {
-            state.deferred = Some(Deferred {
-                key,
-                load: load_deferred::<T>,
-            });
-            return Step::Fail(DepthLimit.into());
-        }
         Step::Load(key, Arc::clone(&state.storage), parent)
     });
     match step {
         None => Err(OUTSIDE_SESSION.to_string()),
         Some(Step::Hit(arc)) => Ok(arc),
         Some(Step::Fail(err)) => Err(stash(err)),
-        Some(Step::Load(key, storage, parent)) => match load::<T>(&*storage, key, Some(parent)) {
-            Ok(arc) => Ok(arc),
-            Err(err) => Err(stash(err)),
-        },
+        Some(Step::Load(key, storage, parent)) => {
+            // The only place page-in recurses: one level per node of the path.
+            match stacker::maybe_grow(RED_ZONE, STACK_SEGMENT, || {
+                load::<T>(&*storage, key, parent)
+            }) {
+                Ok(arc) => Ok(arc),
+                Err(err) => Err(stash(err)),
+            }
+        }
     }
+}
+
+// Error constructors live out of line, in cold functions: page-in recurses through `resolve`,
+// `load` and `decode_node`, and every byte of their frames is paid once per level of depth.
+
+#[cold]
+#[inline(never)]
+fn too_few_keys(key: DataKey, keys: usize) -> anyhow::Error {
+    Error::Corrupt {
+        key,
+        reason: format!("its value holds more shared references than its {keys} child keys"),
+    }
+    .into()
+}
+
+#[cold]
+#[inline(never)]
+fn unused_keys(key: DataKey, keys: usize, used: usize) -> anyhow::Error {
+    Error::Corrupt {
+        key,
+        reason: format!("it has {keys} child keys but its value used {used}"),
+    }
+    .into()
 }
 
 /// Where a child key was found, for error messages.
@@ -160,16 +169,24 @@ struct Parent {
     index: usize,
 }
 
+impl Parent {
+    /// `err`, about the child itself, with the parent it was met in as context (context keeps
+    /// the typed error reachable by downcast).
+    #[cold]
+    #[inline(never)]
+    fn context<T: ?Sized>(self, err: anyhow::Error) -> anyhow::Error {
+        err.context(format!(
+            "child {} of the node stored under {} (a `{}`)",
+            self.index,
+            self.key,
+            std::any::type_name::<T>()
+        ))
+    }
+}
+
 /// The value of `(T, key)`: live in the arc cache, or fetched and deserialized once (other
 /// threads loading the same entry wait for this one); then held by the call's table.
-///
-/// `parent` is `None` for a deferred load, whose value nothing else holds until the retry:
-/// it is always held.
-fn load<T>(
-    storage: &dyn PagableStorage,
-    key: DataKey,
-    parent: Option<Parent>,
-) -> anyhow::Result<Arc<T>>
+fn load<T>(storage: &dyn PagableStorage, key: DataKey, parent: Parent) -> anyhow::Result<Arc<T>>
 where
     T: ?Sized + Send + Sync + 'static,
     Box<T>: DeserializeOwned,
@@ -182,30 +199,33 @@ where
             let value: Arc<T> = decode_node::<Box<T>>(key, node)?.into();
             Ok(Box::new(value))
         })
-        .map_err(|err| match parent {
+        .map_err(|err| {
             // Only the fetch of this very key gets the context (a descendant's error already
-            // has its own); context keeps the storage's typed error reachable by downcast.
-            Some(parent) if names_key(&err, key) => err.context(format!(
-                "child {} of the node stored under {} (a `{}`)",
-                parent.index,
-                parent.key,
-                std::any::type_name::<T>()
-            )),
-            _ => err,
+            // has its own).
+            if names_key(&err, key) {
+                parent.context::<T>(err)
+            } else {
+                err
+            }
         })?;
-    let arc = downcast_arc::<T>(&*erased).ok_or_else(|| {
-        anyhow::anyhow!(
-            "the storage resolved {key} as a `{}`, not the `{}` asked for",
-            erased.type_name(),
-            std::any::type_name::<T>()
-        )
-    })?;
+    let Some(arc) = downcast_arc::<T>(&*erased) else {
+        return Err(wrong_type::<T>(key, erased.type_name()));
+    };
     // A value that was already alive is held by someone else; only what this call loaded needs
-    // holding (and a deferred load's value).
-    if loaded_here || parent.is_none() {
+    // holding.
+    if loaded_here {
         with_state(|state| state.held.insert(key, &arc));
     }
     Ok(arc)
+}
+
+#[cold]
+#[inline(never)]
+fn wrong_type<T: ?Sized>(key: DataKey, resolved: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the storage resolved {key} as a `{resolved}`, not the `{}` asked for",
+        std::any::type_name::<T>()
+    )
 }
 
 /// Whether `err` is a fetch error about `key` itself (not about one of its descendants).
@@ -215,16 +235,6 @@ fn names_key(err: &anyhow::Error, key: DataKey) -> bool {
         Some(Error::Corrupt { key: damaged, .. }) => *damaged == key,
         _ => false,
     }
-}
-
-fn load_deferred<T>(key: DataKey) -> anyhow::Result<()>
-where
-    T: ?Sized + Send + Sync + 'static,
-    Box<T>: DeserializeOwned,
-{
-    let storage = with_state(|state| Arc::clone(&state.storage))
-        .ok_or_else(|| anyhow::anyhow!(OUTSIDE_SESSION))?;
-    load::<T>(&*storage, key, None).map(drop)
 }
 
 /// The root's record: prefetched, or fetched now.
@@ -252,16 +262,7 @@ fn decode_node<X: DeserializeOwned>(key: DataKey, node: Arc<PagableData>) -> any
     let used = with_state(|state| state.frames.pop().map(|frame| frame.next))
         .flatten()
         .unwrap_or(0);
-    // A deferral is ours, not the value's: if a lenient `Deserialize` impl (one that maps
-    // errors to a default) swallowed it, the value is missing a child, so the attempt still
-    // unwinds and is retried once the child is loaded.
-    let deferred = with_state(|state| state.deferred.is_some()).unwrap_or(false);
     match result {
-        Ok(value) if deferred => {
-            drop(value);
-            take_stashed();
-            Err(DepthLimit.into())
-        }
         Ok(value) if used == node.arcs.len() => {
             // A user impl may have swallowed an inner error; it is not ours to report.
             take_stashed();
@@ -270,14 +271,7 @@ fn decode_node<X: DeserializeOwned>(key: DataKey, node: Arc<PagableData>) -> any
         Ok(value) => {
             // Its children are held by the call's table, so this drop does not recurse.
             drop(value);
-            Err(Error::Corrupt {
-                key,
-                reason: format!(
-                    "it has {} child keys but its value used {used}",
-                    node.arcs.len()
-                ),
-            }
-            .into())
+            Err(unused_keys(key, node.arcs.len(), used))
         }
         Err(err) => Err(match take_stashed() {
             Some(inner) => inner,
@@ -301,6 +295,8 @@ fn decode<X: DeserializeOwned>(data: &[u8]) -> Result<X, DecodeError> {
     }
 }
 
+#[cold]
+#[inline(never)]
 fn deserialize_error<X: DeserializeOwned>(
     key: DataKey,
     node: &Arc<PagableData>,
@@ -323,6 +319,7 @@ fn deserialize_error<X: DeserializeOwned>(
 /// Runs the failed deserialization again through erased-serde, whose error keeps a custom
 /// message (an unknown typetag name, a user's validation) that postcard drops. The children it
 /// meets before the failure point are already in the call's table, so this loads nothing.
+#[inline(never)]
 fn custom_message<X: DeserializeOwned>(key: DataKey, node: &Arc<PagableData>) -> String {
     with_state(|state| {
         state.frames.push(Frame {
@@ -391,7 +388,6 @@ impl Session {
             prefetched,
             frames: Vec::new(),
             held: Held::default(),
-            deferred: None,
             error: None,
         };
         Session {
@@ -423,30 +419,8 @@ pub(crate) fn run<T: DeserializeOwned>(
         let hint = root.arcs.len().min(1 << 20);
         state.held.reserve(hint);
     });
-    let mut pending: Vec<Deferred> = Vec::new();
-    loop {
-        let attempt = match pending.last() {
-            Some(deferred) => (deferred.load)(deferred.key).map(|()| None),
-            None => decode_node::<T>(key, Arc::clone(&root)).map(Some),
-        };
-        match attempt {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {
-                pending.pop();
-            }
-            Err(err) if err.is::<DepthLimit>() => {
-                let deferred = with_state(|state| state.deferred.take())
-                    .flatten()
-                    .ok_or_else(|| anyhow::anyhow!("pagestore bug: depth limit without a child"))?;
-                pending.push(deferred);
-            }
-            Err(err) => return Err(err),
-        }
-        with_state(|state| {
-            state.frames.clear();
-            state.error = None;
-        });
-    }
+    // The root's own deserialization runs on the caller's stack unless it is short.
+    stacker::maybe_grow(RED_ZONE, STACK_SEGMENT, || decode_node::<T>(key, root))
 }
 
 /// Fetches every record reachable from `root` with at most `limit` fetches in flight.
