@@ -355,3 +355,134 @@ proptest::proptest! {
         }
     }
 }
+
+/// Maps any error to `None`, as `serde_with::DefaultOnError` does.
+fn lenient<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Shared<String>>, D::Error> {
+    Ok(Option::<Shared<String>>::deserialize(deserializer).unwrap_or(None))
+}
+
+/// A lenient field that swallows a missing child, then a field that is not lenient.
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)] // only deserialized
+struct Picky {
+    #[serde(deserialize_with = "lenient")]
+    soft: Option<Shared<String>>,
+    hard: Shared<String>,
+}
+
+/// A lenient field that swallows a missing child, then a field that always fails.
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)] // only deserialized
+struct Fussy {
+    #[serde(deserialize_with = "lenient")]
+    soft: Option<Shared<String>>,
+    #[serde(deserialize_with = "refuse")]
+    number: u32,
+}
+
+fn refuse<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    let number = u32::deserialize(deserializer)?;
+    Err(serde::de::Error::custom(format!(
+        "refusing {number} on purpose"
+    )))
+}
+
+const KEY_A: &str = "a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0";
+const KEY_B: &str = "b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0";
+
+/// Was "not found: A": the swallowed error stayed stashed and was reported in place of B's.
+#[test]
+fn a_swallowed_missing_child_is_not_reported_for_another_missing_child() {
+    let storage = storage();
+    let (a, b): (DataKey, DataKey) = (KEY_A.parse().unwrap(), KEY_B.parse().unwrap());
+    // `Picky { soft: Some(A), hard: B }` one level down, under a `Shared<Picky>` root.
+    let picky = storage
+        .store_data(PagableData {
+            data: postcard::to_allocvec(&Some(())).unwrap(),
+            arcs: vec![a, b],
+        })
+        .unwrap();
+    let root = storage
+        .store_data(PagableData {
+            data: vec![],
+            arcs: vec![picky],
+        })
+        .unwrap();
+    let err = page_in::<Shared<Picky>>(&storage, root).unwrap_err();
+    assert!(
+        matches!(pagestore_error(&err), Error::NotFound(key) if *key == b),
+        "{err:#}"
+    );
+    let text = format!("{err:#}");
+    assert!(text.contains(KEY_B), "{text}");
+    assert!(!text.contains(KEY_A), "{text}");
+}
+
+/// Was "not found: A": the swallowed error stayed stashed and replaced the impl's own message.
+#[test]
+fn a_swallowed_missing_child_is_not_reported_for_a_custom_error() {
+    let storage = storage();
+    let a: DataKey = KEY_A.parse().unwrap();
+    let root = storage
+        .store_data(PagableData {
+            data: postcard::to_allocvec(&(Some(()), 7u32)).unwrap(),
+            arcs: vec![a],
+        })
+        .unwrap();
+    let err = page_in::<Fussy>(&storage, root).unwrap_err();
+    match pagestore_error(&err) {
+        Error::Deserialize { key, reason, .. } => {
+            assert_eq!(*key, root);
+            assert!(reason.contains("refusing 7 on purpose"), "{reason}");
+        }
+        other => panic!("unexpected {other:?}: {err:#}"),
+    }
+    assert!(!format!("{err:#}").contains(KEY_A), "{err:#}");
+}
+
+/// A typetag impl holding a shared value whose key points nowhere.
+#[derive(Debug, Serialize, Deserialize)]
+struct Kennel {
+    name: Shared<String>,
+}
+
+#[typetag::serde(name = "kennel")]
+impl Animal for Kennel {
+    fn noise(&self) -> String {
+        format!("{}: woof", self.name)
+    }
+}
+
+#[test]
+fn a_missing_child_inside_a_trait_object_is_not_found() {
+    let storage = storage();
+    let good = page_out(
+        &storage,
+        &Shared::from(Arc::new(Kennel {
+            name: Shared::new("rex".into()),
+        }) as Arc<dyn Animal>),
+    )
+    .unwrap();
+    let kennel = storage.fetch_data_blocking(&good).unwrap().arcs[0];
+    let data = storage.fetch_data_blocking(&kennel).unwrap().data.clone();
+    let missing: DataKey = KEY_B.parse().unwrap();
+    let broken = storage
+        .store_data(PagableData {
+            data,
+            arcs: vec![missing],
+        })
+        .unwrap();
+    let root = storage
+        .store_data(PagableData {
+            data: vec![],
+            arcs: vec![broken],
+        })
+        .unwrap();
+    let err = page_in::<Shared<dyn Animal>>(&storage, root).unwrap_err();
+    assert!(
+        matches!(pagestore_error(&err), Error::NotFound(key) if *key == missing),
+        "{err:#}"
+    );
+}

@@ -121,9 +121,13 @@
 //! `SerdeDeCustom`); a record whose child keys do not match its value is
 //! [`Corrupt`](crate::Error::Corrupt); a failing `Serialize` is
 //! [`Serialize`](crate::Error::Serialize).
+//!
+//! A child's failure that a lenient `Deserialize` impl swallows (mapping errors to a default,
+//! as `serde_with::DefaultOnError` does) is never reported, at any depth.
 
 mod adapters;
 mod held;
+mod keep;
 mod out;
 mod page_in;
 mod shared;

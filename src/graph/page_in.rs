@@ -2,9 +2,9 @@
 //!
 //! A node is deserialized top-down: when its deserializer reaches a [`Shared<T>`] field, that
 //! field takes the node's next child key and resolves it — from this call's table, else from the
-//! storage's arc cache ([`PagableStorage::resolve_arc`]) by `(TypeId of T, key)`, whose load-once entry
-//! fetches and deserializes the child (recursively) if no live value exists. That is where the
-//! child's type becomes known, so it is the only place it can be deserialized.
+//! storage's arc cache ([`PagableStorage::resolve_arc`]) by `(TypeId of T, key)`, whose load-once
+//! entry fetches and deserializes the child (recursively) if no live value exists. That is where
+//! the child's type becomes known, so it is the only place it can be deserialized.
 //!
 //! So page-in recurses once per level of the graph, and the recursion runs on a growable stack:
 //! each child's load goes through [`stacker::maybe_grow`], which moves to a new stack segment
@@ -29,6 +29,7 @@ use crate::key::{DataKey, KeyHasherBuilder};
 use crate::storage::PagableStorage;
 
 use super::held::Held;
+use super::keep;
 use super::shared::OUTSIDE_SESSION;
 
 /// Stack left below which a child's load moves to a new stack segment.
@@ -56,6 +57,27 @@ struct Frame {
     key: DataKey,
     node: Arc<PagableData>,
     next: usize,
+    /// The children whose resolution failed, by index, with their real error: the serde error
+    /// that carries a failure into the node's deserializer has no room for it (postcard keeps
+    /// no custom message). The node's failure is reported as a child's only if that child's
+    /// error explains it (a lenient impl may have swallowed it; see [`node_error`]).
+    failed: Vec<(usize, anyhow::Error)>,
+    /// Set on the re-run that recovers a custom message ([`custom_message`]): the children
+    /// in `failed` are not loaded again, their failure is replayed, and every child failure
+    /// carries its [`marker`] as its message.
+    replay: bool,
+}
+
+impl Frame {
+    fn new(key: DataKey, node: &Arc<PagableData>) -> Frame {
+        Frame {
+            key,
+            node: Arc::clone(node),
+            next: 0,
+            failed: Vec::new(),
+            replay: false,
+        }
+    }
 }
 
 struct InState {
@@ -66,9 +88,6 @@ struct InState {
     /// Every shared value this call loaded, held strongly so that dropping a partly built
     /// value (after an error) or the call's own handles never recurses down a chain.
     held: Held,
-    /// The real error behind the serde custom error a failing `Shared` returned: postcard keeps
-    /// no message, so the error travels here.
-    error: Option<anyhow::Error>,
 }
 
 thread_local! {
@@ -79,23 +98,10 @@ fn with_state<R>(f: impl FnOnce(&mut InState) -> R) -> Option<R> {
     IN.with(|cell| cell.try_borrow_mut().ok()?.as_mut().map(f))
 }
 
-/// Stashes `err` (unless an inner one is already there) and returns the message for the serde
-/// error that carries it up to the driver.
-fn stash(err: anyhow::Error) -> String {
-    let message = err.to_string();
-    with_state(|state| {
-        if state.error.is_none() {
-            state.error = Some(err);
-        }
-    });
-    message
-}
-
-fn take_stashed() -> Option<anyhow::Error> {
-    with_state(|state| state.error.take()).flatten()
-}
-
 /// Resolves the next child key of the node being deserialized as a `T`.
+///
+/// On failure, the real error is kept by the node's frame and the message returned here
+/// becomes the serde error that unwinds the node's deserializer.
 pub(crate) fn resolve<T>() -> Result<Arc<T>, String>
 where
     T: ?Sized + Send + Sync + 'static,
@@ -104,39 +110,59 @@ where
     enum Step<T: ?Sized> {
         Hit(Arc<T>),
         Load(DataKey, Arc<dyn PagableStorage>, Parent),
-        Fail(anyhow::Error),
+        /// Fails with this message, without touching the frame.
+        Refuse(String),
+        Fail(usize, anyhow::Error),
     }
     let step = with_state(|state| {
         let Some(frame) = state.frames.last_mut() else {
-            return Step::Fail(anyhow::anyhow!(OUTSIDE_SESSION));
+            return Step::Refuse(OUTSIDE_SESSION.to_string());
         };
-        let Some(&key) = frame.node.arcs.get(frame.next) else {
-            return Step::Fail(too_few_keys(frame.key, frame.node.arcs.len()));
-        };
-        let parent = Parent {
-            key: frame.key,
-            index: frame.next,
+        let index = frame.next;
+        let Some(&key) = frame.node.arcs.get(index) else {
+            return Step::Fail(index, too_few_keys(frame.key, frame.node.arcs.len()));
         };
         frame.next += 1;
+        if frame.replay && frame.failed.iter().any(|(at, _)| *at == index) {
+            return Step::Refuse(marker(index));
+        }
+        let parent = Parent {
+            key: frame.key,
+            index,
+        };
         if let Some(arc) = state.held.get::<T>(key) {
             return Step::Hit(arc);
         }
         Step::Load(key, Arc::clone(&state.storage), parent)
     });
-    match step {
-        None => Err(OUTSIDE_SESSION.to_string()),
-        Some(Step::Hit(arc)) => Ok(arc),
-        Some(Step::Fail(err)) => Err(stash(err)),
+    let (index, err) = match step {
+        None => return Err(OUTSIDE_SESSION.to_string()),
+        Some(Step::Hit(arc)) => return Ok(arc),
+        Some(Step::Refuse(message)) => return Err(message),
+        Some(Step::Fail(index, err)) => (index, err),
         Some(Step::Load(key, storage, parent)) => {
             // The only place page-in recurses: one level per node of the path.
             match stacker::maybe_grow(RED_ZONE, STACK_SEGMENT, || {
                 load::<T>(&*storage, key, parent)
             }) {
-                Ok(arc) => Ok(arc),
-                Err(err) => Err(stash(err)),
+                Ok(arc) => return Ok(arc),
+                Err(err) => (parent.index, err),
             }
         }
-    }
+    };
+    let message = with_state(|state| {
+        // The child's frames are gone: the last frame is the node that resolved it.
+        let frame = state.frames.last_mut()?;
+        let message = if frame.replay {
+            marker(index)
+        } else {
+            err.to_string()
+        };
+        frame.failed.push((index, err));
+        Some(message)
+    })
+    .flatten();
+    Err(message.unwrap_or_else(|| OUTSIDE_SESSION.to_string()))
 }
 
 // Error constructors live out of line, in cold functions: page-in recurses through `resolve`,
@@ -160,6 +186,12 @@ fn unused_keys(key: DataKey, keys: usize, used: usize) -> anyhow::Error {
         reason: format!("it has {keys} child keys but its value used {used}"),
     }
     .into()
+}
+
+/// The message a child's failure carries through a re-run's deserializer: unique, so that the
+/// failure reaching the top unchanged is told apart from the node's own errors.
+fn marker(index: usize) -> String {
+    format!("\u{0}pagestore: shared child {index} failed\u{0}")
 }
 
 /// Where a child key was found, for error messages.
@@ -245,38 +277,31 @@ fn fetch(storage: &dyn PagableStorage, key: DataKey) -> anyhow::Result<Arc<Pagab
     storage.fetch_data_blocking(&key)
 }
 
+/// Pushes `frame`: the node whose `Shared` fields take the next child keys.
+fn push_frame(frame: Frame) -> anyhow::Result<()> {
+    with_state(|state| state.frames.push(frame)).ok_or_else(|| anyhow::anyhow!(OUTSIDE_SESSION))
+}
+
+fn pop_frame() -> Option<Frame> {
+    with_state(|state| state.frames.pop()).flatten()
+}
+
 /// Deserializes the record `node` (stored under `key`) as an `X`, with `node` as the frame its
 /// `Shared` fields take child keys from.
 fn decode_node<X: DeserializeOwned>(key: DataKey, node: Arc<PagableData>) -> anyhow::Result<X> {
-    let pushed = with_state(|state| {
-        state.frames.push(Frame {
-            key,
-            node: Arc::clone(&node),
-            next: 0,
-        })
-    });
-    if pushed.is_none() {
-        anyhow::bail!(OUTSIDE_SESSION);
-    }
+    push_frame(Frame::new(key, &node))?;
     let result = decode::<X>(&node.data);
-    let used = with_state(|state| state.frames.pop().map(|frame| frame.next))
-        .flatten()
-        .unwrap_or(0);
+    let frame = pop_frame();
+    let used = frame.as_ref().map_or(0, |frame| frame.next);
     match result {
-        Ok(value) if used == node.arcs.len() => {
-            // A user impl may have swallowed an inner error; it is not ours to report.
-            take_stashed();
-            Ok(value)
-        }
+        // A child failure the value swallowed (a lenient impl) is not ours to report.
+        Ok(value) if used == node.arcs.len() => Ok(value),
         Ok(value) => {
             // Its children are held by the call's table, so this drop does not recurse.
             drop(value);
             Err(unused_keys(key, node.arcs.len(), used))
         }
-        Err(err) => Err(match take_stashed() {
-            Some(inner) => inner,
-            None => deserialize_error::<X>(key, &node, err),
-        }),
+        Err(err) => Err(node_error::<X>(key, &node, err, frame)),
     }
 }
 
@@ -295,55 +320,85 @@ fn decode<X: DeserializeOwned>(data: &[u8]) -> Result<X, DecodeError> {
     }
 }
 
+/// The error of the node stored under `key`, whose deserialization as an `X` failed with `err`.
+///
+/// A custom serde error may be a child's failure (its real error is in `frame`) or the node's
+/// own (a user's validation, an unknown typetag name), and postcard keeps no message to tell.
+/// The deserialization is run again in a way that does ([`custom_message`]): a child's error
+/// is reported only if it is what reached the top. Otherwise a lenient impl swallowed it and
+/// the node failed for its own reason, which is reported.
 #[cold]
 #[inline(never)]
-fn deserialize_error<X: DeserializeOwned>(
+fn node_error<X: DeserializeOwned>(
     key: DataKey,
     node: &Arc<PagableData>,
     err: DecodeError,
+    frame: Option<Frame>,
 ) -> anyhow::Error {
-    let type_name = std::any::type_name::<X>();
     let reason = match err {
         DecodeError::Trailing(count) => format!("{count} bytes are left over after the value"),
-        DecodeError::Postcard(postcard::Error::SerdeDeCustom) => custom_message::<X>(key, node),
+        DecodeError::Postcard(postcard::Error::SerdeDeCustom) => {
+            let failed = frame.map(|frame| frame.failed).unwrap_or_default();
+            let (message, failed) = custom_message::<X>(key, node, failed);
+            let mut reason = message;
+            for (index, child) in failed {
+                let marker = marker(index);
+                if reason == marker {
+                    return child;
+                }
+                // The node's own message, quoting the child's failure.
+                reason = reason.replace(&marker, &format!("{child:#}"));
+            }
+            explain_custom::<X>(node, reason)
+        }
         DecodeError::Postcard(other) => other.to_string(),
     };
     Error::Deserialize {
         key,
-        type_name,
+        type_name: std::any::type_name::<X>(),
         reason,
     }
     .into()
 }
 
-/// Runs the failed deserialization again through erased-serde, whose error keeps a custom
-/// message (an unknown typetag name, a user's validation) that postcard drops. The children it
-/// meets before the failure point are already in the call's table, so this loads nothing.
+/// Runs the failed deserialization again with [`keep::deserialize`], which keeps custom
+/// messages that postcard drops. The children it meets before the failure point are in the
+/// call's table, and those that failed (`failed`) fail again without being loaded again, with
+/// their [`marker`] as the message; so this loads nothing, and a failure deep down costs one
+/// re-run per level of its path.
+///
+/// Returns the message and the failed children (with any that failed only this time).
 #[inline(never)]
-fn custom_message<X: DeserializeOwned>(key: DataKey, node: &Arc<PagableData>) -> String {
-    with_state(|state| {
-        state.frames.push(Frame {
-            key,
-            node: Arc::clone(node),
-            next: 0,
-        })
-    });
-    let mut deserializer = postcard::Deserializer::from_bytes(&node.data);
-    let mut erased = <dyn erased_serde::Deserializer>::erase(&mut deserializer);
-    let message = match erased_serde::deserialize::<X>(&mut erased) {
+fn custom_message<X: DeserializeOwned>(
+    key: DataKey,
+    node: &Arc<PagableData>,
+    failed: Vec<(usize, anyhow::Error)>,
+) -> (String, Vec<(usize, anyhow::Error)>) {
+    let mut frame = Frame::new(key, node);
+    frame.failed = failed;
+    frame.replay = true;
+    if let Err(err) = push_frame(frame) {
+        return (err.to_string(), Vec::new());
+    }
+    let message = match keep::deserialize::<X>(&node.data) {
         Err(err) => err.to_string(),
         Ok(value) => {
             drop(value);
             "a custom serde error, which did not happen again on a second try".into()
         }
     };
-    with_state(|state| state.frames.pop());
-    take_stashed();
+    let failed = pop_frame().map(|frame| frame.failed).unwrap_or_default();
+    (message, failed)
+}
+
+/// The reason to report for a custom serde error with `message` that no child raised.
+fn explain_custom<X: DeserializeOwned>(node: &Arc<PagableData>, message: String) -> String {
     if message != postcard::Error::SerdeDeCustom.to_string() {
         return message;
     }
-    // The message was lost at a nested serde layer. For a typetag trait object, name the tag
-    // and ask typetag itself whether it knows it.
+    // The message was lost (a `Deserialize` impl that deserializes through a postcard
+    // deserializer of its own, say). For a typetag trait object, name the tag and ask typetag
+    // itself whether it knows it.
     if let Some(unknown) = unknown_typetag::<X>(&node.data) {
         return unknown;
     }
@@ -388,7 +443,6 @@ impl Session {
             prefetched,
             frames: Vec::new(),
             held: Held::default(),
-            error: None,
         };
         Session {
             previous: IN.with(|cell| cell.replace(Some(state))),
