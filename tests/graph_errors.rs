@@ -486,3 +486,129 @@ fn a_missing_child_inside_a_trait_object_is_not_found() {
         "{err:#}"
     );
 }
+
+/// A type that pages in through a chain of optional shared links.
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)] // only deserialized
+struct Loop {
+    next: Option<Shared<Loop>>,
+}
+
+/// A record by hand: its data and its child keys.
+type Record = (Vec<u8>, Vec<DataKey>);
+
+/// The record of a `Loop` whose next link is its one child.
+fn link_to(next: DataKey) -> Record {
+    (postcard::to_allocvec(&Some(())).unwrap(), vec![next])
+}
+
+/// The record of a `Shared<Loop>` (no bytes, one child).
+fn shared_of(child: DataKey) -> Record {
+    (vec![], vec![child])
+}
+
+/// Writes `records` into a fresh SQLite store's table by hand — as another program could,
+/// since nothing forces a key to be its content's hash — and reopens it without
+/// verify-on-read.
+fn sqlite_with_records(
+    dir: &std::path::Path,
+    records: &[(DataKey, Record)],
+) -> Arc<pagestore::SqliteBackedPagableStorage> {
+    drop(pagestore::SqliteBackedPagableStorage::try_new(dir).unwrap());
+    let db = rusqlite::Connection::open(dir.join("pagable.db")).unwrap();
+    // Record format: u64_le(data.len()) ‖ u64_le(arcs.len()) ‖ data ‖ 16-byte child keys.
+    for (key, (data, arcs)) in records {
+        let mut value = Vec::new();
+        value.extend((data.len() as u64).to_le_bytes());
+        value.extend((arcs.len() as u64).to_le_bytes());
+        value.extend(data);
+        for arc in arcs {
+            value.extend(arc.as_bytes());
+        }
+        db.execute(
+            "INSERT INTO pagable_data (key, value) VALUES (?1, ?2)",
+            rusqlite::params![key.as_bytes().to_vec(), value],
+        )
+        .unwrap();
+    }
+    drop(db);
+    Arc::new(
+        pagestore::SqliteOptions::default()
+            .verify_on_read(false)
+            .open(dir)
+            .unwrap(),
+    )
+}
+
+/// Runs `f` on its own thread; a hang becomes a failure after a generous timeout.
+fn within_timeout<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(f()).unwrap());
+    result
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("page-in hung (it waited for its own load)")
+}
+
+fn assert_cycle_at(err: &anyhow::Error, at: DataKey) {
+    match pagestore_error(err) {
+        Error::Corrupt { key, reason } => {
+            assert_eq!(*key, at, "{err:#}");
+            assert!(reason.contains("cycle"), "{reason}");
+        }
+        other => panic!("unexpected {other:?}: {err:#}"),
+    }
+    assert!(format!("{err:#}").contains(&at.to_string()), "{err:#}");
+}
+
+/// Was a deadlock: the page-in waited on the load lock it held itself.
+#[test]
+fn a_stored_cycle_is_an_error_naming_the_key_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let [k1, k2, top] = [0x11, 0x22, 0x33].map(|b| DataKey::from_bytes([b; 16]).unwrap());
+    let storage = sqlite_with_records(
+        dir.path(),
+        &[(k1, link_to(k2)), (k2, link_to(k1)), (top, shared_of(k1))],
+    );
+    // From the root: K1 (the root) -> K2 -> K1.
+    let err = within_timeout({
+        let storage = Arc::clone(&storage);
+        move || page_in::<Loop>(&storage, k1).unwrap_err()
+    });
+    assert_cycle_at(&err, k1);
+    // Below the root, where both keys load through the arc cache: top -> K1 -> K2 -> K1.
+    let err = within_timeout({
+        let storage = Arc::clone(&storage);
+        move || page_in::<Shared<Loop>>(&storage, top).unwrap_err()
+    });
+    assert_cycle_at(&err, k1);
+    // page_in_async prefetches the records first: the cycle ends its walk, then the same error.
+    let err = within_timeout({
+        let storage = Arc::clone(&storage);
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            runtime
+                .block_on(pagestore::page_in_async::<Shared<Loop>>(&storage, top))
+                .unwrap_err()
+        }
+    });
+    assert_cycle_at(&err, k1);
+}
+
+#[test]
+fn a_stored_self_loop_is_an_error_naming_the_key_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let [k1, top] = [0x11, 0x33].map(|b| DataKey::from_bytes([b; 16]).unwrap());
+    let storage = sqlite_with_records(dir.path(), &[(k1, link_to(k1)), (top, shared_of(k1))]);
+    let err = within_timeout({
+        let storage = Arc::clone(&storage);
+        move || page_in::<Loop>(&storage, k1).unwrap_err()
+    });
+    assert_cycle_at(&err, k1);
+    let err = within_timeout({
+        let storage = Arc::clone(&storage);
+        move || page_in::<Shared<Loop>>(&storage, top).unwrap_err()
+    });
+    assert_cycle_at(&err, k1);
+}

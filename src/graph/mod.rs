@@ -94,7 +94,9 @@
 //!   a child the node's bytes never mention; page-in then reports the node
 //!   [`Corrupt`](crate::Error::Corrupt) (its child count does not match its value).
 //! - **The graph must be acyclic** (it is, unless a `Mutex`/`OnceLock` closes a loop): a cycle
-//!   is reported as an error.
+//!   is reported as an error. Page-in reports stored records that loop back to themselves
+//!   (which page-out cannot write, but another program or damage read without verification
+//!   can) as [`Corrupt`](crate::Error::Corrupt) naming the key.
 //!
 //! # Polymorphism with typetag
 //!
@@ -119,8 +121,8 @@
 //! asked for (or names an unknown typetag) is [`Deserialize`](crate::Error::Deserialize) naming
 //! the key, the type and the original message (postcard alone would reduce it to
 //! `SerdeDeCustom`); a record whose child keys do not match its value is
-//! [`Corrupt`](crate::Error::Corrupt); a failing `Serialize` is
-//! [`Serialize`](crate::Error::Serialize).
+//! [`Corrupt`](crate::Error::Corrupt), and so is a record that is its own descendant (a
+//! cycle); a failing `Serialize` is [`Serialize`](crate::Error::Serialize).
 //!
 //! A child's failure that a lenient `Deserialize` impl swallows (mapping errors to a default,
 //! as `serde_with::DefaultOnError` does) is never reported, at any depth.
@@ -209,7 +211,8 @@ pub fn page_out<T: ?Sized + Serialize>(
 ///
 /// [`Error::NotFound`](crate::Error::NotFound) naming the missing key (the root's or a child's),
 /// [`Error::Deserialize`](crate::Error::Deserialize) naming the key whose record is not the
-/// expected type, [`Error::Corrupt`](crate::Error::Corrupt), or the storage's own error.
+/// expected type, [`Error::Corrupt`](crate::Error::Corrupt) (a damaged record, or one that is
+/// its own descendant), or the storage's own error.
 pub fn page_in<T: DeserializeOwned>(
     storage: &impl StorageHandle,
     key: DataKey,

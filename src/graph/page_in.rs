@@ -13,11 +13,12 @@
 //!
 //! A node's deserialization is never cut short or retried by page-in itself, so a user's
 //! lenient `Deserialize` impl (one that maps an error to a default) behaves at every depth as
-//! it does at the root.
+//! it does at the root. A key met again on its own path is a cycle (possible only in data
+//! that page-out did not write, read without verification) and is reported, not waited for.
 
 use std::any::TypeId;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -85,6 +86,9 @@ struct InState {
     /// Records fetched ahead of time (by `page_in_async`); others are fetched on demand.
     prefetched: Records,
     frames: Vec<Frame>,
+    /// The keys of every frame on this thread's page-in path, this session's and those of
+    /// the page-ins it is nested in: a key met again below itself is a cycle.
+    path: HashSet<DataKey, KeyHasherBuilder>,
     /// Every shared value this call loaded, held strongly so that dropping a partly built
     /// value (after an error) or the call's own handles never recurses down a chain.
     held: Held,
@@ -133,6 +137,10 @@ where
         if let Some(arc) = state.held.get::<T>(key) {
             return Step::Hit(arc);
         }
+        if state.path.contains(&key) {
+            // Loading it would wait for this thread's own load of it (or recurse forever).
+            return Step::Fail(index, parent.context::<T>(cycle(key)));
+        }
         Step::Load(key, Arc::clone(&state.storage), parent)
     });
     let (index, err) = match step {
@@ -174,6 +182,19 @@ fn too_few_keys(key: DataKey, keys: usize) -> anyhow::Error {
     Error::Corrupt {
         key,
         reason: format!("its value holds more shared references than its {keys} child keys"),
+    }
+    .into()
+}
+
+#[cold]
+#[inline(never)]
+fn cycle(key: DataKey) -> anyhow::Error {
+    Error::Corrupt {
+        key,
+        reason: "it is its own descendant (a cycle): the records below it lead back to it, \
+                 which content-addressed records written by page_out cannot do; they were \
+                 written by another program or damaged, and read without verification"
+            .into(),
     }
     .into()
 }
@@ -277,13 +298,36 @@ fn fetch(storage: &dyn PagableStorage, key: DataKey) -> anyhow::Result<Arc<Pagab
     storage.fetch_data_blocking(&key)
 }
 
-/// Pushes `frame`: the node whose `Shared` fields take the next child keys.
+/// Pushes `frame` and puts its key on the path; a key already on it is a cycle.
 fn push_frame(frame: Frame) -> anyhow::Result<()> {
-    with_state(|state| state.frames.push(frame)).ok_or_else(|| anyhow::anyhow!(OUTSIDE_SESSION))
+    let key = frame.key;
+    let pushed = with_state(|state| {
+        if !state.path.insert(key) {
+            return false;
+        }
+        state.frames.push(frame);
+        true
+    });
+    match pushed {
+        Some(true) => Ok(()),
+        Some(false) => Err(Error::Corrupt {
+            key,
+            reason: "it is its own descendant (a cycle): a page-in of it was asked for while \
+                     it was being paged in on this thread"
+                .into(),
+        }
+        .into()),
+        None => Err(anyhow::anyhow!(OUTSIDE_SESSION)),
+    }
 }
 
 fn pop_frame() -> Option<Frame> {
-    with_state(|state| state.frames.pop()).flatten()
+    with_state(|state| {
+        let frame = state.frames.pop()?;
+        state.path.remove(&frame.key);
+        Some(frame)
+    })
+    .flatten()
 }
 
 /// Deserializes the record `node` (stored under `key`) as an `X`, with `node` as the frame its
@@ -431,31 +475,47 @@ fn unknown_typetag<X: DeserializeOwned>(data: &[u8]) -> Option<String> {
 }
 
 /// Installs a fresh page-in session on this thread; the previous one (a page-in nested in a
-/// `Deserialize` impl) comes back on drop.
+/// `Deserialize` impl) comes back on drop. The path of keys being paged in is the thread's:
+/// the new session takes it over and gives it back.
 struct Session {
     previous: Option<InState>,
 }
 
 impl Session {
     fn install(storage: Arc<dyn PagableStorage>, prefetched: Records) -> Session {
+        let mut previous = IN.with(|cell| cell.take());
+        let path = previous
+            .as_mut()
+            .map(|outer| std::mem::take(&mut outer.path))
+            .unwrap_or_default();
         let state = InState {
             storage,
             prefetched,
             frames: Vec::new(),
+            path,
             held: Held::default(),
         };
-        Session {
-            previous: IN.with(|cell| cell.replace(Some(state))),
-        }
+        IN.with(|cell| cell.replace(Some(state)));
+        Session { previous }
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let mine = IN.with(|cell| cell.replace(self.previous.take()));
-        // Held releases parents first, so no drop recurses down a chain (which, a million
-        // deep, would overflow the stack).
-        drop(mine);
+        let mine = IN.with(|cell| cell.replace(None));
+        if let Some(mut mine) = mine {
+            if let Some(outer) = self.previous.as_mut() {
+                // Frames left by a panic are not on the path any more.
+                for frame in &mine.frames {
+                    mine.path.remove(&frame.key);
+                }
+                outer.path = std::mem::take(&mut mine.path);
+            }
+            // Held releases parents first, so no drop recurses down a chain (which, a million
+            // deep, would overflow the stack).
+            drop(mine);
+        }
+        IN.with(|cell| cell.replace(self.previous.take()));
     }
 }
 
