@@ -102,9 +102,8 @@ fn a_missing_child_is_not_found_naming_the_child() {
     );
     assert!(format!("{err:#}").contains(&missing.to_string()), "{err:#}");
     assert!(
-        err.to_string()
-            .contains(&format!("child 0 of the node stored under {root}")),
-        "names the parent too: {err}"
+        format!("{err:#}").contains(&format!("child 0 of the node stored under {root}")),
+        "names the parent too: {err:#}"
     );
     // The good child alone still pages in.
     let ok: String = page_in(&storage, child).unwrap();
@@ -133,7 +132,7 @@ fn reading_as_the_wrong_type_names_the_key_and_type() {
         }
         other => panic!("unexpected {other:?}"),
     }
-    assert!(err.to_string().contains(&child.to_string()), "{err}");
+    assert!(format!("{err:#}").contains(&child.to_string()), "{err:#}");
 }
 
 #[test]
@@ -485,6 +484,46 @@ fn a_missing_child_inside_a_trait_object_is_not_found() {
         matches!(pagestore_error(&err), Error::NotFound(key) if *key == missing),
         "{err:#}"
     );
+}
+
+#[test]
+fn a_page_in_error_names_the_root_its_type_and_the_missing_key() {
+    let storage = storage();
+    let (holder, missing) = holder_with_missing_child(&storage);
+    let root = storage
+        .store_data(PagableData {
+            data: postcard::to_allocvec(&1usize).unwrap(), // a Vec of one
+            arcs: vec![holder],
+        })
+        .unwrap();
+    let err = page_in::<Vec<Shared<Holder>>>(&storage, root).unwrap_err();
+    let text = format!("{err:#}");
+    assert!(text.contains(&root.to_string()), "names the root: {text}");
+    assert!(
+        text.contains(std::any::type_name::<Vec<Shared<Holder>>>()),
+        "names the type asked for: {text}"
+    );
+    assert!(
+        text.contains(&missing.to_string()),
+        "names the missing key: {text}"
+    );
+    assert!(
+        matches!(pagestore_error(&err), Error::NotFound(key) if *key == missing),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_page_in_async_error_names_the_root_and_its_type() {
+    let storage = storage();
+    let (root, missing) = holder_with_missing_child(&storage);
+    let err = pagestore::page_in_async::<Holder>(&storage, root)
+        .await
+        .unwrap_err();
+    let text = format!("{err:#}");
+    assert!(text.contains(&root.to_string()), "{text}");
+    assert!(text.contains(std::any::type_name::<Holder>()), "{text}");
+    assert!(text.contains(&missing.to_string()), "{text}");
 }
 
 /// A type that pages in through a chain of optional shared links.

@@ -124,8 +124,11 @@
 //! [`Corrupt`](crate::Error::Corrupt), and so is a record that is its own descendant (a
 //! cycle); a failing `Serialize` is [`Serialize`](crate::Error::Serialize).
 //!
-//! A child's failure that a lenient `Deserialize` impl swallows (mapping errors to a default,
-//! as `serde_with::DefaultOnError` does) is never reported, at any depth.
+//! A page-in error also names the root and the type asked for ("could not page in a `T` from
+//! root …"), as [`anyhow`] context: `{:#}` prints the whole chain, and
+//! `downcast_ref::<pagestore::Error>()` still finds the typed error. A child's failure that a
+//! lenient `Deserialize` impl swallows (mapping errors to a default, as
+//! `serde_with::DefaultOnError` does) is never reported, at any depth.
 
 mod adapters;
 mod held;
@@ -136,6 +139,7 @@ mod shared;
 
 use std::sync::Arc;
 
+use anyhow::Context;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -212,12 +216,21 @@ pub fn page_out<T: ?Sized + Serialize>(
 /// [`Error::NotFound`](crate::Error::NotFound) naming the missing key (the root's or a child's),
 /// [`Error::Deserialize`](crate::Error::Deserialize) naming the key whose record is not the
 /// expected type, [`Error::Corrupt`](crate::Error::Corrupt) (a damaged record, or one that is
-/// its own descendant), or the storage's own error.
+/// its own descendant), or the storage's own error; with the root's key and `T` as context.
 pub fn page_in<T: DeserializeOwned>(
     storage: &impl StorageHandle,
     key: DataKey,
 ) -> anyhow::Result<T> {
-    page_in::run(storage.to_dyn(), key, Default::default())
+    page_in::run(storage.to_dyn(), key, Default::default()).with_context(|| root_context::<T>(key))
+}
+
+/// The context of every page-in error: the root and the type asked for (the error itself names
+/// the failing key).
+fn root_context<T>(key: DataKey) -> String {
+    format!(
+        "could not page in a `{}` from root {key}",
+        std::any::type_name::<T>()
+    )
 }
 
 /// [`page_in`] for async callers: first fetches every record reachable from `key` with
@@ -237,8 +250,10 @@ pub async fn page_in_async<T: DeserializeOwned>(
     key: DataKey,
 ) -> anyhow::Result<T> {
     let storage = storage.to_dyn();
-    let records = page_in::prefetch(&*storage, key, ASYNC_FETCH_CONCURRENCY).await?;
-    page_in::run(storage, key, records)
+    let records = page_in::prefetch(&*storage, key, ASYNC_FETCH_CONCURRENCY)
+        .await
+        .with_context(|| root_context::<T>(key))?;
+    page_in::run(storage, key, records).with_context(|| root_context::<T>(key))
 }
 
 /// Drops `value` without recursing down its shared values, for graphs too deep for Rust's
