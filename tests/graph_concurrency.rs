@@ -148,6 +148,76 @@ fn threads_paging_in_overlapping_graphs_share_their_common_nodes() {
     );
 }
 
+/// Calls of `Deep`'s `Deserialize`, across threads.
+static DEEP_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// A node of a deep DAG that counts every call of its `Deserialize` (finished or not).
+#[derive(Serialize)]
+struct Deep {
+    id: u32,
+    kids: Vec<Shared<Deep>>,
+}
+
+impl<'de> Deserialize<'de> for Deep {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            id: u32,
+            kids: Vec<Shared<Deep>>,
+        }
+        DEEP_CALLS.fetch_add(1, Ordering::SeqCst);
+        let raw = Raw::deserialize(deserializer)?;
+        Ok(Deep {
+            id: raw.id,
+            kids: raw.kids,
+        })
+    }
+}
+
+/// Was more than once per node: past the recursion bound, an attempt that unwound released
+/// the load lock of every node on its path, and the other thread loaded them too.
+#[test]
+fn two_threads_paging_in_one_deep_graph_deserialize_each_node_once() {
+    const N: u32 = 1_000;
+    // Node i points to i - 1 (so the graph is N deep) and to i / 2.
+    let mut nodes: Vec<Shared<Deep>> = Vec::new();
+    for id in 0..N {
+        let mut kids = Vec::new();
+        if id > 0 {
+            kids.push(nodes[id as usize - 1].clone());
+            kids.push(nodes[id as usize / 2].clone());
+        }
+        nodes.push(Shared::new(Deep { id, kids }));
+    }
+    let root = nodes.pop().unwrap();
+    drop(nodes);
+    let storage = Arc::new(InMemoryPagableStorage::new());
+    let key = page_out(&storage, &root).unwrap();
+    pagestore::drop_deep(root).unwrap();
+    let barrier = Barrier::new(2);
+    let results: Vec<Shared<Deep>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    page_in::<Shared<Deep>>(&storage, key).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        DEEP_CALLS.load(Ordering::SeqCst),
+        N as usize,
+        "each node deserialized once"
+    );
+    assert!(Shared::ptr_eq(&results[0], &results[1]));
+    assert_eq!(results[0].id, N - 1);
+    for result in results {
+        pagestore::drop_deep(result).unwrap();
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 

@@ -102,9 +102,8 @@ fn a_missing_child_is_not_found_naming_the_child() {
     );
     assert!(format!("{err:#}").contains(&missing.to_string()), "{err:#}");
     assert!(
-        err.to_string()
-            .contains(&format!("child 0 of the node stored under {root}")),
-        "names the parent too: {err}"
+        format!("{err:#}").contains(&format!("child 0 of the node stored under {root}")),
+        "names the parent too: {err:#}"
     );
     // The good child alone still pages in.
     let ok: String = page_in(&storage, child).unwrap();
@@ -133,7 +132,7 @@ fn reading_as_the_wrong_type_names_the_key_and_type() {
         }
         other => panic!("unexpected {other:?}"),
     }
-    assert!(err.to_string().contains(&child.to_string()), "{err}");
+    assert!(format!("{err:#}").contains(&child.to_string()), "{err:#}");
 }
 
 #[test]
@@ -354,4 +353,301 @@ proptest::proptest! {
             let _ = page_in::<Vec<Shared<String>>>(&storage, key);
         }
     }
+}
+
+/// Maps any error to `None`, as `serde_with::DefaultOnError` does.
+fn lenient<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Shared<String>>, D::Error> {
+    Ok(Option::<Shared<String>>::deserialize(deserializer).unwrap_or(None))
+}
+
+/// A lenient field that swallows a missing child, then a field that is not lenient.
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)] // only deserialized
+struct Picky {
+    #[serde(deserialize_with = "lenient")]
+    soft: Option<Shared<String>>,
+    hard: Shared<String>,
+}
+
+/// A lenient field that swallows a missing child, then a field that always fails.
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)] // only deserialized
+struct Fussy {
+    #[serde(deserialize_with = "lenient")]
+    soft: Option<Shared<String>>,
+    #[serde(deserialize_with = "refuse")]
+    number: u32,
+}
+
+fn refuse<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    let number = u32::deserialize(deserializer)?;
+    Err(serde::de::Error::custom(format!(
+        "refusing {number} on purpose"
+    )))
+}
+
+const KEY_A: &str = "a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0";
+const KEY_B: &str = "b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0";
+
+/// Was "not found: A": the swallowed error stayed stashed and was reported in place of B's.
+#[test]
+fn a_swallowed_missing_child_is_not_reported_for_another_missing_child() {
+    let storage = storage();
+    let (a, b): (DataKey, DataKey) = (KEY_A.parse().unwrap(), KEY_B.parse().unwrap());
+    // `Picky { soft: Some(A), hard: B }` one level down, under a `Shared<Picky>` root.
+    let picky = storage
+        .store_data(PagableData {
+            data: postcard::to_allocvec(&Some(())).unwrap(),
+            arcs: vec![a, b],
+        })
+        .unwrap();
+    let root = storage
+        .store_data(PagableData {
+            data: vec![],
+            arcs: vec![picky],
+        })
+        .unwrap();
+    let err = page_in::<Shared<Picky>>(&storage, root).unwrap_err();
+    assert!(
+        matches!(pagestore_error(&err), Error::NotFound(key) if *key == b),
+        "{err:#}"
+    );
+    let text = format!("{err:#}");
+    assert!(text.contains(KEY_B), "{text}");
+    assert!(!text.contains(KEY_A), "{text}");
+}
+
+/// Was "not found: A": the swallowed error stayed stashed and replaced the impl's own message.
+#[test]
+fn a_swallowed_missing_child_is_not_reported_for_a_custom_error() {
+    let storage = storage();
+    let a: DataKey = KEY_A.parse().unwrap();
+    let root = storage
+        .store_data(PagableData {
+            data: postcard::to_allocvec(&(Some(()), 7u32)).unwrap(),
+            arcs: vec![a],
+        })
+        .unwrap();
+    let err = page_in::<Fussy>(&storage, root).unwrap_err();
+    match pagestore_error(&err) {
+        Error::Deserialize { key, reason, .. } => {
+            assert_eq!(*key, root);
+            assert!(reason.contains("refusing 7 on purpose"), "{reason}");
+        }
+        other => panic!("unexpected {other:?}: {err:#}"),
+    }
+    assert!(!format!("{err:#}").contains(KEY_A), "{err:#}");
+}
+
+/// A typetag impl holding a shared value whose key points nowhere.
+#[derive(Debug, Serialize, Deserialize)]
+struct Kennel {
+    name: Shared<String>,
+}
+
+#[typetag::serde(name = "kennel")]
+impl Animal for Kennel {
+    fn noise(&self) -> String {
+        format!("{}: woof", self.name)
+    }
+}
+
+#[test]
+fn a_missing_child_inside_a_trait_object_is_not_found() {
+    let storage = storage();
+    let good = page_out(
+        &storage,
+        &Shared::from(Arc::new(Kennel {
+            name: Shared::new("rex".into()),
+        }) as Arc<dyn Animal>),
+    )
+    .unwrap();
+    let kennel = storage.fetch_data_blocking(&good).unwrap().arcs[0];
+    let data = storage.fetch_data_blocking(&kennel).unwrap().data.clone();
+    let missing: DataKey = KEY_B.parse().unwrap();
+    let broken = storage
+        .store_data(PagableData {
+            data,
+            arcs: vec![missing],
+        })
+        .unwrap();
+    let root = storage
+        .store_data(PagableData {
+            data: vec![],
+            arcs: vec![broken],
+        })
+        .unwrap();
+    let err = page_in::<Shared<dyn Animal>>(&storage, root).unwrap_err();
+    assert!(
+        matches!(pagestore_error(&err), Error::NotFound(key) if *key == missing),
+        "{err:#}"
+    );
+}
+
+#[test]
+fn a_page_in_error_names_the_root_its_type_and_the_missing_key() {
+    let storage = storage();
+    let (holder, missing) = holder_with_missing_child(&storage);
+    let root = storage
+        .store_data(PagableData {
+            data: postcard::to_allocvec(&1usize).unwrap(), // a Vec of one
+            arcs: vec![holder],
+        })
+        .unwrap();
+    let err = page_in::<Vec<Shared<Holder>>>(&storage, root).unwrap_err();
+    let text = format!("{err:#}");
+    assert!(text.contains(&root.to_string()), "names the root: {text}");
+    assert!(
+        text.contains(std::any::type_name::<Vec<Shared<Holder>>>()),
+        "names the type asked for: {text}"
+    );
+    assert!(
+        text.contains(&missing.to_string()),
+        "names the missing key: {text}"
+    );
+    assert!(
+        matches!(pagestore_error(&err), Error::NotFound(key) if *key == missing),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_page_in_async_error_names_the_root_and_its_type() {
+    let storage = storage();
+    let (root, missing) = holder_with_missing_child(&storage);
+    let err = pagestore::page_in_async::<Holder>(&storage, root)
+        .await
+        .unwrap_err();
+    let text = format!("{err:#}");
+    assert!(text.contains(&root.to_string()), "{text}");
+    assert!(text.contains(std::any::type_name::<Holder>()), "{text}");
+    assert!(text.contains(&missing.to_string()), "{text}");
+}
+
+/// A type that pages in through a chain of optional shared links.
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)] // only deserialized
+struct Loop {
+    next: Option<Shared<Loop>>,
+}
+
+/// A record by hand: its data and its child keys.
+type Record = (Vec<u8>, Vec<DataKey>);
+
+/// The record of a `Loop` whose next link is its one child.
+fn link_to(next: DataKey) -> Record {
+    (postcard::to_allocvec(&Some(())).unwrap(), vec![next])
+}
+
+/// The record of a `Shared<Loop>` (no bytes, one child).
+fn shared_of(child: DataKey) -> Record {
+    (vec![], vec![child])
+}
+
+/// Writes `records` into a fresh SQLite store's table by hand — as another program could,
+/// since nothing forces a key to be its content's hash — and reopens it without
+/// verify-on-read.
+fn sqlite_with_records(
+    dir: &std::path::Path,
+    records: &[(DataKey, Record)],
+) -> Arc<pagestore::SqliteBackedPagableStorage> {
+    drop(pagestore::SqliteBackedPagableStorage::try_new(dir).unwrap());
+    let db = rusqlite::Connection::open(dir.join("pagable.db")).unwrap();
+    // Record format: u64_le(data.len()) ‖ u64_le(arcs.len()) ‖ data ‖ 16-byte child keys.
+    for (key, (data, arcs)) in records {
+        let mut value = Vec::new();
+        value.extend((data.len() as u64).to_le_bytes());
+        value.extend((arcs.len() as u64).to_le_bytes());
+        value.extend(data);
+        for arc in arcs {
+            value.extend(arc.as_bytes());
+        }
+        db.execute(
+            "INSERT INTO pagable_data (key, value) VALUES (?1, ?2)",
+            rusqlite::params![key.as_bytes().to_vec(), value],
+        )
+        .unwrap();
+    }
+    drop(db);
+    Arc::new(
+        pagestore::SqliteOptions::default()
+            .verify_on_read(false)
+            .open(dir)
+            .unwrap(),
+    )
+}
+
+/// Runs `f` on its own thread; a hang becomes a failure after a generous timeout.
+fn within_timeout<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(f()).unwrap());
+    result
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("page-in hung (it waited for its own load)")
+}
+
+fn assert_cycle_at(err: &anyhow::Error, at: DataKey) {
+    match pagestore_error(err) {
+        Error::Corrupt { key, reason } => {
+            assert_eq!(*key, at, "{err:#}");
+            assert!(reason.contains("cycle"), "{reason}");
+        }
+        other => panic!("unexpected {other:?}: {err:#}"),
+    }
+    assert!(format!("{err:#}").contains(&at.to_string()), "{err:#}");
+}
+
+/// Was a deadlock: the page-in waited on the load lock it held itself.
+#[test]
+fn a_stored_cycle_is_an_error_naming_the_key_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let [k1, k2, top] = [0x11, 0x22, 0x33].map(|b| DataKey::from_bytes([b; 16]).unwrap());
+    let storage = sqlite_with_records(
+        dir.path(),
+        &[(k1, link_to(k2)), (k2, link_to(k1)), (top, shared_of(k1))],
+    );
+    // From the root: K1 (the root) -> K2 -> K1.
+    let err = within_timeout({
+        let storage = Arc::clone(&storage);
+        move || page_in::<Loop>(&storage, k1).unwrap_err()
+    });
+    assert_cycle_at(&err, k1);
+    // Below the root, where both keys load through the arc cache: top -> K1 -> K2 -> K1.
+    let err = within_timeout({
+        let storage = Arc::clone(&storage);
+        move || page_in::<Shared<Loop>>(&storage, top).unwrap_err()
+    });
+    assert_cycle_at(&err, k1);
+    // page_in_async prefetches the records first: the cycle ends its walk, then the same error.
+    let err = within_timeout({
+        let storage = Arc::clone(&storage);
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            runtime
+                .block_on(pagestore::page_in_async::<Shared<Loop>>(&storage, top))
+                .unwrap_err()
+        }
+    });
+    assert_cycle_at(&err, k1);
+}
+
+#[test]
+fn a_stored_self_loop_is_an_error_naming_the_key_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let [k1, top] = [0x11, 0x33].map(|b| DataKey::from_bytes([b; 16]).unwrap());
+    let storage = sqlite_with_records(dir.path(), &[(k1, link_to(k1)), (top, shared_of(k1))]);
+    let err = within_timeout({
+        let storage = Arc::clone(&storage);
+        move || page_in::<Loop>(&storage, k1).unwrap_err()
+    });
+    assert_cycle_at(&err, k1);
+    let err = within_timeout({
+        let storage = Arc::clone(&storage);
+        move || page_in::<Shared<Loop>>(&storage, top).unwrap_err()
+    });
+    assert_cycle_at(&err, k1);
 }

@@ -63,15 +63,16 @@
 //! is not is fetched and deserialized once, even when many threads page in overlapping graphs at
 //! the same time.
 //!
-//! Neither direction recurses per level, so a million-deep chain pages out and in on an
-//! ordinary thread stack. Page-out keeps an explicit work stack. Page-in deserializes a node
-//! when its parent's deserializer reaches it (only then is its type known), so it does recurse,
-//! but at most 64 nodes deep: the child below is deferred, the attempt unwinds (keeping every
-//! node it finished), and the driver loads the deferred child first and retries. On graphs
-//! deeper than that, the nodes of an unwound path are partly deserialized once more before
-//! their real deserialization (a chain costs about twice a shallow graph per node); a finished
-//! node is never deserialized twice. *Dropping* a deep chain recurses in Rust's own drop glue:
-//! use [`drop_deep`].
+//! Depth is not limited by the thread's stack: a million-deep chain pages out and in on an
+//! ordinary thread, or a small one. Page-out keeps an explicit work stack. Page-in deserializes
+//! a node when its parent's deserializer reaches it (only then is its type known), so it
+//! recurses once per level, on a stack that grows: each child's load runs through
+//! [`stacker::maybe_grow`], which moves on to a new stack segment when the current one runs
+//! low. Every node is deserialized once, and a `Deserialize` impl behaves at any depth as it
+//! does at the root. The price is memory for the stack of the deepest path while it pages in:
+//! about 1.2 KiB per level in release builds (a million-deep chain: about 1.2 GB, freed when
+//! the call returns) and 4 KiB in debug builds, more for user types with large inline fields.
+//! *Dropping* a deep chain recurses in Rust's own drop glue: use [`drop_deep`].
 //!
 //! # Rules
 //!
@@ -93,7 +94,9 @@
 //!   a child the node's bytes never mention; page-in then reports the node
 //!   [`Corrupt`](crate::Error::Corrupt) (its child count does not match its value).
 //! - **The graph must be acyclic** (it is, unless a `Mutex`/`OnceLock` closes a loop): a cycle
-//!   is reported as an error.
+//!   is reported as an error. Page-in reports stored records that loop back to themselves
+//!   (which page-out cannot write, but another program or damage read without verification
+//!   can) as [`Corrupt`](crate::Error::Corrupt) naming the key.
 //!
 //! # Polymorphism with typetag
 //!
@@ -118,17 +121,25 @@
 //! asked for (or names an unknown typetag) is [`Deserialize`](crate::Error::Deserialize) naming
 //! the key, the type and the original message (postcard alone would reduce it to
 //! `SerdeDeCustom`); a record whose child keys do not match its value is
-//! [`Corrupt`](crate::Error::Corrupt); a failing `Serialize` is
-//! [`Serialize`](crate::Error::Serialize).
+//! [`Corrupt`](crate::Error::Corrupt), and so is a record that is its own descendant (a
+//! cycle); a failing `Serialize` is [`Serialize`](crate::Error::Serialize).
+//!
+//! A page-in error also names the root and the type asked for ("could not page in a `T` from
+//! root …"), as [`anyhow`] context: `{:#}` prints the whole chain, and
+//! `downcast_ref::<pagestore::Error>()` still finds the typed error. A child's failure that a
+//! lenient `Deserialize` impl swallows (mapping errors to a default, as
+//! `serde_with::DefaultOnError` does) is never reported, at any depth.
 
 mod adapters;
 mod held;
+mod keep;
 mod out;
 mod page_in;
 mod shared;
 
 use std::sync::Arc;
 
+use anyhow::Context;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -204,12 +215,22 @@ pub fn page_out<T: ?Sized + Serialize>(
 ///
 /// [`Error::NotFound`](crate::Error::NotFound) naming the missing key (the root's or a child's),
 /// [`Error::Deserialize`](crate::Error::Deserialize) naming the key whose record is not the
-/// expected type, [`Error::Corrupt`](crate::Error::Corrupt), or the storage's own error.
+/// expected type, [`Error::Corrupt`](crate::Error::Corrupt) (a damaged record, or one that is
+/// its own descendant), or the storage's own error; with the root's key and `T` as context.
 pub fn page_in<T: DeserializeOwned>(
     storage: &impl StorageHandle,
     key: DataKey,
 ) -> anyhow::Result<T> {
-    page_in::run(storage.to_dyn(), key, Default::default())
+    page_in::run(storage.to_dyn(), key, Default::default()).with_context(|| root_context::<T>(key))
+}
+
+/// The context of every page-in error: the root and the type asked for (the error itself names
+/// the failing key).
+fn root_context<T>(key: DataKey) -> String {
+    format!(
+        "could not page in a `{}` from root {key}",
+        std::any::type_name::<T>()
+    )
 }
 
 /// [`page_in`] for async callers: first fetches every record reachable from `key` with
@@ -229,8 +250,10 @@ pub async fn page_in_async<T: DeserializeOwned>(
     key: DataKey,
 ) -> anyhow::Result<T> {
     let storage = storage.to_dyn();
-    let records = page_in::prefetch(&*storage, key, ASYNC_FETCH_CONCURRENCY).await?;
-    page_in::run(storage, key, records)
+    let records = page_in::prefetch(&*storage, key, ASYNC_FETCH_CONCURRENCY)
+        .await
+        .with_context(|| root_context::<T>(key))?;
+    page_in::run(storage, key, records).with_context(|| root_context::<T>(key))
 }
 
 /// Drops `value` without recursing down its shared values, for graphs too deep for Rust's

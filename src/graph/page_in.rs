@@ -2,18 +2,23 @@
 //!
 //! A node is deserialized top-down: when its deserializer reaches a [`Shared<T>`] field, that
 //! field takes the node's next child key and resolves it — from this call's table, else from the
-//! storage's arc cache ([`PagableStorage::resolve_arc`]) by `(TypeId of T, key)`, whose load-once entry
-//! fetches and deserializes the child (recursively) if no live value exists. That is where the
-//! child's type becomes known, so it is the only place it can be deserialized.
+//! storage's arc cache ([`PagableStorage::resolve_arc`]) by `(TypeId of T, key)`, whose load-once
+//! entry fetches and deserializes the child (recursively) if no live value exists. That is where
+//! the child's type becomes known, so it is the only place it can be deserialized.
 //!
-//! Recursion is bounded: at depth [`MAX_DEPTH`] a child is not loaded but *deferred*. The
-//! attempt unwinds (its finished descendants stay held in the call's table), the driver loads
-//! the deferred child from depth zero, then retries. A million-deep chain thus costs about two
-//! deserializations per node instead of a million stack frames.
+//! So page-in recurses once per level of the graph, and the recursion runs on a growable stack:
+//! each child's load goes through [`stacker::maybe_grow`], which moves to a new stack segment
+//! when the current one runs low. Any depth pages in, on any thread, with one deserialization
+//! per node; the cost is memory: the stack of the deepest path is alive until it unwinds.
+//!
+//! A node's deserialization is never cut short or retried by page-in itself, so a user's
+//! lenient `Deserialize` impl (one that maps an error to a default) behaves at every depth as
+//! it does at the root. A key met again on its own path is a cycle (possible only in data
+//! that page-out did not write, read without verification) and is reported, not waited for.
 
 use std::any::TypeId;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -25,12 +30,26 @@ use crate::key::{DataKey, KeyHasherBuilder};
 use crate::runtime::PagableStorage;
 
 use super::held::Held;
+use super::keep;
 use super::shared::OUTSIDE_SESSION;
 
-/// How many nested nodes one attempt deserializes before deferring the next child. Each level
-/// costs a few serde frames; 64 levels stay well inside a 2 MiB thread stack even in debug
-/// builds with large user types.
-pub(crate) const MAX_DEPTH: usize = 64;
+/// Stack left below which a child's load moves to a new stack segment.
+///
+/// It must cover everything one level can use before the next level's check: page-in's own
+/// frames (the arc cache's load, the node's decoding) plus every serde frame of the user's
+/// types between a node's start and its next `Shared` field, and at the bottom a leaf's whole
+/// deserialization. Debug builds give every temporary its own stack slot, and serde's derived
+/// visitors hold each field's value in their frame, so a user type with a large inline field
+/// (a `[u8; 64 << 10]` buffer, say) costs a few times its size per level there. 1 MiB leaves
+/// room for such types even in debug builds (rustc uses 100 KiB; a level of ordinary types
+/// takes a few KiB in debug builds and well under 1 KiB in release builds).
+const RED_ZONE: usize = 1 << 20;
+
+/// The size of a new stack segment. A segment is mapped lazily (only the pages the levels
+/// touch are committed), so a large one costs address space rather than memory, and it makes
+/// switching rare: one segment holds thousands of levels (of a few KiB each in debug builds),
+/// and the red zone wastes at most a sixteenth of it.
+const STACK_SEGMENT: usize = 16 << 20;
 
 type Records = HashMap<DataKey, Arc<PagableData>, KeyHasherBuilder>;
 
@@ -39,39 +58,40 @@ struct Frame {
     key: DataKey,
     node: Arc<PagableData>,
     next: usize,
+    /// The children whose resolution failed, by index, with their real error: the serde error
+    /// that carries a failure into the node's deserializer has no room for it (postcard keeps
+    /// no custom message). The node's failure is reported as a child's only if that child's
+    /// error explains it (a lenient impl may have swallowed it; see [`node_error`]).
+    failed: Vec<(usize, anyhow::Error)>,
+    /// Set on the re-run that recovers a custom message ([`custom_message`]): the children
+    /// in `failed` are not loaded again, their failure is replayed, and every child failure
+    /// carries its [`marker`] as its message.
+    replay: bool,
 }
 
-/// A child left for the driver to load from depth zero.
-#[derive(Clone, Copy)]
-struct Deferred {
-    key: DataKey,
-    load: fn(DataKey) -> anyhow::Result<()>,
-}
-
-/// The marker error of an attempt that hit [`MAX_DEPTH`].
-#[derive(Debug)]
-struct DepthLimit;
-
-impl std::fmt::Display for DepthLimit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("page-in depth limit reached; the child is loaded first and the node retried")
+impl Frame {
+    fn new(key: DataKey, node: &Arc<PagableData>) -> Frame {
+        Frame {
+            key,
+            node: Arc::clone(node),
+            next: 0,
+            failed: Vec::new(),
+            replay: false,
+        }
     }
 }
-
-impl std::error::Error for DepthLimit {}
 
 struct InState {
     storage: Arc<dyn PagableStorage>,
     /// Records fetched ahead of time (by `page_in_async`); others are fetched on demand.
     prefetched: Records,
     frames: Vec<Frame>,
-    /// Every shared value this call loaded, held strongly so that an attempt that unwinds
-    /// keeps its finished work.
+    /// The keys of every frame on this thread's page-in path, this session's and those of
+    /// the page-ins it is nested in: a key met again below itself is a cycle.
+    path: HashSet<DataKey, KeyHasherBuilder>,
+    /// Every shared value this call loaded, held strongly so that dropping a partly built
+    /// value (after an error) or the call's own handles never recurses down a chain.
     held: Held,
-    deferred: Option<Deferred>,
-    /// The real error behind the serde custom error a failing `Shared` returned: postcard keeps
-    /// no message, so the error travels here.
-    error: Option<anyhow::Error>,
 }
 
 thread_local! {
@@ -82,23 +102,10 @@ fn with_state<R>(f: impl FnOnce(&mut InState) -> R) -> Option<R> {
     IN.with(|cell| cell.try_borrow_mut().ok()?.as_mut().map(f))
 }
 
-/// Stashes `err` (unless an inner one is already there) and returns the message for the serde
-/// error that carries it up to the driver.
-fn stash(err: anyhow::Error) -> String {
-    let message = err.to_string();
-    with_state(|state| {
-        if state.error.is_none() {
-            state.error = Some(err);
-        }
-    });
-    message
-}
-
-fn take_stashed() -> Option<anyhow::Error> {
-    with_state(|state| state.error.take()).flatten()
-}
-
 /// Resolves the next child key of the node being deserialized as a `T`.
+///
+/// On failure, the real error is kept by the node's frame and the message returned here
+/// becomes the serde error that unwinds the node's deserializer.
 pub(crate) fn resolve<T>() -> Result<Arc<T>, String>
 where
     T: ?Sized + Send + Sync + 'static,
@@ -107,50 +114,105 @@ where
     enum Step<T: ?Sized> {
         Hit(Arc<T>),
         Load(DataKey, Arc<dyn PagableStorage>, Parent),
-        Fail(anyhow::Error),
+        /// Fails with this message, without touching the frame.
+        Refuse(String),
+        Fail(usize, anyhow::Error),
     }
     let step = with_state(|state| {
         let Some(frame) = state.frames.last_mut() else {
-            return Step::Fail(anyhow::anyhow!(OUTSIDE_SESSION));
+            return Step::Refuse(OUTSIDE_SESSION.to_string());
         };
-        let Some(&key) = frame.node.arcs.get(frame.next) else {
-            return Step::Fail(
-                Error::Corrupt {
-                    key: frame.key,
-                    reason: format!(
-                        "its value holds more shared references than its {} child keys",
-                        frame.node.arcs.len()
-                    ),
-                }
-                .into(),
-            );
-        };
-        let parent = Parent {
-            key: frame.key,
-            index: frame.next,
+        let index = frame.next;
+        let Some(&key) = frame.node.arcs.get(index) else {
+            return Step::Fail(index, too_few_keys(frame.key, frame.node.arcs.len()));
         };
         frame.next += 1;
+        if frame.replay && frame.failed.iter().any(|(at, _)| *at == index) {
+            return Step::Refuse(marker(index));
+        }
+        let parent = Parent {
+            key: frame.key,
+            index,
+        };
         if let Some(arc) = state.held.get::<T>(key) {
             return Step::Hit(arc);
         }
-        if state.frames.len() >= MAX_DEPTH {
-            state.deferred = Some(Deferred {
-                key,
-                load: load_deferred::<T>,
-            });
-            return Step::Fail(DepthLimit.into());
+        if state.path.contains(&key) {
+            // Loading it would wait for this thread's own load of it (or recurse forever).
+            return Step::Fail(index, parent.context::<T>(cycle(key)));
         }
         Step::Load(key, Arc::clone(&state.storage), parent)
     });
-    match step {
-        None => Err(OUTSIDE_SESSION.to_string()),
-        Some(Step::Hit(arc)) => Ok(arc),
-        Some(Step::Fail(err)) => Err(stash(err)),
-        Some(Step::Load(key, storage, parent)) => match load::<T>(&*storage, key, Some(parent)) {
-            Ok(arc) => Ok(arc),
-            Err(err) => Err(stash(err)),
-        },
+    let (index, err) = match step {
+        None => return Err(OUTSIDE_SESSION.to_string()),
+        Some(Step::Hit(arc)) => return Ok(arc),
+        Some(Step::Refuse(message)) => return Err(message),
+        Some(Step::Fail(index, err)) => (index, err),
+        Some(Step::Load(key, storage, parent)) => {
+            // The only place page-in recurses: one level per node of the path.
+            match stacker::maybe_grow(RED_ZONE, STACK_SEGMENT, || {
+                load::<T>(&*storage, key, parent)
+            }) {
+                Ok(arc) => return Ok(arc),
+                Err(err) => (parent.index, err),
+            }
+        }
+    };
+    let message = with_state(|state| {
+        // The child's frames are gone: the last frame is the node that resolved it.
+        let frame = state.frames.last_mut()?;
+        let message = if frame.replay {
+            marker(index)
+        } else {
+            err.to_string()
+        };
+        frame.failed.push((index, err));
+        Some(message)
+    })
+    .flatten();
+    Err(message.unwrap_or_else(|| OUTSIDE_SESSION.to_string()))
+}
+
+// Error constructors live out of line, in cold functions: page-in recurses through `resolve`,
+// `load` and `decode_node`, and every byte of their frames is paid once per level of depth.
+
+#[cold]
+#[inline(never)]
+fn too_few_keys(key: DataKey, keys: usize) -> anyhow::Error {
+    Error::Corrupt {
+        key,
+        reason: format!("its value holds more shared references than its {keys} child keys"),
     }
+    .into()
+}
+
+#[cold]
+#[inline(never)]
+fn cycle(key: DataKey) -> anyhow::Error {
+    Error::Corrupt {
+        key,
+        reason: "it is its own descendant (a cycle): the records below it lead back to it, \
+                 which content-addressed records written by page_out cannot do; they were \
+                 written by another program or damaged, and read without verification"
+            .into(),
+    }
+    .into()
+}
+
+#[cold]
+#[inline(never)]
+fn unused_keys(key: DataKey, keys: usize, used: usize) -> anyhow::Error {
+    Error::Corrupt {
+        key,
+        reason: format!("it has {keys} child keys but its value used {used}"),
+    }
+    .into()
+}
+
+/// The message a child's failure carries through a re-run's deserializer: unique, so that the
+/// failure reaching the top unchanged is told apart from the node's own errors.
+fn marker(index: usize) -> String {
+    format!("\u{0}pagestore: shared child {index} failed\u{0}")
 }
 
 /// Where a child key was found, for error messages.
@@ -160,16 +222,24 @@ struct Parent {
     index: usize,
 }
 
+impl Parent {
+    /// `err`, about the child itself, with the parent it was met in as context (context keeps
+    /// the typed error reachable by downcast).
+    #[cold]
+    #[inline(never)]
+    fn context<T: ?Sized>(self, err: anyhow::Error) -> anyhow::Error {
+        err.context(format!(
+            "child {} of the node stored under {} (a `{}`)",
+            self.index,
+            self.key,
+            std::any::type_name::<T>()
+        ))
+    }
+}
+
 /// The value of `(T, key)`: live in the arc cache, or fetched and deserialized once (other
 /// threads loading the same entry wait for this one); then held by the call's table.
-///
-/// `parent` is `None` for a deferred load, whose value nothing else holds until the retry:
-/// it is always held.
-fn load<T>(
-    storage: &dyn PagableStorage,
-    key: DataKey,
-    parent: Option<Parent>,
-) -> anyhow::Result<Arc<T>>
+fn load<T>(storage: &dyn PagableStorage, key: DataKey, parent: Parent) -> anyhow::Result<Arc<T>>
 where
     T: ?Sized + Send + Sync + 'static,
     Box<T>: DeserializeOwned,
@@ -182,30 +252,33 @@ where
             let value: Arc<T> = decode_node::<Box<T>>(key, node)?.into();
             Ok(Box::new(value))
         })
-        .map_err(|err| match parent {
+        .map_err(|err| {
             // Only the fetch of this very key gets the context (a descendant's error already
-            // has its own); context keeps the storage's typed error reachable by downcast.
-            Some(parent) if names_key(&err, key) => err.context(format!(
-                "child {} of the node stored under {} (a `{}`)",
-                parent.index,
-                parent.key,
-                std::any::type_name::<T>()
-            )),
-            _ => err,
+            // has its own).
+            if names_key(&err, key) {
+                parent.context::<T>(err)
+            } else {
+                err
+            }
         })?;
-    let arc = downcast_arc::<T>(&*erased).ok_or_else(|| {
-        anyhow::anyhow!(
-            "the storage resolved {key} as a `{}`, not the `{}` asked for",
-            erased.type_name(),
-            std::any::type_name::<T>()
-        )
-    })?;
+    let Some(arc) = downcast_arc::<T>(&*erased) else {
+        return Err(wrong_type::<T>(key, erased.type_name()));
+    };
     // A value that was already alive is held by someone else; only what this call loaded needs
-    // holding (and a deferred load's value).
-    if loaded_here || parent.is_none() {
+    // holding.
+    if loaded_here {
         with_state(|state| state.held.insert(key, &arc));
     }
     Ok(arc)
+}
+
+#[cold]
+#[inline(never)]
+fn wrong_type<T: ?Sized>(key: DataKey, resolved: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the storage resolved {key} as a `{resolved}`, not the `{}` asked for",
+        std::any::type_name::<T>()
+    )
 }
 
 /// Whether `err` is a fetch error about `key` itself (not about one of its descendants).
@@ -217,16 +290,6 @@ fn names_key(err: &anyhow::Error, key: DataKey) -> bool {
     }
 }
 
-fn load_deferred<T>(key: DataKey) -> anyhow::Result<()>
-where
-    T: ?Sized + Send + Sync + 'static,
-    Box<T>: DeserializeOwned,
-{
-    let storage = with_state(|state| Arc::clone(&state.storage))
-        .ok_or_else(|| anyhow::anyhow!(OUTSIDE_SESSION))?;
-    load::<T>(&*storage, key, None).map(drop)
-}
-
 /// The root's record: prefetched, or fetched now.
 fn fetch(storage: &dyn PagableStorage, key: DataKey) -> anyhow::Result<Arc<PagableData>> {
     if let Some(node) = with_state(|state| state.prefetched.get(&key).cloned()).flatten() {
@@ -235,54 +298,54 @@ fn fetch(storage: &dyn PagableStorage, key: DataKey) -> anyhow::Result<Arc<Pagab
     storage.fetch_data_blocking(&key)
 }
 
+/// Pushes `frame` and puts its key on the path; a key already on it is a cycle.
+fn push_frame(frame: Frame) -> anyhow::Result<()> {
+    let key = frame.key;
+    let pushed = with_state(|state| {
+        if !state.path.insert(key) {
+            return false;
+        }
+        state.frames.push(frame);
+        true
+    });
+    match pushed {
+        Some(true) => Ok(()),
+        Some(false) => Err(Error::Corrupt {
+            key,
+            reason: "it is its own descendant (a cycle): a page-in of it was asked for while \
+                     it was being paged in on this thread"
+                .into(),
+        }
+        .into()),
+        None => Err(anyhow::anyhow!(OUTSIDE_SESSION)),
+    }
+}
+
+fn pop_frame() -> Option<Frame> {
+    with_state(|state| {
+        let frame = state.frames.pop()?;
+        state.path.remove(&frame.key);
+        Some(frame)
+    })
+    .flatten()
+}
+
 /// Deserializes the record `node` (stored under `key`) as an `X`, with `node` as the frame its
 /// `Shared` fields take child keys from.
 fn decode_node<X: DeserializeOwned>(key: DataKey, node: Arc<PagableData>) -> anyhow::Result<X> {
-    let pushed = with_state(|state| {
-        state.frames.push(Frame {
-            key,
-            node: Arc::clone(&node),
-            next: 0,
-        })
-    });
-    if pushed.is_none() {
-        anyhow::bail!(OUTSIDE_SESSION);
-    }
+    push_frame(Frame::new(key, &node))?;
     let result = decode::<X>(&node.data);
-    let used = with_state(|state| state.frames.pop().map(|frame| frame.next))
-        .flatten()
-        .unwrap_or(0);
-    // A deferral is ours, not the value's: if a lenient `Deserialize` impl (one that maps
-    // errors to a default) swallowed it, the value is missing a child, so the attempt still
-    // unwinds and is retried once the child is loaded.
-    let deferred = with_state(|state| state.deferred.is_some()).unwrap_or(false);
+    let frame = pop_frame();
+    let used = frame.as_ref().map_or(0, |frame| frame.next);
     match result {
-        Ok(value) if deferred => {
-            drop(value);
-            take_stashed();
-            Err(DepthLimit.into())
-        }
-        Ok(value) if used == node.arcs.len() => {
-            // A user impl may have swallowed an inner error; it is not ours to report.
-            take_stashed();
-            Ok(value)
-        }
+        // A child failure the value swallowed (a lenient impl) is not ours to report.
+        Ok(value) if used == node.arcs.len() => Ok(value),
         Ok(value) => {
             // Its children are held by the call's table, so this drop does not recurse.
             drop(value);
-            Err(Error::Corrupt {
-                key,
-                reason: format!(
-                    "it has {} child keys but its value used {used}",
-                    node.arcs.len()
-                ),
-            }
-            .into())
+            Err(unused_keys(key, node.arcs.len(), used))
         }
-        Err(err) => Err(match take_stashed() {
-            Some(inner) => inner,
-            None => deserialize_error::<X>(key, &node, err),
-        }),
+        Err(err) => Err(node_error::<X>(key, &node, err, frame)),
     }
 }
 
@@ -301,52 +364,85 @@ fn decode<X: DeserializeOwned>(data: &[u8]) -> Result<X, DecodeError> {
     }
 }
 
-fn deserialize_error<X: DeserializeOwned>(
+/// The error of the node stored under `key`, whose deserialization as an `X` failed with `err`.
+///
+/// A custom serde error may be a child's failure (its real error is in `frame`) or the node's
+/// own (a user's validation, an unknown typetag name), and postcard keeps no message to tell.
+/// The deserialization is run again in a way that does ([`custom_message`]): a child's error
+/// is reported only if it is what reached the top. Otherwise a lenient impl swallowed it and
+/// the node failed for its own reason, which is reported.
+#[cold]
+#[inline(never)]
+fn node_error<X: DeserializeOwned>(
     key: DataKey,
     node: &Arc<PagableData>,
     err: DecodeError,
+    frame: Option<Frame>,
 ) -> anyhow::Error {
-    let type_name = std::any::type_name::<X>();
     let reason = match err {
         DecodeError::Trailing(count) => format!("{count} bytes are left over after the value"),
-        DecodeError::Postcard(postcard::Error::SerdeDeCustom) => custom_message::<X>(key, node),
+        DecodeError::Postcard(postcard::Error::SerdeDeCustom) => {
+            let failed = frame.map(|frame| frame.failed).unwrap_or_default();
+            let (message, failed) = custom_message::<X>(key, node, failed);
+            let mut reason = message;
+            for (index, child) in failed {
+                let marker = marker(index);
+                if reason == marker {
+                    return child;
+                }
+                // The node's own message, quoting the child's failure.
+                reason = reason.replace(&marker, &format!("{child:#}"));
+            }
+            explain_custom::<X>(node, reason)
+        }
         DecodeError::Postcard(other) => other.to_string(),
     };
     Error::Deserialize {
         key,
-        type_name,
+        type_name: std::any::type_name::<X>(),
         reason,
     }
     .into()
 }
 
-/// Runs the failed deserialization again through erased-serde, whose error keeps a custom
-/// message (an unknown typetag name, a user's validation) that postcard drops. The children it
-/// meets before the failure point are already in the call's table, so this loads nothing.
-fn custom_message<X: DeserializeOwned>(key: DataKey, node: &Arc<PagableData>) -> String {
-    with_state(|state| {
-        state.frames.push(Frame {
-            key,
-            node: Arc::clone(node),
-            next: 0,
-        })
-    });
-    let mut deserializer = postcard::Deserializer::from_bytes(&node.data);
-    let mut erased = <dyn erased_serde::Deserializer>::erase(&mut deserializer);
-    let message = match erased_serde::deserialize::<X>(&mut erased) {
+/// Runs the failed deserialization again with [`keep::deserialize`], which keeps custom
+/// messages that postcard drops. The children it meets before the failure point are in the
+/// call's table, and those that failed (`failed`) fail again without being loaded again, with
+/// their [`marker`] as the message; so this loads nothing, and a failure deep down costs one
+/// re-run per level of its path.
+///
+/// Returns the message and the failed children (with any that failed only this time).
+#[inline(never)]
+fn custom_message<X: DeserializeOwned>(
+    key: DataKey,
+    node: &Arc<PagableData>,
+    failed: Vec<(usize, anyhow::Error)>,
+) -> (String, Vec<(usize, anyhow::Error)>) {
+    let mut frame = Frame::new(key, node);
+    frame.failed = failed;
+    frame.replay = true;
+    if let Err(err) = push_frame(frame) {
+        return (err.to_string(), Vec::new());
+    }
+    let message = match keep::deserialize::<X>(&node.data) {
         Err(err) => err.to_string(),
         Ok(value) => {
             drop(value);
             "a custom serde error, which did not happen again on a second try".into()
         }
     };
-    with_state(|state| state.frames.pop());
-    take_stashed();
+    let failed = pop_frame().map(|frame| frame.failed).unwrap_or_default();
+    (message, failed)
+}
+
+/// The reason to report for a custom serde error with `message` that no child raised.
+fn explain_custom<X: DeserializeOwned>(node: &Arc<PagableData>, message: String) -> String {
     if message != postcard::Error::SerdeDeCustom.to_string() {
         return message;
     }
-    // The message was lost at a nested serde layer. For a typetag trait object, name the tag
-    // and ask typetag itself whether it knows it.
+    // The message was lost (a `Deserialize` impl that deserializes through a postcard
+    // deserializer of its own, say). For a typetag trait object, name the tag and ask typetag
+    // itself whether it knows it.
     if let Some(unknown) = unknown_typetag::<X>(&node.data) {
         return unknown;
     }
@@ -379,33 +475,47 @@ fn unknown_typetag<X: DeserializeOwned>(data: &[u8]) -> Option<String> {
 }
 
 /// Installs a fresh page-in session on this thread; the previous one (a page-in nested in a
-/// `Deserialize` impl) comes back on drop.
+/// `Deserialize` impl) comes back on drop. The path of keys being paged in is the thread's:
+/// the new session takes it over and gives it back.
 struct Session {
     previous: Option<InState>,
 }
 
 impl Session {
     fn install(storage: Arc<dyn PagableStorage>, prefetched: Records) -> Session {
+        let mut previous = IN.with(|cell| cell.take());
+        let path = previous
+            .as_mut()
+            .map(|outer| std::mem::take(&mut outer.path))
+            .unwrap_or_default();
         let state = InState {
             storage,
             prefetched,
             frames: Vec::new(),
+            path,
             held: Held::default(),
-            deferred: None,
-            error: None,
         };
-        Session {
-            previous: IN.with(|cell| cell.replace(Some(state))),
-        }
+        IN.with(|cell| cell.replace(Some(state)));
+        Session { previous }
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let mine = IN.with(|cell| cell.replace(self.previous.take()));
-        // Held releases parents first, so no drop recurses down a chain (which, a million
-        // deep, would overflow the stack).
-        drop(mine);
+        let mine = IN.with(|cell| cell.replace(None));
+        if let Some(mut mine) = mine {
+            if let Some(outer) = self.previous.as_mut() {
+                // Frames left by a panic are not on the path any more.
+                for frame in &mine.frames {
+                    mine.path.remove(&frame.key);
+                }
+                outer.path = std::mem::take(&mut mine.path);
+            }
+            // Held releases parents first, so no drop recurses down a chain (which, a million
+            // deep, would overflow the stack).
+            drop(mine);
+        }
+        IN.with(|cell| cell.replace(self.previous.take()));
     }
 }
 
@@ -423,30 +533,8 @@ pub(crate) fn run<T: DeserializeOwned>(
         let hint = root.arcs.len().min(1 << 20);
         state.held.reserve(hint);
     });
-    let mut pending: Vec<Deferred> = Vec::new();
-    loop {
-        let attempt = match pending.last() {
-            Some(deferred) => (deferred.load)(deferred.key).map(|()| None),
-            None => decode_node::<T>(key, Arc::clone(&root)).map(Some),
-        };
-        match attempt {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {
-                pending.pop();
-            }
-            Err(err) if err.is::<DepthLimit>() => {
-                let deferred = with_state(|state| state.deferred.take())
-                    .flatten()
-                    .ok_or_else(|| anyhow::anyhow!("pagestore bug: depth limit without a child"))?;
-                pending.push(deferred);
-            }
-            Err(err) => return Err(err),
-        }
-        with_state(|state| {
-            state.frames.clear();
-            state.error = None;
-        });
-    }
+    // The root's own deserialization runs on the caller's stack unless it is short.
+    stacker::maybe_grow(RED_ZONE, STACK_SEGMENT, || decode_node::<T>(key, root))
 }
 
 /// Fetches every record reachable from `root` with at most `limit` fetches in flight.
