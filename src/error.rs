@@ -120,6 +120,20 @@ pub enum Error {
         limit: u64,
     },
 
+    /// A paged-out [`PagableArc`](crate::PagableArc) was pinned (or an unstored one paged
+    /// out) after its storage was dropped: the value cannot be read or written any more.
+    #[error(
+        "a PagableArc<{type_name}>{} needs its storage, which was dropped; keep the storage (an \
+         Arc of it) alive as long as its paged values are used",
+        key.map(|key| format!(" stored under key {key}")).unwrap_or_default()
+    )]
+    StoreClosed {
+        /// The value's key, if it has one.
+        key: Option<DataKey>,
+        /// The value's type.
+        type_name: &'static str,
+    },
+
     /// An earlier write failed, so the store no longer knows what reached disk; it refuses
     /// further writes instead of pretending they succeed.
     #[error(

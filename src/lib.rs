@@ -97,11 +97,13 @@ pub mod testing;
 pub use data::PagableData;
 pub use erase::{ArcEraseDyn, WeakEraseDyn, downcast_arc};
 pub use error::Error;
-pub use graph::{Shared, StorageHandle, drop_deep, page_in, page_in_async, page_out};
+pub use graph::{PagableArc, Shared, StorageHandle, drop_deep, page_in, page_in_async, page_out};
 pub use key::{DataKey, ParseKeyError};
 #[cfg(feature = "sqlite")]
 pub use runtime::SqliteBackedPagableStorage;
-pub use runtime::{InMemoryPagableStorage, PagableStorage, SessionContext, WithRuntime};
+pub use runtime::{
+    InMemoryPagableStorage, PagableStorage, PageOutReport, PagingStats, SessionContext, WithRuntime,
+};
 pub use store::NodeStore;
 pub use store::memory::MemoryNodeStore;
 #[cfg(feature = "sqlite")]

@@ -134,6 +134,7 @@ mod adapters;
 mod held;
 mod keep;
 mod out;
+mod pagable_arc;
 mod page_in;
 mod shared;
 
@@ -149,6 +150,7 @@ use crate::runtime::PagableStorage;
 #[cfg(feature = "serde_with")]
 pub use adapters::AsShared;
 pub use adapters::arc;
+pub use pagable_arc::PagableArc;
 pub use shared::{OUTSIDE_SESSION, Shared};
 
 /// How many record fetches [`page_in_async`] keeps in flight.

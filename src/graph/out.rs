@@ -31,6 +31,13 @@ pub(crate) trait OutNode {
     fn failure_message(&self) -> String;
     /// The value's type, for messages.
     fn type_name(&self) -> &'static str;
+    /// The key the value is already stored under, if it is: then it is written by key and
+    /// neither serialized nor stored again.
+    fn known_key(&self) -> Option<DataKey> {
+        None
+    }
+    /// Called once the value's node is stored under `key`.
+    fn stored(&self, _key: DataKey) {}
 }
 
 impl<T: ?Sized + Serialize + Send + Sync + 'static> OutNode for Arc<T> {
@@ -115,18 +122,31 @@ pub(crate) fn record_child<T>(arc: &Arc<T>) -> Result<(), &'static str>
 where
     T: ?Sized + Serialize + Send + Sync + 'static,
 {
+    // The clone keeps the allocation alive until the call ends, so its address cannot be
+    // reused by another value and alias a memo entry.
+    record_node(identity_of::<T, T>(arc), || Box::new(Arc::clone(arc)))
+}
+
+/// `(TypeId of the view V, address of the allocation)`: what makes two handles one node.
+pub(crate) fn identity_of<V: ?Sized + 'static, T: ?Sized>(arc: &Arc<T>) -> (TypeId, usize) {
+    (TypeId::of::<V>(), Arc::as_ptr(arc) as *const u8 as usize)
+}
+
+/// Records the node `identity` as the next child of the node being serialized on this
+/// thread; `make` gives the node to serialize the first time the identity is met.
+pub(crate) fn record_node(
+    identity: (TypeId, usize),
+    make: impl FnOnce() -> Box<dyn OutNode>,
+) -> Result<(), &'static str> {
     OUT.with(|cell| {
         let mut guard = cell.try_borrow_mut().map_err(|_| OUTSIDE_SESSION)?;
         let state = guard.as_mut().ok_or(OUTSIDE_SESSION)?;
-        let identity = (TypeId::of::<T>(), Arc::as_ptr(arc) as *const u8 as usize);
         // Values are numbered in the order they are met: the next one gets the memo's size.
         let next = state.memo.len() as u32;
         let index = match state.memo.entry(identity) {
             Entry::Occupied(known) => *known.get(),
             Entry::Vacant(new) => {
-                // The clone keeps the allocation alive until the call ends, so its address
-                // cannot be reused by another value and alias a memo entry.
-                state.discovered.push(Box::new(Arc::clone(arc)));
+                state.discovered.push(make());
                 *new.insert(next)
             }
         };
@@ -161,8 +181,11 @@ impl Session {
         OUT.with(|cell| {
             if let Some(state) = cell.borrow_mut().as_mut() {
                 nodes.extend(state.discovered.drain(..).map(|value| Node {
+                    state: match value.known_key() {
+                        Some(key) => State::Done(key),
+                        None => State::New,
+                    },
                     value,
-                    state: State::New,
                 }));
             }
         });
@@ -275,6 +298,7 @@ pub(crate) fn walk<T: ?Sized + Serialize>(
                 let children = std::mem::take(children);
                 let arcs = keys_of(&nodes, &children)?;
                 let key = finish(PagableData { data, arcs })?;
+                nodes[top as usize].value.stored(key);
                 nodes[top as usize].state = State::Done(key);
                 order.push(top);
                 stack.pop();
@@ -331,16 +355,43 @@ pub(crate) fn page_out<T: ?Sized + Serialize>(
     storage: &dyn crate::PagableStorage,
     value: &T,
 ) -> anyhow::Result<DataKey> {
+    page_out_sized(storage, value).map(|(key, _)| key)
+}
+
+/// [`page_out`], also returning the length of `value`'s own record (its weight once paged).
+pub(crate) fn page_out_sized<T: ?Sized + Serialize>(
+    storage: &dyn crate::PagableStorage,
+    value: &T,
+) -> anyhow::Result<(DataKey, usize)> {
     // Equal content from different Arcs has one key: store it once per call.
     let mut stored: std::collections::HashSet<DataKey, crate::key::KeyHasherBuilder> =
         Default::default();
+    let mut last_len = 0;
     let walk = walk(value, |data| {
         let key = data.compute_key();
+        // The root is finished last, so this ends as the root's record length.
+        last_len = crate::codec::encoded_len(&data);
         if stored.insert(key) {
             let returned = storage.store_data(data)?;
             debug_assert_eq!(returned, key);
         }
         Ok(key)
     })?;
-    Ok(walk.root)
+    Ok((walk.root, last_len))
+}
+
+/// The length `value`'s own record would have (its children count 16 bytes each, their own
+/// records nothing), found without allocating its bytes or touching its children.
+pub(crate) fn record_len<T: ?Sized + Serialize>(value: &T) -> anyhow::Result<usize> {
+    let session = Session::install();
+    let size = postcard::serialize_with_flavor(value, postcard::ser_flavors::Size::default());
+    let children = session.take_children().len();
+    match size {
+        Ok(bytes) => Ok(crate::codec::HEADER_LEN + bytes + children * DataKey::LEN),
+        Err(err) => Err(Error::Serialize {
+            type_name: std::any::type_name::<T>(),
+            reason: err.to_string(),
+        }
+        .into()),
+    }
 }

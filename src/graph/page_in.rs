@@ -569,3 +569,52 @@ pub(crate) async fn prefetch(
     }
     Ok(records)
 }
+
+/// The value stored under `key` as an `Arc<T>`, through the storage's arc cache (a value alive
+/// elsewhere comes back as is), for a [`PagableArc`](crate::PagableArc) fault. Also returns
+/// the record's length, or 0 when nothing was read.
+pub(crate) fn load_arc<T>(
+    storage: &Arc<dyn PagableStorage>,
+    key: DataKey,
+    prefetched: Option<Records>,
+) -> anyhow::Result<(Arc<T>, usize)>
+where
+    T: ?Sized + Send + Sync + 'static,
+    Box<T>: DeserializeOwned,
+{
+    let _session = Session::install(Arc::clone(storage), prefetched.unwrap_or_default());
+    let record = with_state(|state| state.prefetched.get(&key).cloned()).flatten();
+    let mut len = 0;
+    let erased = stacker::maybe_grow(RED_ZONE, STACK_SEGMENT, || {
+        storage.resolve_arc(TypeId::of::<T>(), key, record, &mut |node| {
+            len = crate::codec::encoded_len(&node);
+            let value: Arc<T> = decode_node::<Box<T>>(key, node)?.into();
+            Ok(Box::new(value))
+        })
+    })?;
+    match downcast_arc::<T>(&*erased) {
+        Some(arc) => Ok((arc, len)),
+        None => Err(wrong_type::<T>(key, erased.type_name())),
+    }
+}
+
+/// Takes the next child key of the node being deserialized, for a lazy child (a
+/// [`PagableArc`](crate::PagableArc)): nothing is loaded. Returns the key and the storage the
+/// child lives in.
+pub(crate) fn next_child_key() -> Result<(DataKey, std::sync::Weak<dyn PagableStorage>), String> {
+    let step = with_state(|state| {
+        let Some(frame) = state.frames.last_mut() else {
+            return Err(OUTSIDE_SESSION.to_string());
+        };
+        let index = frame.next;
+        let Some(&key) = frame.node.arcs.get(index) else {
+            let err = too_few_keys(frame.key, frame.node.arcs.len());
+            let message = err.to_string();
+            frame.failed.push((index, err));
+            return Err(message);
+        };
+        frame.next += 1;
+        Ok((key, Arc::downgrade(&state.storage)))
+    });
+    step.unwrap_or_else(|| Err(OUTSIDE_SESSION.to_string()))
+}

@@ -83,6 +83,8 @@ impl SqliteOptions {
     /// created or is a file; [`Error::Sqlite`](crate::Error::Sqlite) when SQLite cannot open or
     /// set up the database.
     pub fn open(self, dir: impl AsRef<Path>) -> anyhow::Result<SqliteBackedPagableStorage> {
-        self.open_node_store(dir).map(WithRuntime::attach)
+        let budget = self.memory_budget_bytes();
+        let store = self.open_node_store(dir)?;
+        Ok(WithRuntime::attach(store).memory_budget(budget))
     }
 }

@@ -1,18 +1,19 @@
 //! The runtime: everything about live values, written once and attached to any node store.
 //!
 //! [`WithRuntime`] pairs a [`NodeStore`] with the arc cache (`(TypeId, DataKey)` → weak
-//! `Arc`, load-once), the paging queue and the session context, and implements
-//! [`PagableStorage`] over them. Nothing here does I/O of its own: bytes go through the
-//! node store.
+//! `Arc`, load-once), the pager (memory budget, CLOCK ring, worker) and the session context,
+//! and implements [`PagableStorage`] over them. Nothing here does I/O of its own: bytes go
+//! through the node store.
 
 mod builtin;
 mod cache;
-mod paging;
+pub(crate) mod pager;
 mod session;
 mod storage;
 
 use std::any::TypeId;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::JoinHandle;
 
 use either::Either;
 
@@ -20,7 +21,8 @@ pub use builtin::InMemoryPagableStorage;
 #[cfg(feature = "sqlite")]
 pub use builtin::SqliteBackedPagableStorage;
 use cache::ArcCache;
-use paging::PagingQueue;
+use pager::{Evictable, Pager};
+pub use pager::{PageOutReport, PagingStats};
 pub use session::SessionContext;
 pub use storage::PagableStorage;
 
@@ -50,37 +52,133 @@ use crate::store::NodeStore;
 /// # anyhow::Ok(())
 /// ```
 pub struct WithRuntime<S> {
-    store: S,
+    /// First, so the worker has stopped before the runtime (and its store) is dropped.
+    worker: Worker,
+    runtime: Arc<Runtime<S>>,
+}
+
+/// The store and the runtime's state. Only [`WithRuntime`] holds it strongly, apart from the
+/// pager's worker during one pass: dropping the `WithRuntime` joins the worker, then drops
+/// this, so the store closes (and its directory is free) by the time the drop returns.
+struct Runtime<S> {
+    pager: Arc<Pager>,
     arc_cache: ArcCache,
-    paging: PagingQueue,
     session: SessionContext,
+    store: S,
+}
+
+/// The pager's worker thread, started the first time resident values exceed the budget and
+/// stopped (and joined) when the runtime is dropped.
+struct Worker {
+    pager: Arc<Pager>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.pager.shutdown();
+        let handle = self
+            .handle
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            // A panic in the worker was already reported by the panic hook.
+            let _ = handle.join();
+        }
+    }
 }
 
 impl<S: NodeStore> WithRuntime<S> {
-    /// Attaches a fresh runtime (empty arc cache, paging queue and session context) to
-    /// `store`.
+    /// Attaches a fresh runtime (empty arc cache, no memory budget, an empty session context)
+    /// to `store`.
     pub fn attach(store: S) -> Self {
+        let runtime = Arc::new_cyclic(|runtime: &Weak<Runtime<S>>| {
+            // The worker reaches the storage through this, never keeping it alive.
+            let storage: Weak<dyn PagableStorage> = runtime.clone();
+            Runtime {
+                pager: Arc::new(Pager::new(usize::MAX, storage)),
+                arc_cache: ArcCache::new(),
+                session: SessionContext::new(),
+                store,
+            }
+        });
         Self {
-            store,
-            arc_cache: ArcCache::new(),
-            paging: PagingQueue::default(),
-            session: SessionContext::new(),
+            worker: Worker {
+                pager: Arc::clone(&runtime.pager),
+                handle: Mutex::new(None),
+            },
+            runtime,
         }
+    }
+
+    /// Sets the byte budget for resident [`PagableArc`](crate::PagableArc) values: when the
+    /// ones that are resident weigh more, a background worker pages out unpinned ones (least
+    /// recently pinned first) until they fit. A value weighs its record's length. Default =
+    /// no budget (`usize::MAX`): values leave memory only through
+    /// [`page_out_unpinned`](Self::page_out_unpinned).
+    #[must_use]
+    pub fn memory_budget(self, bytes: usize) -> Self {
+        self.runtime.pager.set_budget(bytes);
+        self
+    }
+
+    /// Pages out every [`PagableArc`](crate::PagableArc) value of this storage that is not
+    /// pinned now (for idle time): values with a key are dropped, the others serialized and
+    /// stored first. Pinned values and values whose page-out fails stay (the report counts
+    /// them; failures are logged).
+    ///
+    /// # Errors
+    ///
+    /// None today: a failed page-out is counted in the report and leaves the value resident.
+    /// The `Result` leaves room for store-wide failures.
+    pub fn page_out_unpinned(&self) -> anyhow::Result<PageOutReport> {
+        Ok(self.runtime.pager.page_out_unpinned(&*self.runtime))
+    }
+
+    /// The paging figures: budget, resident bytes and values, faults, evictions,
+    /// serializations.
+    pub fn paging_stats(&self) -> PagingStats {
+        self.runtime.pager.stats()
     }
 
     /// The node store underneath.
     pub fn node_store(&self) -> &S {
-        &self.store
+        &self.runtime.store
     }
 
-    /// Detaches the runtime (dropping its cache and queue) and returns the node store.
+    /// Detaches the runtime (stopping its worker, dropping its cache and pager) and returns
+    /// the node store.
     pub fn into_node_store(self) -> S {
-        self.store
+        let WithRuntime { worker, runtime } = self;
+        drop(worker);
+        // The joined worker held the only other strong handle.
+        match Arc::try_unwrap(runtime) {
+            Ok(runtime) => runtime.store,
+            Err(_) => unreachable!("only the worker shares the runtime, and it was joined"),
+        }
     }
 
     /// The number of entries in the arc cache, dead ones not yet pruned included.
     pub fn arc_cache_len(&self) -> usize {
-        self.arc_cache.len()
+        self.runtime.arc_cache.len()
+    }
+
+    /// Starts the pager's worker once the budget is first exceeded.
+    fn ensure_worker(&self) {
+        let pager = &self.runtime.pager;
+        if !pager.needs_worker() || !pager.claim_worker() {
+            return;
+        }
+        match pager::spawn_worker(pager) {
+            Ok(handle) => {
+                *self.worker.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+            }
+            Err(err) => log::error!(
+                "pagestore: could not start the paging worker ({err}); values stay resident \
+                 until page_out_unpinned"
+            ),
+        }
     }
 }
 
@@ -88,12 +186,13 @@ impl<S> std::ops::Deref for WithRuntime<S> {
     type Target = S;
 
     fn deref(&self) -> &S {
-        &self.store
+        &self.runtime.store
     }
 }
 
+/// The one implementation of the storage contract over a node store.
 #[async_trait::async_trait]
-impl<S: NodeStore> PagableStorage for WithRuntime<S> {
+impl<S: NodeStore> PagableStorage for Runtime<S> {
     fn store_data(&self, data: PagableData) -> anyhow::Result<DataKey> {
         self.store.put(data)
     }
@@ -130,8 +229,6 @@ impl<S: NodeStore> PagableStorage for WithRuntime<S> {
         self.arc_cache.register(type_id, key, arc)
     }
 
-    /// Load-once: while one caller fetches and deserializes `(type_id, key)`, the others wait
-    /// for it and share its value.
     fn resolve_arc(
         &self,
         type_id: TypeId,
@@ -149,18 +246,85 @@ impl<S: NodeStore> PagableStorage for WithRuntime<S> {
     }
 
     fn schedule_for_paging(&self, arc: Box<dyn ArcEraseDyn>) {
-        self.paging.push(&*arc);
+        if let Some(slot) = arc.as_any().downcast_ref::<Arc<dyn Evictable>>() {
+            self.pager.track(Arc::clone(slot));
+        }
     }
 
     fn session_context(&self) -> &SessionContext {
         &self.session
     }
 
-    /// Prunes dead arc-cache and paging-queue entries, then releases the node store's caches.
     fn release_memory(&self) {
         self.arc_cache.prune();
-        self.paging.prune();
+        self.pager.prune();
         self.store.release_memory();
+    }
+}
+
+/// Forwards to the runtime; see [`PagableStorage`] for each method's contract.
+#[async_trait::async_trait]
+impl<S: NodeStore> PagableStorage for WithRuntime<S> {
+    fn store_data(&self, data: PagableData) -> anyhow::Result<DataKey> {
+        self.runtime.store_data(data)
+    }
+
+    fn flush(&self) -> anyhow::Result<()> {
+        self.runtime.flush()
+    }
+
+    fn fetch_data_blocking(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
+        self.runtime.fetch_data_blocking(key)
+    }
+
+    async fn fetch_data(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
+        self.runtime.fetch_data(key).await
+    }
+
+    fn fetch_arc_or_data_blocking(
+        &self,
+        type_id: &TypeId,
+        key: &DataKey,
+    ) -> anyhow::Result<Either<Box<dyn ArcEraseDyn>, Arc<PagableData>>> {
+        self.runtime.fetch_arc_or_data_blocking(type_id, key)
+    }
+
+    fn on_arc_deserialized(
+        &self,
+        type_id: TypeId,
+        key: DataKey,
+        arc: Box<dyn ArcEraseDyn>,
+    ) -> Option<Box<dyn ArcEraseDyn>> {
+        self.runtime.on_arc_deserialized(type_id, key, arc)
+    }
+
+    /// Load-once: while one caller fetches and deserializes `(type_id, key)`, the others wait
+    /// for it and share its value.
+    fn resolve_arc(
+        &self,
+        type_id: TypeId,
+        key: DataKey,
+        prefetched: Option<Arc<PagableData>>,
+        deserialize: &mut dyn FnMut(Arc<PagableData>) -> anyhow::Result<Box<dyn ArcEraseDyn>>,
+    ) -> anyhow::Result<Box<dyn ArcEraseDyn>> {
+        self.runtime
+            .resolve_arc(type_id, key, prefetched, deserialize)
+    }
+
+    /// Tracks a [`PagableArc`](crate::PagableArc)'s value against the memory budget; other
+    /// values are ignored (only a `PagableArc` can be paged out and back).
+    fn schedule_for_paging(&self, arc: Box<dyn ArcEraseDyn>) {
+        self.runtime.schedule_for_paging(arc);
+        self.ensure_worker();
+    }
+
+    fn session_context(&self) -> &SessionContext {
+        self.runtime.session_context()
+    }
+
+    /// Prunes dead arc-cache and pager entries, then releases the node store's caches.
+    fn release_memory(&self) {
+        self.runtime.release_memory();
     }
 }
 
@@ -168,9 +332,9 @@ impl<S: std::fmt::Debug> std::fmt::Debug for WithRuntime<S> {
     /// The store's own `Debug` and the runtime's counts; payloads are never printed.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WithRuntime")
-            .field("store", &self.store)
-            .field("arc_cache", &self.arc_cache)
-            .field("paging", &self.paging)
+            .field("store", &self.runtime.store)
+            .field("arc_cache", &self.runtime.arc_cache)
+            .field("paging", &self.runtime.pager.stats())
             .finish()
     }
 }

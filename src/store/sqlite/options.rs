@@ -87,6 +87,7 @@ pub struct SqliteOptions {
     pub(super) dedup_keys: usize,
     pub(super) repair_unclean: bool,
     pub(super) table_layout: TableLayout,
+    memory_budget: usize,
     pub(super) max_record_bytes: usize,
 }
 
@@ -118,6 +119,7 @@ impl Default for SqliteOptions {
             dedup_keys: 2 << 20,
             repair_unclean: true,
             table_layout: TableLayout::default(),
+            memory_budget: usize::MAX,
             max_record_bytes: SQLITE_MAX_LENGTH,
         }
     }
@@ -238,6 +240,20 @@ impl SqliteOptions {
     pub fn max_record_bytes(mut self, bytes: usize) -> Self {
         self.max_record_bytes = bytes.clamp(MIN_RECORD_LIMIT, SQLITE_MAX_LENGTH);
         self
+    }
+
+    /// The byte budget for resident [`PagableArc`](crate::PagableArc) values of the opened
+    /// storage (see [`WithRuntime::memory_budget`](crate::WithRuntime::memory_budget)); only
+    /// [`open`](Self::open) uses it. Default = no budget (`usize::MAX`).
+    #[must_use]
+    pub fn memory_budget(mut self, bytes: usize) -> Self {
+        self.memory_budget = bytes;
+        self
+    }
+
+    /// The budget [`memory_budget`](Self::memory_budget) set.
+    pub(crate) fn memory_budget_bytes(&self) -> usize {
+        self.memory_budget
     }
 
     /// Opens the store in `dir` as [`open`](Self::open) does, without attaching the runtime:
