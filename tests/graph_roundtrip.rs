@@ -430,3 +430,102 @@ fn page_in_goes_through_the_storage_s_own_arc_hooks() {
         "nothing deserialized again"
     );
 }
+
+/// A node whose serializations are counted.
+#[derive(Deserialize)]
+struct Counted {
+    label: String,
+    kids: Vec<Shared<Counted>>,
+}
+
+static SERIALIZED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Serialize for Counted {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        SERIALIZED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        (&self.label, &self.kids).serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for CountedWire {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (label, kids) = <(String, Vec<Shared<Counted>>)>::deserialize(d)?;
+        Ok(CountedWire(Counted { label, kids }))
+    }
+}
+
+struct CountedWire(Counted);
+
+#[test]
+fn re_paging_an_edited_graph_serializes_only_the_changed_spine() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let storage = Arc::new(InMemoryPagableStorage::new());
+    // A tree of 3 levels, 4 wide: 1 + 4 + 16 + 64 nodes below the root list.
+    fn tree(depth: u32, label: &str) -> Shared<Counted> {
+        let kids = if depth == 0 {
+            vec![]
+        } else {
+            (0..4)
+                .map(|i| tree(depth - 1, &format!("{label}.{i}")))
+                .collect()
+        };
+        Shared::new(Counted {
+            label: label.into(),
+            kids,
+        })
+    }
+    let root = tree(3, "r");
+    SERIALIZED.store(0, SeqCst);
+    let first = page_out(&storage, &root).unwrap();
+    assert_eq!(SERIALIZED.load(SeqCst), 85, "every node once");
+
+    // Unchanged: the root is a known shared value, so nothing is serialized.
+    SERIALIZED.store(0, SeqCst);
+    assert_eq!(page_out(&storage, &root).unwrap(), first);
+    assert_eq!(SERIALIZED.load(SeqCst), 0);
+
+    // Edit one leaf: a new leaf and new nodes on its path to the root; the rest is known.
+    let r0 = &root.kids[0];
+    let r00 = &r0.kids[0];
+    let new_leaf = Shared::new(Counted {
+        label: "edited".into(),
+        kids: vec![],
+    });
+    let mut r00_kids = r00.kids.clone();
+    r00_kids[1] = new_leaf;
+    let new_r00 = Shared::new(Counted {
+        label: r00.label.clone(),
+        kids: r00_kids,
+    });
+    let mut r0_kids = r0.kids.clone();
+    r0_kids[0] = new_r00;
+    let new_r0 = Shared::new(Counted {
+        label: r0.label.clone(),
+        kids: r0_kids,
+    });
+    let mut root_kids = root.kids.clone();
+    root_kids[0] = new_r0;
+    let edited = Shared::new(Counted {
+        label: root.label.clone(),
+        kids: root_kids,
+    });
+    SERIALIZED.store(0, SeqCst);
+    let second = page_out(&storage, &*edited).unwrap();
+    assert_eq!(
+        SERIALIZED.load(SeqCst),
+        4,
+        "the edited leaf, its two ancestors and the root"
+    );
+    assert_ne!(second, first);
+
+    // The keys are those a fresh store computes.
+    let fresh = Arc::new(InMemoryPagableStorage::new());
+    assert_eq!(page_out(&fresh, &*edited).unwrap(), second);
+
+    // A paged-in graph is known too: paging it out again serializes only the root.
+    drop((root, edited));
+    let back: CountedWire = page_in(&storage, second).unwrap();
+    SERIALIZED.store(0, SeqCst);
+    assert_eq!(page_out(&storage, &back.0).unwrap(), second);
+    assert_eq!(SERIALIZED.load(SeqCst), 1);
+}

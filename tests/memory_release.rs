@@ -49,7 +49,8 @@ fn dropping_a_paged_in_graph_frees_its_bytes() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let left = live_bytes() - before;
-        if left < (VALUE_BYTES * 4) as isize {
+        // What may stay is bookkeeping (the cache's map capacity), not values: under 1%.
+        if left < loaded / 100 {
             break;
         }
         assert!(

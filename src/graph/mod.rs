@@ -55,8 +55,14 @@
 //!
 //! *Distinct* means distinct `(view type, allocation)`: an `Arc<Circle>` and an
 //! `Arc<dyn Shape>` of one allocation are two nodes, since they serialize differently (the
-//! `dyn` view carries a type tag). The memo of what was already serialized lives for one
-//! call: paging the same graph out twice serializes it twice (and stores nothing new).
+//! `dyn` view carries a type tag).
+//!
+//! Re-paging is incremental: the storage remembers, weakly, the key of every shared value it
+//! paged out or in ([`PagableStorage::key_of`]), so a later [`page_out`] writes a value that is
+//! still alive by its key, without serializing it or anything below it. Editing one node of a
+//! large graph (building new nodes on its path to the root, as immutable values require) and
+//! paging the graph out again costs that path, not the graph. (Values of 4 KiB or more inline,
+//! such as a large `Shared<[u8]>`, are remembered only while the arc cache holds them.)
 //!
 //! Paging in resolves each child key through the storage's arc cache
 //! ([`PagableStorage::resolve_arc`]) by `(TypeId, key)`: a value still alive in memory is reused as is (the same `Arc`), and one that
@@ -286,7 +292,7 @@ pub async fn page_in_async<T: DeserializeOwned>(
 /// then dropped the ordinary way.
 pub fn drop_deep<T: Serialize>(value: T) -> anyhow::Result<()> {
     const UNUSED: DataKey = DataKey::from_bytes([1; 16]).unwrap();
-    let mut finished = out::walk(&value, |_| Ok(UNUSED))?.into_finished();
+    let mut finished = out::walk(&value, |_| None, |_, _| Ok(UNUSED))?.into_finished();
     drop(value);
     // `finished` lists children before parents: pop parents first.
     while let Some(shared) = finished.pop() {

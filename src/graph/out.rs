@@ -17,6 +17,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::data::PagableData;
+use crate::erase::ArcEraseDyn;
 use crate::error::Error;
 use crate::key::DataKey;
 
@@ -38,6 +39,15 @@ pub(crate) trait OutNode {
     }
     /// Called once the value's node is stored under `key`.
     fn stored(&self, _key: DataKey) {}
+    /// The value as the storage's key memo knows it: its view type and allocation, and a
+    /// strong handle to offer the memo; `None` for values the memo does not track.
+    fn memo_entry(&self) -> Option<(TypeId, usize)> {
+        None
+    }
+    /// A strong handle to the value, to register it with its key after it is stored.
+    fn erased(&self) -> Option<Box<dyn ArcEraseDyn>> {
+        None
+    }
 }
 
 impl<T: ?Sized + Serialize + Send + Sync + 'static> OutNode for Arc<T> {
@@ -51,6 +61,14 @@ impl<T: ?Sized + Serialize + Send + Sync + 'static> OutNode for Arc<T> {
 
     fn type_name(&self) -> &'static str {
         std::any::type_name::<T>()
+    }
+
+    fn memo_entry(&self) -> Option<(TypeId, usize)> {
+        Some(identity_of::<T, T>(self))
+    }
+
+    fn erased(&self) -> Option<Box<dyn ArcEraseDyn>> {
+        Some(Box::new(Arc::clone(self)))
     }
 }
 
@@ -242,10 +260,13 @@ impl Walk {
 }
 
 /// Serializes `root` and every shared value it reaches, children first, handing each node to
-/// `finish` (which stores it and returns its key) once its children have keys.
+/// `finish` (which stores it and returns its key) once its children have keys, with the value
+/// it came from (`None` for the root). A value for which `known` returns a key is not
+/// serialized: it and everything below it are already stored.
 pub(crate) fn walk<T: ?Sized + Serialize>(
     root: &T,
-    mut finish: impl FnMut(PagableData) -> anyhow::Result<DataKey>,
+    known: impl Fn(&dyn OutNode) -> Option<DataKey>,
+    mut finish: impl FnMut(PagableData, Option<&dyn OutNode>) -> anyhow::Result<DataKey>,
 ) -> anyhow::Result<Walk> {
     let session = Session::install();
     let root_type = std::any::type_name::<T>();
@@ -266,6 +287,11 @@ pub(crate) fn walk<T: ?Sized + Serialize>(
                 stack.pop();
             }
             State::New => {
+                if let Some(key) = known(&*node.value) {
+                    node.state = State::Done(key);
+                    stack.pop();
+                    continue;
+                }
                 let value = &node.value;
                 let (data, children) = encode_node(
                     &session,
@@ -297,7 +323,10 @@ pub(crate) fn walk<T: ?Sized + Serialize>(
                 let data = std::mem::take(data);
                 let children = std::mem::take(children);
                 let arcs = keys_of(&nodes, &children)?;
-                let key = finish(PagableData { data, arcs })?;
+                let key = finish(
+                    PagableData { data, arcs },
+                    Some(&*nodes[top as usize].value),
+                )?;
                 nodes[top as usize].value.stored(key);
                 nodes[top as usize].state = State::Done(key);
                 order.push(top);
@@ -306,10 +335,13 @@ pub(crate) fn walk<T: ?Sized + Serialize>(
         }
     }
     let arcs = keys_of(&nodes, &root_children)?;
-    let root = finish(PagableData {
-        data: root_data,
-        arcs,
-    })?;
+    let root = finish(
+        PagableData {
+            data: root_data,
+            arcs,
+        },
+        None,
+    )?;
     Ok(Walk { root, nodes, order })
 }
 
@@ -367,13 +399,23 @@ pub(crate) fn page_out_sized<T: ?Sized + Serialize>(
     let mut stored: std::collections::HashSet<DataKey, crate::key::KeyHasherBuilder> =
         Default::default();
     let mut last_len = 0;
-    let walk = walk(value, |data| {
+    // A shared value paged in or out before (and unchanged, as shared values must be) is
+    // written by the key the storage remembers, without serializing it or its subgraph.
+    let known = |node: &dyn OutNode| {
+        let (type_id, identity) = node.memo_entry()?;
+        storage.key_of(&type_id, identity)
+    };
+    let walk = walk(value, known, |data, node| {
         let key = data.compute_key();
         // The root is finished last, so this ends as the root's record length.
         last_len = crate::codec::encoded_len(&data);
         if stored.insert(key) {
             let returned = storage.store_data(data)?;
             debug_assert_eq!(returned, key);
+        }
+        if let Some((arc, (type_id, _))) = node.and_then(|n| n.erased().zip(n.memo_entry())) {
+            // Remember the value's key for later page-outs of graphs that still hold it.
+            storage.remember_key(type_id, key, &*arc);
         }
         Ok(key)
     })?;

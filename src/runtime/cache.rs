@@ -47,6 +47,9 @@ type EntryId = (TypeId, DataKey);
 #[derive(Default)]
 struct Slot {
     value: Option<Box<dyn WeakEraseDyn>>,
+    /// The address of `value`'s allocation ([`ArcEraseDyn::identity`]): `value` keeps the
+    /// allocation, so no other value can have this address while the slot holds it.
+    address: usize,
     /// Present while some thread loads this key (shared by the threads waiting for it).
     loading: Option<LoadLock>,
 }
@@ -70,6 +73,9 @@ impl Slot {
 /// What the cache and its sweeper thread share.
 struct Inner {
     slots: DashMap<EntryId, Slot, KeyHasherBuilder>,
+    /// `(view type, address)` → key: which key a live value was registered under. An entry is
+    /// valid only while the slot of `(view type, key)` holds that address.
+    keys: DashMap<(TypeId, usize), DataKey, KeyHasherBuilder>,
     created_since_prune: AtomicUsize,
     prune_interval: AtomicUsize,
     pruning: AtomicBool,
@@ -92,7 +98,10 @@ impl Inner {
             .filter(|id| {
                 // Removed when dead; an entry that is absent, or alive again under a light
                 // value, is no longer heavy either.
-                self.slots.remove_if(id, |_, slot| slot.is_dead());
+                if let Some((_, slot)) = self.slots.remove_if(id, |_, slot| slot.is_dead()) {
+                    self.keys
+                        .remove_if(&(id.0, slot.address), |_, key| *key == id.1);
+                }
                 self.slots
                     .get(id)
                     .is_none_or(|slot| slot.value.as_ref().is_none_or(|weak| weak.is_expired()))
@@ -135,6 +144,7 @@ impl ArcCache {
         ArcCache {
             inner: Arc::new(Inner {
                 slots: DashMap::with_hasher(KeyHasherBuilder),
+                keys: DashMap::with_hasher(KeyHasherBuilder),
                 created_since_prune: AtomicUsize::new(0),
                 prune_interval: AtomicUsize::new(MIN_PRUNE_INTERVAL),
                 pruning: AtomicBool::new(false),
@@ -161,14 +171,17 @@ impl ArcCache {
         value: Box<dyn ArcEraseDyn>,
     ) -> Option<Box<dyn ArcEraseDyn>> {
         let weight = value.inline_size();
+        let address = value.identity();
         let winner = self.register_with(type_id, key, None, |slot| match slot.live() {
             Some(winner) => Some(winner),
             None => {
                 slot.value = Some(value.downgrade());
+                slot.address = address;
                 None
             }
         });
         if winner.is_none() {
+            self.inner.keys.insert((type_id, address), key);
             self.note_weight((type_id, key), weight);
         }
         // `value` is dropped here, after the shard lock: it may be the last handle of a value
@@ -211,17 +224,23 @@ impl ArcCache {
             None => load(),
         };
         let mut weight = 0;
+        let mut registered = None;
         let outcome = self.register_with(type_id, key, Some(&lock), |slot| {
             let value = loaded.as_ref().map_err(|_| ())?;
             Ok(match slot.live() {
                 Some(winner) => winner,
                 None => {
                     slot.value = Some(value.downgrade());
+                    slot.address = value.identity();
+                    registered = Some(slot.address);
                     weight = value.inline_size();
                     value.clone_dyn()
                 }
             })
         });
+        if let Some(address) = registered {
+            self.inner.keys.insert((type_id, address), key);
+        }
         drop(guard);
         // `loaded` is dropped after the shard lock (see `register`).
         match (outcome, loaded) {
@@ -232,6 +251,14 @@ impl ArcCache {
             (Err(()), Err(err)) => Err(err),
             (Err(()), Ok(_)) => unreachable!("the closure fails only on a failed load"),
         }
+    }
+
+    /// The key the live value of view `type_id` at `address` was registered under, if any.
+    pub(crate) fn key_of(&self, type_id: TypeId, address: usize) -> Option<DataKey> {
+        let key = *self.inner.keys.get(&(type_id, address))?;
+        let slot = self.inner.slots.get(&(type_id, key))?;
+        let alive = slot.value.as_ref().is_some_and(|weak| !weak.is_expired());
+        (alive && slot.address == address).then_some(key)
     }
 
     /// The number of entries, dead ones not yet pruned included.
@@ -245,6 +272,11 @@ impl ArcCache {
         let before = slots.len();
         slots.retain(|_, slot| !slot.is_dead());
         let after = slots.len();
+        self.inner.keys.retain(|&(type_id, address), key| {
+            slots
+                .get(&(type_id, *key))
+                .is_some_and(|slot| slot.address == address)
+        });
         self.inner.created_since_prune.store(0, Ordering::Relaxed);
         self.inner
             .prune_interval

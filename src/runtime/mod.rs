@@ -7,6 +7,7 @@
 
 mod builtin;
 mod cache;
+mod memo;
 pub(crate) mod pager;
 mod session;
 mod storage;
@@ -21,6 +22,7 @@ pub use builtin::InMemoryPagableStorage;
 #[cfg(feature = "sqlite")]
 pub use builtin::SqliteBackedPagableStorage;
 use cache::ArcCache;
+use memo::KeyMemo;
 use pager::{Evictable, Pager};
 pub use pager::{PageOutReport, PagingStats};
 pub use session::SessionContext;
@@ -63,6 +65,7 @@ pub struct WithRuntime<S> {
 struct Runtime<S> {
     pager: Arc<Pager>,
     arc_cache: ArcCache,
+    memo: KeyMemo,
     session: SessionContext,
     store: S,
 }
@@ -99,6 +102,7 @@ impl<S: NodeStore> WithRuntime<S> {
             Runtime {
                 pager: Arc::new(Pager::new(usize::MAX, storage)),
                 arc_cache: ArcCache::new(),
+                memo: KeyMemo::default(),
                 session: SessionContext::new(),
                 store,
             }
@@ -245,6 +249,16 @@ impl<S: NodeStore> PagableStorage for Runtime<S> {
         })
     }
 
+    fn key_of(&self, type_id: &TypeId, identity: usize) -> Option<DataKey> {
+        self.memo
+            .key_of(*type_id, identity)
+            .or_else(|| self.arc_cache.key_of(*type_id, identity))
+    }
+
+    fn remember_key(&self, type_id: TypeId, key: DataKey, arc: &dyn ArcEraseDyn) {
+        self.memo.remember(type_id, key, arc);
+    }
+
     fn schedule_for_paging(&self, arc: Box<dyn ArcEraseDyn>) {
         if let Some(slot) = arc.as_any().downcast_ref::<Arc<dyn Evictable>>() {
             self.pager.track(Arc::clone(slot));
@@ -257,6 +271,7 @@ impl<S: NodeStore> PagableStorage for Runtime<S> {
 
     fn release_memory(&self) {
         self.arc_cache.prune();
+        self.memo.prune();
         self.pager.prune();
         self.store.release_memory();
     }
@@ -309,6 +324,14 @@ impl<S: NodeStore> PagableStorage for WithRuntime<S> {
     ) -> anyhow::Result<Box<dyn ArcEraseDyn>> {
         self.runtime
             .resolve_arc(type_id, key, prefetched, deserialize)
+    }
+
+    fn key_of(&self, type_id: &TypeId, identity: usize) -> Option<DataKey> {
+        self.runtime.key_of(type_id, identity)
+    }
+
+    fn remember_key(&self, type_id: TypeId, key: DataKey, arc: &dyn ArcEraseDyn) {
+        self.runtime.remember_key(type_id, key, arc);
     }
 
     /// Tracks a [`PagableArc`](crate::PagableArc)'s value against the memory budget; other

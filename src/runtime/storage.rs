@@ -114,6 +114,24 @@ pub trait PagableStorage: Send + Sync + 'static {
         )
     }
 
+    /// The key under which the live value with view type `type_id` and allocation `identity`
+    /// (see [`ArcEraseDyn::identity`]) was paged out or in, if this storage remembers it.
+    ///
+    /// [`page_out`](crate::page_out) writes such a value by this key without serializing it or
+    /// anything below it, which makes re-paging an edited graph cost only its changed part.
+    /// The default remembers nothing; [`WithRuntime`](crate::WithRuntime) remembers the
+    /// values its arc cache holds (paged in) and those [`remember_key`](Self::remember_key)
+    /// was told about (paged out), for as long as they live.
+    fn key_of(&self, _type_id: &TypeId, _identity: usize) -> Option<DataKey> {
+        None
+    }
+
+    /// Tells the storage that the live `arc` (viewed as `type_id`) was just paged out under
+    /// `key`, for [`key_of`](Self::key_of). Holds nothing strongly; the default ignores it.
+    /// Unlike [`on_arc_deserialized`](Self::on_arc_deserialized) it does not make `arc` the
+    /// value a page-in of `key` returns: another allocation with equal content may be that.
+    fn remember_key(&self, _type_id: TypeId, _key: DataKey, _arc: &dyn ArcEraseDyn) {}
+
     /// Queues `arc`, which no caller pins any more, for paging out. Never blocks on I/O and
     /// never panics. The queue holds the value weakly and is bounded.
     fn schedule_for_paging(&self, arc: Box<dyn ArcEraseDyn>);
