@@ -76,7 +76,7 @@ impl Account {
     }
 }
 
-/// What [`Pager::page_out_unpinned`] did.
+/// What [`WithRuntime::page_out_unpinned`](crate::WithRuntime::page_out_unpinned) did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PageOutReport {
