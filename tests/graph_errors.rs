@@ -651,3 +651,64 @@ fn a_stored_self_loop_is_an_error_naming_the_key_not_a_hang() {
     });
     assert_cycle_at(&err, k1);
 }
+
+thread_local! {
+    /// What `Nested` pages in from inside its `Deserialize` impl.
+    static NESTED: std::cell::RefCell<Option<(Arc<InMemoryPagableStorage>, DataKey)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A value whose `Deserialize` impl runs a page-in of its own, and keeps its outcome.
+struct Nested(Result<String, String>);
+
+impl<'de> Deserialize<'de> for Nested {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        u8::deserialize(deserializer)?;
+        let (storage, key) = NESTED.with(|nested| nested.borrow().clone()).unwrap();
+        Ok(Nested(
+            page_in::<String>(&storage, key).map_err(|err| format!("{err:#}")),
+        ))
+    }
+}
+
+#[derive(Deserialize)]
+struct Outer {
+    nested: Shared<Nested>,
+    after: Shared<String>,
+}
+
+/// A page-in nested in a `Deserialize` impl sees the outer one's path: asking for a key the
+/// thread is paging in is a cycle (not a wait), anything else works, and the outer page-in
+/// goes on afterwards.
+#[test]
+fn a_nested_page_in_shares_the_thread_s_path() {
+    let storage = storage();
+    let side = page_out(&storage, &String::from("side")).unwrap();
+    let nested = storage
+        .store_data(PagableData {
+            data: vec![7],
+            arcs: vec![],
+        })
+        .unwrap();
+    let after = page_out(&storage, &String::from("after")).unwrap();
+    let outer = storage
+        .store_data(PagableData {
+            data: vec![],
+            arcs: vec![nested, after],
+        })
+        .unwrap();
+    for (asked, expect_cycle) in [(side, false), (outer, true)] {
+        NESTED.with(|slot| *slot.borrow_mut() = Some((Arc::clone(&storage), asked)));
+        let back: Outer = page_in(&storage, outer).unwrap();
+        match &back.nested.0 {
+            Ok(text) => assert!(!expect_cycle && text == "side", "{text}"),
+            Err(err) => assert!(
+                expect_cycle && err.contains("cycle") && err.contains(&outer.to_string()),
+                "{err}"
+            ),
+        }
+        assert_eq!(*back.after, "after");
+        drop(back);
+        storage.release_memory();
+    }
+}

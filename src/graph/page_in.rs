@@ -42,7 +42,7 @@ use super::shared::OUTSIDE_SESSION;
 /// visitors hold each field's value in their frame, so a user type with a large inline field
 /// (a `[u8; 64 << 10]` buffer, say) costs a few times its size per level there. 1 MiB leaves
 /// room for such types even in debug builds (rustc uses 100 KiB; a level of ordinary types
-/// takes a few KiB in debug builds and well under 1 KiB in release builds).
+/// takes about 4 KiB in debug builds and 1.2 KiB in release builds).
 const RED_ZONE: usize = 1 << 20;
 
 /// The size of a new stack segment. A segment is mapped lazily (only the pages the levels
@@ -58,13 +58,8 @@ struct Frame {
     key: DataKey,
     node: Arc<PagableData>,
     next: usize,
-    /// The children whose resolution failed, by index, with their real error: the serde error
-    /// that carries a failure into the node's deserializer has no room for it (postcard keeps
-    /// no custom message). The node's failure is reported as a child's only if that child's
-    /// error explains it (a lenient impl may have swallowed it; see [`node_error`]).
-    failed: Vec<(usize, anyhow::Error)>,
     /// Set on the re-run that recovers a custom message ([`custom_message`]): the children
-    /// in `failed` are not loaded again, their failure is replayed, and every child failure
+    /// that failed are not loaded again, their failure is replayed, and every child failure
     /// carries its [`marker`] as its message.
     replay: bool,
 }
@@ -75,7 +70,6 @@ impl Frame {
             key,
             node: Arc::clone(node),
             next: 0,
-            failed: Vec::new(),
             replay: false,
         }
     }
@@ -86,13 +80,34 @@ struct InState {
     /// Records fetched ahead of time (by `page_in_async`); others are fetched on demand.
     prefetched: Records,
     frames: Vec<Frame>,
-    /// The keys of every frame on this thread's page-in path, this session's and those of
-    /// the page-ins it is nested in: a key met again below itself is a cycle.
-    path: HashSet<DataKey, KeyHasherBuilder>,
+    /// The children whose resolution failed, with their real error, for the frames that
+    /// resolved them (the last ones belong to the last frame): the serde error that carries a
+    /// failure into the node's deserializer has no room for it (postcard keeps no custom
+    /// message). A node's failure is reported as a child's only if that child's error explains
+    /// it (a lenient impl may have swallowed it; see [`node_error`]).
+    failures: Vec<Failure>,
+    /// With the first [`SCANNED`] frames, the keys on this thread's page-in path: those of
+    /// this session's deeper frames and of every frame of the page-ins it is nested in. A key
+    /// met again below itself is a cycle.
+    deep: HashSet<DataKey, KeyHasherBuilder>,
     /// Every shared value this call loaded, held strongly so that dropping a partly built
     /// value (after an error) or the call's own handles never recurses down a chain.
     held: Held,
 }
+
+/// A child's failure, kept for the node that resolved it.
+struct Failure {
+    /// The depth of that node's frame (`frames.len()` while it is the last frame).
+    depth: usize,
+    /// Which child of the node.
+    index: usize,
+    error: anyhow::Error,
+}
+
+/// How many frames at the root end of a session's path are found by scanning; the keys of
+/// the frames past them are also kept in a set ([`InState::deep`]). Most graphs are shallow,
+/// and scanning a few frames is cheaper than hashing on every push and pop.
+const SCANNED: usize = 16;
 
 thread_local! {
     static IN: RefCell<Option<InState>> = const { RefCell::new(None) };
@@ -102,10 +117,21 @@ fn with_state<R>(f: impl FnOnce(&mut InState) -> R) -> Option<R> {
     IN.with(|cell| cell.try_borrow_mut().ok()?.as_mut().map(f))
 }
 
+impl InState {
+    /// Whether `key` is on this thread's page-in path.
+    fn on_path(&self, key: DataKey) -> bool {
+        self.frames
+            .iter()
+            .take(SCANNED)
+            .any(|frame| frame.key == key)
+            || (!self.deep.is_empty() && deep_contains(&self.deep, key))
+    }
+}
+
 /// Resolves the next child key of the node being deserialized as a `T`.
 ///
-/// On failure, the real error is kept by the node's frame and the message returned here
-/// becomes the serde error that unwinds the node's deserializer.
+/// On failure, the real error is kept for the node ([`InState::failures`]) and the message
+/// returned here becomes the serde error that unwinds the node's deserializer.
 pub(crate) fn resolve<T>() -> Result<Arc<T>, String>
 where
     T: ?Sized + Send + Sync + 'static,
@@ -113,12 +139,15 @@ where
 {
     enum Step<T: ?Sized> {
         Hit(Arc<T>),
-        Load(DataKey, Arc<dyn PagableStorage>, Parent),
+        Miss(DataKey, Parent),
         /// Fails with this message, without touching the frame.
         Refuse(String),
         Fail(usize, anyhow::Error),
     }
+    // The hit path (a child this call already loaded) is most of the calls: it stays lean,
+    // and a miss goes out of line.
     let step = with_state(|state| {
+        let depth = state.frames.len();
         let Some(frame) = state.frames.last_mut() else {
             return Step::Refuse(OUTSIDE_SESSION.to_string());
         };
@@ -127,50 +156,69 @@ where
             return Step::Fail(index, too_few_keys(frame.key, frame.node.arcs.len()));
         };
         frame.next += 1;
-        if frame.replay && frame.failed.iter().any(|(at, _)| *at == index) {
+        if frame.replay && failed_before(&state.failures, depth, index) {
             return Step::Refuse(marker(index));
         }
         let parent = Parent {
             key: frame.key,
             index,
         };
-        if let Some(arc) = state.held.get::<T>(key) {
-            return Step::Hit(arc);
+        match state.held.get::<T>(key) {
+            Some(arc) => Step::Hit(arc),
+            None => Step::Miss(key, parent),
         }
-        if state.path.contains(&key) {
-            // Loading it would wait for this thread's own load of it (or recurse forever).
-            return Step::Fail(index, parent.context::<T>(cycle(key)));
-        }
-        Step::Load(key, Arc::clone(&state.storage), parent)
     });
-    let (index, err) = match step {
-        None => return Err(OUTSIDE_SESSION.to_string()),
-        Some(Step::Hit(arc)) => return Ok(arc),
-        Some(Step::Refuse(message)) => return Err(message),
-        Some(Step::Fail(index, err)) => (index, err),
-        Some(Step::Load(key, storage, parent)) => {
-            // The only place page-in recurses: one level per node of the path.
-            match stacker::maybe_grow(RED_ZONE, STACK_SEGMENT, || {
-                load::<T>(&*storage, key, parent)
-            }) {
-                Ok(arc) => return Ok(arc),
-                Err(err) => (parent.index, err),
-            }
+    match step {
+        None => Err(OUTSIDE_SESSION.to_string()),
+        Some(Step::Hit(arc)) => Ok(arc),
+        Some(Step::Refuse(message)) => Err(message),
+        Some(Step::Fail(index, err)) => Err(failed(index, err)),
+        Some(Step::Miss(key, parent)) => {
+            load_child::<T>(key, parent).map_err(|err| failed(parent.index, err))
         }
-    };
-    let message = with_state(|state| {
-        // The child's frames are gone: the last frame is the node that resolved it.
-        let frame = state.frames.last_mut()?;
-        let message = if frame.replay {
+    }
+}
+
+/// Loads child `parent.index` (`key`) of the node being deserialized, unless it is on this
+/// thread's page-in path: loading it would then wait for this thread's own load of it (or
+/// recurse forever).
+fn load_child<T>(key: DataKey, parent: Parent) -> anyhow::Result<Arc<T>>
+where
+    T: ?Sized + Send + Sync + 'static,
+    Box<T>: DeserializeOwned,
+{
+    match with_state(|state| (!state.on_path(key)).then(|| Arc::clone(&state.storage))) {
+        None => Err(anyhow::anyhow!(OUTSIDE_SESSION)),
+        Some(None) => Err(parent.context::<T>(cycle(key))),
+        // The only place page-in recurses: one level per node of the path.
+        Some(Some(storage)) => stacker::maybe_grow(RED_ZONE, STACK_SEGMENT, || {
+            load::<T>(&*storage, key, parent)
+        }),
+    }
+}
+
+/// Keeps `err`, the failure of child `index`, with the node being deserialized (the child's
+/// frames are gone: the last frame is the node that resolved it), and returns the message of
+/// the serde error that carries it into the node's deserializer.
+#[cold]
+#[inline(never)]
+fn failed(index: usize, err: anyhow::Error) -> String {
+    with_state(|state| {
+        let depth = state.frames.len();
+        let message = if state.frames.last()?.replay {
             marker(index)
         } else {
             err.to_string()
         };
-        frame.failed.push((index, err));
+        state.failures.push(Failure {
+            depth,
+            index,
+            error: err,
+        });
         Some(message)
     })
-    .flatten();
-    Err(message.unwrap_or_else(|| OUTSIDE_SESSION.to_string()))
+    .flatten()
+    .unwrap_or_else(|| OUTSIDE_SESSION.to_string())
 }
 
 // Error constructors live out of line, in cold functions: page-in recurses through `resolve`,
@@ -207,6 +255,17 @@ fn unused_keys(key: DataKey, keys: usize, used: usize) -> anyhow::Error {
         reason: format!("it has {keys} child keys but its value used {used}"),
     }
     .into()
+}
+
+/// Whether child `index` of the frame at `depth` failed (on a re-run: in the first run).
+#[cold]
+#[inline(never)]
+fn failed_before(failures: &[Failure], depth: usize, index: usize) -> bool {
+    failures
+        .iter()
+        .rev()
+        .take_while(|failure| failure.depth == depth)
+        .any(|failure| failure.index == index)
 }
 
 /// The message a child's failure carries through a re-run's deserializer: unique, so that the
@@ -298,36 +357,74 @@ fn fetch(storage: &dyn PagableStorage, key: DataKey) -> anyhow::Result<Arc<Pagab
     storage.fetch_data_blocking(&key)
 }
 
-/// Pushes `frame` and puts its key on the path; a key already on it is a cycle.
-fn push_frame(frame: Frame) -> anyhow::Result<()> {
-    let key = frame.key;
-    let pushed = with_state(|state| {
-        if !state.path.insert(key) {
-            return false;
-        }
-        state.frames.push(frame);
-        true
-    });
-    match pushed {
-        Some(true) => Ok(()),
-        Some(false) => Err(Error::Corrupt {
-            key,
-            reason: "it is its own descendant (a cycle): a page-in of it was asked for while \
-                     it was being paged in on this thread"
-                .into(),
-        }
-        .into()),
-        None => Err(anyhow::anyhow!(OUTSIDE_SESSION)),
-    }
+// Out of line: most paths are shallow, and the hashing code would weigh on every node.
+#[inline(never)]
+fn deep_contains(deep: &HashSet<DataKey, KeyHasherBuilder>, key: DataKey) -> bool {
+    deep.contains(&key)
 }
 
-fn pop_frame() -> Option<Frame> {
+#[inline(never)]
+fn deep_insert(deep: &mut HashSet<DataKey, KeyHasherBuilder>, key: DataKey) {
+    deep.insert(key);
+}
+
+#[inline(never)]
+fn deep_remove(deep: &mut HashSet<DataKey, KeyHasherBuilder>, key: DataKey) {
+    deep.remove(&key);
+}
+
+/// Pushes `frame` and puts its key on the path (the caller checked that it is not on it).
+fn push_frame(frame: Frame) -> anyhow::Result<()> {
     with_state(|state| {
-        let frame = state.frames.pop()?;
-        state.path.remove(&frame.key);
-        Some(frame)
+        if state.frames.len() >= SCANNED {
+            deep_insert(&mut state.deep, frame.key);
+        }
+        state.frames.push(frame);
     })
-    .flatten()
+    .ok_or_else(|| anyhow::anyhow!(OUTSIDE_SESSION))
+}
+
+/// Pops the last frame and takes its key off the path. Returns how many child keys its
+/// value used, and its children's failures if `keep_failures` (else they are dropped: a value
+/// that was built anyway swallowed them).
+fn pop_frame(keep_failures: bool) -> (usize, Vec<(usize, anyhow::Error)>) {
+    with_state(|state| {
+        let depth = state.frames.len();
+        let Some(frame) = state.frames.pop() else {
+            return (0, Vec::new());
+        };
+        if state.frames.len() >= SCANNED {
+            deep_remove(&mut state.deep, frame.key);
+        }
+        let failed = match state.failures.last() {
+            Some(last) if last.depth == depth => {
+                take_failures(&mut state.failures, depth, keep_failures)
+            }
+            _ => Vec::new(),
+        };
+        (frame.next, failed)
+    })
+    .unwrap_or_default()
+}
+
+/// Removes the failures of the frame at `depth` (the last ones); returns them if `keep`.
+#[cold]
+#[inline(never)]
+fn take_failures(
+    failures: &mut Vec<Failure>,
+    depth: usize,
+    keep: bool,
+) -> Vec<(usize, anyhow::Error)> {
+    let start = failures
+        .iter()
+        .rposition(|failure| failure.depth != depth)
+        .map_or(0, |at| at + 1);
+    let mine = failures.drain(start..);
+    if keep {
+        mine.map(|failure| (failure.index, failure.error)).collect()
+    } else {
+        Vec::new()
+    }
 }
 
 /// Deserializes the record `node` (stored under `key`) as an `X`, with `node` as the frame its
@@ -335,8 +432,7 @@ fn pop_frame() -> Option<Frame> {
 fn decode_node<X: DeserializeOwned>(key: DataKey, node: Arc<PagableData>) -> anyhow::Result<X> {
     push_frame(Frame::new(key, &node))?;
     let result = decode::<X>(&node.data);
-    let frame = pop_frame();
-    let used = frame.as_ref().map_or(0, |frame| frame.next);
+    let (used, failed) = pop_frame(result.is_err());
     match result {
         // A child failure the value swallowed (a lenient impl) is not ours to report.
         Ok(value) if used == node.arcs.len() => Ok(value),
@@ -345,7 +441,7 @@ fn decode_node<X: DeserializeOwned>(key: DataKey, node: Arc<PagableData>) -> any
             drop(value);
             Err(unused_keys(key, node.arcs.len(), used))
         }
-        Err(err) => Err(node_error::<X>(key, &node, err, frame)),
+        Err(err) => Err(node_error::<X>(key, &node, err, failed)),
     }
 }
 
@@ -377,12 +473,11 @@ fn node_error<X: DeserializeOwned>(
     key: DataKey,
     node: &Arc<PagableData>,
     err: DecodeError,
-    frame: Option<Frame>,
+    failed: Vec<(usize, anyhow::Error)>,
 ) -> anyhow::Error {
     let reason = match err {
         DecodeError::Trailing(count) => format!("{count} bytes are left over after the value"),
         DecodeError::Postcard(postcard::Error::SerdeDeCustom) => {
-            let failed = frame.map(|frame| frame.failed).unwrap_or_default();
             let (message, failed) = custom_message::<X>(key, node, failed);
             let mut reason = message;
             for (index, child) in failed {
@@ -419,11 +514,20 @@ fn custom_message<X: DeserializeOwned>(
     failed: Vec<(usize, anyhow::Error)>,
 ) -> (String, Vec<(usize, anyhow::Error)>) {
     let mut frame = Frame::new(key, node);
-    frame.failed = failed;
     frame.replay = true;
     if let Err(err) = push_frame(frame) {
-        return (err.to_string(), Vec::new());
+        return (err.to_string(), failed);
     }
+    with_state(|state| {
+        let depth = state.frames.len();
+        state
+            .failures
+            .extend(failed.into_iter().map(|(index, error)| Failure {
+                depth,
+                index,
+                error,
+            }));
+    });
     let message = match keep::deserialize::<X>(&node.data) {
         Err(err) => err.to_string(),
         Ok(value) => {
@@ -431,7 +535,7 @@ fn custom_message<X: DeserializeOwned>(
             "a custom serde error, which did not happen again on a second try".into()
         }
     };
-    let failed = pop_frame().map(|frame| frame.failed).unwrap_or_default();
+    let (_, failed) = pop_frame(true);
     (message, failed)
 }
 
@@ -484,15 +588,17 @@ struct Session {
 impl Session {
     fn install(storage: Arc<dyn PagableStorage>, prefetched: Records) -> Session {
         let mut previous = IN.with(|cell| cell.take());
-        let path = previous
-            .as_mut()
-            .map(|outer| std::mem::take(&mut outer.path))
-            .unwrap_or_default();
+        let mut deep = HashSet::default();
+        if let Some(outer) = previous.as_mut() {
+            deep = std::mem::take(&mut outer.deep);
+            deep.extend(outer.frames.iter().take(SCANNED).map(|frame| frame.key));
+        }
         let state = InState {
             storage,
             prefetched,
             frames: Vec::new(),
-            path,
+            failures: Vec::new(),
+            deep,
             held: Held::default(),
         };
         IN.with(|cell| cell.replace(Some(state)));
@@ -505,11 +611,13 @@ impl Drop for Session {
         let mine = IN.with(|cell| cell.replace(None));
         if let Some(mut mine) = mine {
             if let Some(outer) = self.previous.as_mut() {
-                // Frames left by a panic are not on the path any more.
-                for frame in &mine.frames {
-                    mine.path.remove(&frame.key);
+                // Frames left by a panic are not on the path any more, and the outer
+                // session's first frames are scanned again.
+                let leaving = mine.frames.iter().skip(SCANNED);
+                for frame in leaving.chain(outer.frames.iter().take(SCANNED)) {
+                    mine.deep.remove(&frame.key);
                 }
-                outer.path = std::mem::take(&mut mine.path);
+                outer.deep = std::mem::take(&mut mine.deep);
             }
             // Held releases parents first, so no drop recurses down a chain (which, a million
             // deep, would overflow the stack).
@@ -526,6 +634,10 @@ pub(crate) fn run<T: DeserializeOwned>(
     prefetched: Records,
 ) -> anyhow::Result<T> {
     let _session = Session::install(Arc::clone(&storage), prefetched);
+    if with_state(|state| state.on_path(key)).unwrap_or(false) {
+        // A page-in nested in a `Deserialize` impl, of a key this thread is paging in.
+        return Err(cycle(key));
+    }
     let root = fetch(&*storage, key)?;
     // The root's fan-out is a cheap hint of the table's size; growing it step by step costs
     // rehashes and large allocations.
