@@ -716,17 +716,18 @@ where
 pub(crate) fn next_child_key() -> Result<(DataKey, std::sync::Weak<dyn PagableStorage>), String> {
     let step = with_state(|state| {
         let Some(frame) = state.frames.last_mut() else {
-            return Err(OUTSIDE_SESSION.to_string());
+            return Err(None);
         };
         let index = frame.next;
         let Some(&key) = frame.node.arcs.get(index) else {
-            let err = too_few_keys(frame.key, frame.node.arcs.len());
-            let message = err.to_string();
-            frame.failed.push((index, err));
-            return Err(message);
+            return Err(Some((index, too_few_keys(frame.key, frame.node.arcs.len()))));
         };
         frame.next += 1;
         Ok((key, Arc::downgrade(&state.storage)))
     });
-    step.unwrap_or_else(|| Err(OUTSIDE_SESSION.to_string()))
+    match step {
+        Some(Ok(found)) => Ok(found),
+        Some(Err(Some((index, err)))) => Err(failed(index, err)),
+        Some(Err(None)) | None => Err(OUTSIDE_SESSION.to_string()),
+    }
 }
