@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use pagestore::graph::OUTSIDE_SESSION;
+/// The start of the message a shared value reports outside a page-out or page-in call.
+const OUTSIDE_SESSION: &str = "used outside page_out/page_in";
 use pagestore::{
     DataKey, Error, InMemoryPagableStorage, PagableData, PagableStorage, Shared, page_in, page_out,
 };

@@ -58,14 +58,14 @@
 //! `dyn` view carries a type tag).
 //!
 //! Re-paging is incremental: the storage remembers, weakly, the key of every shared value it
-//! paged out or in ([`PagableStorage::key_of`]), so a later [`page_out`] writes a value that is
+//! paged out or in ([`PagableStorage::key_of`](crate::PagableStorage::key_of)), so a later [`page_out`] writes a value that is
 //! still alive by its key, without serializing it or anything below it. Editing one node of a
 //! large graph (building new nodes on its path to the root, as immutable values require) and
 //! paging the graph out again costs that path, not the graph. (Values of 4 KiB or more inline,
 //! such as a large `Shared<[u8]>`, are remembered only while the arc cache holds them.)
 //!
 //! Paging in resolves each child key through the storage's arc cache
-//! ([`PagableStorage::resolve_arc`]) by `(TypeId, key)`: a value still alive in memory is reused as is (the same `Arc`), and one that
+//! ([`PagableStorage::resolve_arc`](crate::PagableStorage::resolve_arc)) by `(TypeId, key)`: a value still alive in memory is reused as is (the same `Arc`), and one that
 //! is not is fetched and deserialized once, even when many threads page in overlapping graphs at
 //! the same time.
 //!
@@ -92,7 +92,7 @@
 //!   `IndexMap`.
 //! - **Stay on the calling thread.** `page_out` and `page_in` keep their state in a
 //!   thread-local, so a `Serialize`/`Deserialize` impl that hands a `Shared` to another thread
-//!   (rayon, a thread pool) gets the error [`OUTSIDE_SESSION`]. The same error comes from
+//!   (rayon, a thread pool) gets a serde error saying so. The same error comes from
 //!   serializing a `Shared` with no call running (e.g. to JSON): serialize `&*shared` to copy
 //!   the value instead.
 //! - **Serialize a `Shared` only into the page-out's own serializer.** A `Serialize` impl that
@@ -142,63 +142,27 @@ mod keep;
 mod out;
 mod pagable_arc;
 mod page_in;
+mod session;
 mod shared;
-
-use std::sync::Arc;
 
 use anyhow::Context;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::key::DataKey;
-use crate::runtime::PagableStorage;
 
 #[cfg(feature = "serde_with")]
 pub use adapters::AsShared;
 pub use adapters::arc;
 pub use pagable_arc::PagableArc;
-pub use shared::{OUTSIDE_SESSION, Shared};
-
-/// How many record fetches [`page_in_async`] keeps in flight.
-pub const ASYNC_FETCH_CONCURRENCY: usize = 32;
-
-/// A handle to a storage that the graph calls accept: an `Arc` of a backend type, or an
-/// `Arc<dyn PagableStorage>`.
-///
-/// [`page_in`] keeps a clone in its thread-local session (shared fields deep inside serde reach
-/// the storage through it), which is why it takes an `Arc` rather than a reference.
-pub trait StorageHandle {
-    /// The storage, as a trait object.
-    fn storage(&self) -> &dyn PagableStorage;
-    /// A new strong handle to the storage.
-    fn to_dyn(&self) -> Arc<dyn PagableStorage>;
-}
-
-impl<S: PagableStorage> StorageHandle for Arc<S> {
-    fn storage(&self) -> &dyn PagableStorage {
-        &**self
-    }
-
-    fn to_dyn(&self) -> Arc<dyn PagableStorage> {
-        Arc::clone(self) as Arc<dyn PagableStorage>
-    }
-}
-
-impl StorageHandle for Arc<dyn PagableStorage> {
-    fn storage(&self) -> &dyn PagableStorage {
-        &**self
-    }
-
-    fn to_dyn(&self) -> Arc<dyn PagableStorage> {
-        Arc::clone(self)
-    }
-}
+pub use session::StorageHandle;
+pub use shared::Shared;
 
 /// Stores `value` and every shared value it reaches; returns the key of `value`'s node.
 ///
 /// Each distinct shared value (by view type and allocation) is serialized once, children before
 /// parents; equal content is stored once. The key is returned only after every node it reaches
-/// was stored (call [`PagableStorage::flush`] to make them durable). Nothing is recursive: depth
+/// was stored (call [`PagableStorage::flush`](crate::PagableStorage::flush) to make them durable). Nothing is recursive: depth
 /// costs heap, not stack.
 ///
 /// # Errors
@@ -242,7 +206,7 @@ fn root_context<T>(key: DataKey) -> String {
 }
 
 /// [`page_in`] for async callers: first fetches every record reachable from `key` with
-/// [`PagableStorage::fetch_data`] ([`ASYNC_FETCH_CONCURRENCY`] at a time, so a backend with I/O
+/// [`PagableStorage::fetch_data`](crate::PagableStorage::fetch_data) (32 at a time, so a backend with I/O
 /// latency overlaps it), then deserializes without touching the storage's I/O.
 ///
 /// The deserialization runs on the calling task: for very large graphs, run it in
@@ -258,7 +222,7 @@ pub async fn page_in_async<T: DeserializeOwned>(
     key: DataKey,
 ) -> anyhow::Result<T> {
     let storage = storage.to_dyn();
-    let records = page_in::prefetch(&*storage, key, ASYNC_FETCH_CONCURRENCY)
+    let records = page_in::prefetch(&*storage, key, page_in::ASYNC_FETCH_CONCURRENCY)
         .await
         .with_context(|| root_context::<T>(key))?;
     page_in::run(storage, key, records).with_context(|| root_context::<T>(key))

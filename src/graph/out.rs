@@ -19,9 +19,10 @@ use serde::Serialize;
 use crate::data::PagableData;
 use crate::erase::ArcEraseDyn;
 use crate::error::Error;
+use crate::runtime::PagableStorage;
 use crate::key::DataKey;
 
-use super::shared::OUTSIDE_SESSION;
+use super::session::OUTSIDE_SESSION;
 
 /// A shared value waiting to be serialized, with its type erased.
 pub(crate) trait OutNode {
@@ -384,7 +385,7 @@ fn encode_node(
 /// Pages `value` and every shared value it reaches out to `storage`; see
 /// [`page_out`](crate::page_out).
 pub(crate) fn page_out<T: ?Sized + Serialize>(
-    storage: &dyn crate::PagableStorage,
+    storage: &dyn PagableStorage,
     value: &T,
 ) -> anyhow::Result<DataKey> {
     page_out_sized(storage, value).map(|(key, _)| key)
@@ -392,7 +393,7 @@ pub(crate) fn page_out<T: ?Sized + Serialize>(
 
 /// [`page_out`], also returning the length of `value`'s own record (its weight once paged).
 pub(crate) fn page_out_sized<T: ?Sized + Serialize>(
-    storage: &dyn crate::PagableStorage,
+    storage: &dyn PagableStorage,
     value: &T,
 ) -> anyhow::Result<(DataKey, usize)> {
     // Equal content from different Arcs has one key: store it once per call.

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::StorageHandle;
 use super::out::{self, OutNode};
 use super::page_in;
+use super::session::StorageHandle;
 use crate::error::Error;
 use crate::key::DataKey;
 use crate::runtime::PagableStorage;
@@ -209,7 +209,7 @@ where
             // Not resident and no key cannot happen; pin reports it if it ever does.
             return self.pin();
         };
-        let records = page_in::prefetch(&*storage, key, super::ASYNC_FETCH_CONCURRENCY).await?;
+        let records = page_in::prefetch(&*storage, key, page_in::ASYNC_FETCH_CONCURRENCY).await?;
         let mut state = self.slot.lock();
         let value = match &state.value {
             Some(value) => Arc::clone(value),

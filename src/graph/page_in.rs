@@ -31,7 +31,7 @@ use crate::runtime::PagableStorage;
 
 use super::held::Held;
 use super::keep;
-use super::shared::OUTSIDE_SESSION;
+use super::session::OUTSIDE_SESSION;
 
 /// Stack left below which a child's load moves to a new stack segment.
 ///
@@ -50,6 +50,9 @@ const RED_ZONE: usize = 1 << 20;
 /// switching rare: one segment holds thousands of levels (of a few KiB each in debug builds),
 /// and the red zone wastes at most a sixteenth of it.
 const STACK_SEGMENT: usize = 16 << 20;
+
+/// How many record fetches `page_in_async` (and `PagableArc::pin_async`) keep in flight.
+pub(crate) const ASYNC_FETCH_CONCURRENCY: usize = 32;
 
 type Records = HashMap<DataKey, Arc<PagableData>, KeyHasherBuilder>;
 
@@ -720,7 +723,10 @@ pub(crate) fn next_child_key() -> Result<(DataKey, std::sync::Weak<dyn PagableSt
         };
         let index = frame.next;
         let Some(&key) = frame.node.arcs.get(index) else {
-            return Err(Some((index, too_few_keys(frame.key, frame.node.arcs.len()))));
+            return Err(Some((
+                index,
+                too_few_keys(frame.key, frame.node.arcs.len()),
+            )));
         };
         frame.next += 1;
         Ok((key, Arc::downgrade(&state.storage)))

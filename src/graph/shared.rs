@@ -9,14 +9,6 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{out, page_in};
 
-/// The message of the serde error a [`Shared`] returns when it is serialized or deserialized
-/// with no [`page_out`](crate::page_out) / [`page_in`](crate::page_in) call running on the
-/// current thread.
-pub const OUTSIDE_SESSION: &str = "Shared<T> used outside page_out/page_in: a shared value is \
-     written as a child reference, which exists only inside a page_out or page_in call on the \
-     same thread (a Serialize/Deserialize impl that hands work to another thread loses the call; \
-     serialize a Shared's value itself with `&*shared` to copy it instead)";
-
 /// An `Arc<T>` that pages out as a reference to its own stored node, so every holder of one
 /// allocation shares one stored entry, and paging in gives them one `Arc` again.
 ///
@@ -30,7 +22,7 @@ pub const OUTSIDE_SESSION: &str = "Shared<T> used outside page_out/page_in: a sh
 ///
 /// Its `Serialize`/`Deserialize` impls only work inside [`page_out`](crate::page_out) and
 /// [`page_in`](crate::page_in): elsewhere they return a serde error with the message
-/// [`OUTSIDE_SESSION`] (never a panic).
+/// saying so (never a panic).
 ///
 /// ```
 /// use pagestore::Shared;
