@@ -19,8 +19,8 @@ use serde::Serialize;
 use crate::data::PagableData;
 use crate::erase::ArcEraseDyn;
 use crate::error::Error;
-use crate::runtime::PagableStorage;
 use crate::key::DataKey;
+use crate::runtime::PagableStorage;
 
 use super::session::OUTSIDE_SESSION;
 
