@@ -339,6 +339,7 @@ impl<S: NodeStore> PagableStorage for WithRuntime<S> {
     fn schedule_for_paging(&self, arc: Box<dyn ArcEraseDyn>) {
         self.runtime.schedule_for_paging(arc);
         self.ensure_worker();
+        self.runtime.pager.help(&*self.runtime);
     }
 
     fn session_context(&self) -> &SessionContext {

@@ -23,6 +23,12 @@ use super::storage::PagableStorage;
 /// How often an idle worker checks the budget even without being woken.
 const WORKER_TICK: Duration = Duration::from_millis(200);
 
+/// Evictions go below the budget by `budget / SLACK`, so a resident set at the budget does
+/// not wake the worker (or a helper) for every fault; and a thread that makes a value resident
+/// while resident bytes are over the budget by more than that evicts itself, so threads that
+/// create values faster than the worker pages them out cannot push memory far past the budget.
+const SLACK: usize = 16;
+
 /// A resident paged value, as the pager sees it.
 pub(crate) trait Evictable: Send + Sync + 'static {
     /// Starts counting the value against `account` if it is resident and not counted yet;
@@ -221,15 +227,49 @@ impl Pager {
         }
     }
 
-    /// Evicts by CLOCK until resident bytes are within the budget or every value was looked
-    /// at twice (the rest are pinned, referenced twice, or failed).
+    /// Where evictions stop: a little below the budget (see [`SLACK`]).
+    fn low_watermark(&self) -> usize {
+        let budget = self.budget();
+        budget - budget / SLACK
+    }
+
+    /// Whether resident bytes are so far over the budget that the thread adding more should
+    /// evict itself (see [`SLACK`]).
+    fn far_over_budget(&self) -> bool {
+        let budget = self.budget();
+        let resident = self.account.resident_bytes.load(Ordering::Acquire);
+        resident > budget.saturating_add(budget / SLACK)
+    }
+
+    /// Evicts on the calling thread, down to the low watermark, if resident bytes are far over
+    /// the budget (waiting for an eviction in progress on another thread first). Does nothing
+    /// on a thread that is evicting already: a `Serialize` impl run by an eviction that creates
+    /// values would otherwise wait for itself.
+    pub(crate) fn help(&self, storage: &dyn PagableStorage) {
+        if !self.far_over_budget() || EVICTING.get() {
+            return;
+        }
+        let ring = lock(&self.ring);
+        self.evict_to(self.low_watermark(), storage, ring);
+    }
+
+    /// The worker's pass: evicts down to the low watermark.
     fn evict_to_budget(&self) {
         let Some(storage) = self.storage.upgrade() else {
             return;
         };
-        let mut ring = self.ring();
+        let ring = lock(&self.ring);
+        self.evict_to(self.low_watermark(), &*storage, ring);
+    }
+
+    /// Evicts by CLOCK until resident bytes are at most `target` or every value was looked at
+    /// twice (the rest are pinned, referenced twice, or failed).
+    fn evict_to(&self, target: usize, storage: &dyn PagableStorage, ring: MutexGuard<'_, Ring>) {
+        let _evicting = Evicting::enter();
+        let mut ring = self.with_arrivals(ring);
         let mut steps = 2 * ring.slots.len();
-        while self.over_budget() && steps > 0 && !ring.slots.is_empty() && !self.stopping() {
+        let above = |pager: &Pager| pager.account.resident_bytes.load(Ordering::Acquire) > target;
+        while above(self) && steps > 0 && !ring.slots.is_empty() && !self.stopping() {
             steps -= 1;
             let at = ring.hand % ring.slots.len();
             let Some(slot) = ring.slots[at].upgrade() else {
@@ -240,7 +280,7 @@ impl Pager {
                 ring.hand = at + 1;
                 continue;
             }
-            match self.evict_one(&*slot, &*storage) {
+            match self.evict_one(&*slot, storage) {
                 Eviction::Evicted { .. } | Eviction::NotResident => {
                     ring.slots.swap_remove(at);
                 }
@@ -251,6 +291,7 @@ impl Pager {
 
     /// Evicts every tracked value that is not pinned now, ignoring referenced bits.
     pub(crate) fn page_out_unpinned(&self, storage: &dyn PagableStorage) -> PageOutReport {
+        let _evicting = Evicting::enter();
         let mut report = PageOutReport::default();
         let mut ring = self.ring();
         let slots = std::mem::take(&mut ring.slots);
@@ -298,7 +339,11 @@ impl Pager {
 
     /// The ring, with the values tracked since the last look moved in.
     fn ring(&self) -> MutexGuard<'_, Ring> {
-        let mut ring = lock(&self.ring);
+        self.with_arrivals(lock(&self.ring))
+    }
+
+    /// Moves the values tracked since the last look into `ring`.
+    fn with_arrivals<'a>(&self, mut ring: MutexGuard<'a, Ring>) -> MutexGuard<'a, Ring> {
         let arrived = std::mem::take(&mut *lock(&self.inbox));
         ring.slots.extend(arrived);
         ring
@@ -347,6 +392,30 @@ fn run_worker(pager: Weak<Pager>) {
             signal.wake = false;
         }
         strong.evict_to_budget();
+    }
+}
+
+thread_local! {
+    /// Whether this thread is evicting (holds a pager's ring).
+    static EVICTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as evicting until dropped.
+struct Evicting {
+    was: bool,
+}
+
+impl Evicting {
+    fn enter() -> Evicting {
+        Evicting {
+            was: EVICTING.replace(true),
+        }
+    }
+}
+
+impl Drop for Evicting {
+    fn drop(&mut self) {
+        EVICTING.set(self.was);
     }
 }
 
