@@ -97,7 +97,9 @@ pub mod testing;
 pub use data::PagableData;
 pub use erase::{ArcEraseDyn, WeakEraseDyn, downcast_arc};
 pub use error::Error;
-pub use graph::{PagableArc, Shared, StorageHandle, drop_deep, page_in, page_in_async, page_out};
+pub use graph::{
+    PagableArc, Shared, StorageHandle, drop_deep, page_in, page_in_async, page_in_shared, page_out,
+};
 pub use key::{DataKey, ParseKeyError};
 #[cfg(feature = "sqlite")]
 pub use runtime::SqliteBackedPagableStorage;

@@ -351,3 +351,25 @@ fn a_memory_store_without_a_budget_keeps_everything_resident() {
     assert!(handles.iter().all(PagableArc::is_resident));
     assert_eq!(storage.paging_stats().evictions, 0);
 }
+
+#[test]
+fn a_key_gives_a_shared_or_a_pagable_arc_not_only_a_value() {
+    let storage = Arc::new(InMemoryPagableStorage::new());
+    let handle = PagableArc::new(blob(9, 500), &storage);
+    storage.page_out_unpinned().unwrap();
+    let key = handle.key().unwrap();
+    let pinned = handle.pin().unwrap();
+    // Through the arc cache: the value alive in memory, not a copy.
+    let shared: Shared<Blob> = pagestore::page_in_shared(&storage, key).unwrap();
+    assert!(Arc::ptr_eq(shared.as_arc(), &pinned));
+    let lazy: PagableArc<Blob> = PagableArc::from_key(key, &storage);
+    assert!(!lazy.is_resident());
+    assert!(Arc::ptr_eq(&lazy.pin().unwrap(), &pinned));
+    let missing = pagestore::PagableData {
+        data: b"?".to_vec(),
+        arcs: vec![],
+    }
+    .compute_key();
+    let err = pagestore::page_in_shared::<Blob>(&storage, missing).unwrap_err();
+    assert!(Error::is_not_found(&err), "{err:#}");
+}

@@ -196,6 +196,40 @@ pub fn page_in<T: DeserializeOwned>(
     page_in::run(storage.to_dyn(), key, Default::default()).with_context(|| root_context::<T>(key))
 }
 
+/// The value stored under `key` as a [`Shared<T>`], through the storage's arc cache: a value
+/// still alive (paged in earlier, or by another thread meanwhile) comes back as the same `Arc`,
+/// and concurrent calls load it once.
+///
+/// `key` is the key of a `T`'s own node: what [`page_out`] of a `T` returned, a child's key,
+/// or a [`PagableArc`]'s [`key`](PagableArc::key). (`page_in::<Shared<T>>` reads something
+/// else: the node [`page_out`] of a `Shared<T>` writes, which holds a reference to the value.)
+/// `T` may be unsized (`str`, `[u8]`, `dyn Trait`).
+///
+/// ```
+/// use std::sync::Arc;
+/// use pagestore::{page_in_shared, page_out, InMemoryPagableStorage, Shared};
+///
+/// let storage = Arc::new(InMemoryPagableStorage::new());
+/// let key = page_out(&storage, &String::from("a value"))?;
+/// let a: Shared<String> = page_in_shared(&storage, key)?;
+/// let b: Shared<String> = page_in_shared(&storage, key)?;
+/// assert!(Shared::ptr_eq(&a, &b), "one value per key while it lives");
+/// # anyhow::Ok(())
+/// ```
+///
+/// # Errors
+///
+/// As [`page_in`].
+pub fn page_in_shared<T>(storage: &impl StorageHandle, key: DataKey) -> anyhow::Result<Shared<T>>
+where
+    T: ?Sized + Send + Sync + 'static,
+    Box<T>: DeserializeOwned,
+{
+    page_in::load_arc::<T>(&storage.to_dyn(), key, None)
+        .map(|(arc, _)| Shared::from(arc))
+        .with_context(|| root_context::<Shared<T>>(key))
+}
+
 /// The context of every page-in error: the root and the type asked for (the error itself names
 /// the failing key).
 fn root_context<T>(key: DataKey) -> String {
