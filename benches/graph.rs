@@ -227,6 +227,26 @@ fn big_graph(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
+    // Incremental re-page-out: replace the newest node (no other node points to it, so it is
+    // next to the root list) with an edited copy and page the list out again into the store
+    // that remembers every other node's key. Compare with `page_out` above.
+    group.bench_function("re_page_out_after_editing_one_node", |b| {
+        b.iter_batched(
+            || {
+                let mut edited = root.clone();
+                let last = edited.pop().expect("a non-empty graph");
+                edited.push(Shared::new(Node {
+                    id: last.id,
+                    name: format!("{} (edited)", last.name),
+                    leaf: last.leaf.clone(),
+                    kids: last.kids.clone(),
+                }));
+                edited
+            },
+            |edited| black_box(page_out(&storage, &edited).unwrap()),
+            BatchSize::PerIteration,
+        )
+    });
     let alive = page_in::<Vec<Shared<Node>>>(&storage, key).unwrap();
     group.bench_function("page_in_again_while_alive", |b| {
         b.iter_with_large_drop(|| page_in::<Vec<Shared<Node>>>(&storage, key).unwrap())
