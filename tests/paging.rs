@@ -373,3 +373,70 @@ fn a_key_gives_a_shared_or_a_pagable_arc_not_only_a_value() {
     let err = pagestore::page_in_shared::<Blob>(&storage, missing).unwrap_err();
     assert!(Error::is_not_found(&err), "{err:#}");
 }
+
+/// Was a defect: two handles with one key (here: one child referenced twice in a graph, paged
+/// in as two handles) fault in one shared `Arc` through the arc cache, and eviction counted
+/// each slot's own reference as a pin of the other, so neither was ever evicted (and both
+/// were counted as resident forever).
+#[test]
+fn two_handles_with_one_key_do_not_pin_each_other() {
+    on_every_store(usize::MAX, |open| {
+        let store = open();
+        let storage = store.dyn_storage();
+        let body = PagableArc::new(blob(9, 5000), &storage);
+        let key = page_out(&storage, &vec![body.clone(), body]).unwrap();
+        let back: Vec<PagableArc<Blob>> = page_in(&storage, key).unwrap();
+        let separate = PagableArc::<Blob>::from_key(back[0].key().unwrap(), &storage);
+        let handles = [&back[0], &back[1], &separate];
+        assert!(!PagableArc::ptr_eq(&back[0], &back[1]), "two slots");
+
+        let pins: Vec<Arc<Blob>> = handles.iter().map(|h| h.pin().unwrap()).collect();
+        assert!(
+            pins.iter().all(|p| Arc::ptr_eq(p, &pins[0])),
+            "one shared value"
+        );
+        let held = pins[1].clone();
+        drop(pins);
+        let report = store.page_out_all();
+        assert_eq!(
+            (report.evicted, report.pinned),
+            (0, 3),
+            "a pin through one handle pins the value for all"
+        );
+        drop(held);
+
+        let report = store.page_out_all();
+        assert_eq!((report.evicted, report.pinned), (3, 0), "{report:?}");
+        assert!(handles.iter().all(|h| !h.is_resident()));
+        let stats = store.stats();
+        assert_eq!((stats.resident_values, stats.resident_bytes), (0, 0));
+        assert_eq!(*separate.pin().unwrap(), blob(9, 5000));
+    });
+}
+
+#[test]
+fn under_a_budget_handles_with_one_key_are_evicted_too() {
+    let storage = Arc::new(InMemoryPagableStorage::new().memory_budget(10_000));
+    let keys: Vec<_> = (0..20)
+        .map(|n| page_out(&storage, &blob(n, 5000)).unwrap())
+        .collect();
+    // Two handles per key, both pinned once: every value is shared by two slots.
+    let handles: Vec<PagableArc<Blob>> = keys
+        .iter()
+        .flat_map(|&key| {
+            [
+                PagableArc::from_key(key, &storage),
+                PagableArc::from_key(key, &storage),
+            ]
+        })
+        .collect();
+    for handle in &handles {
+        drop(handle.pin().unwrap());
+    }
+    eventually("resident bytes within the budget", || {
+        storage.paging_stats().resident_bytes <= 10_000 + 5100
+    });
+    for (n, pair) in handles.chunks(2).enumerate() {
+        assert_eq!(*pair[1].pin().unwrap(), blob(n as u32, 5000));
+    }
+}

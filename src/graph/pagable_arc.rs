@@ -90,7 +90,61 @@ impl<T: ?Sized> State<T> {
 
 impl<T: ?Sized> Drop for Slot<T> {
     fn drop(&mut self) {
-        lock(&self.state).uncount();
+        let mut state = lock(&self.state);
+        state.uncount();
+        let value = state.value.take();
+        if let Some(value) = &value {
+            holders::release(value);
+        }
+        drop(state);
+        drop(value);
+    }
+}
+
+/// How many slots hold each resident value, by the address of its allocation.
+///
+/// Two handles with one key (two page-ins of a graph, a child referenced twice in one graph,
+/// `from_key`, or equal values stored separately) are two slots, and faulting both in gives
+/// them one shared `Arc` through the arc cache. A slot's own reference is not a pin: a value
+/// is pinned when something other than the slots holding it does (`Arc::strong_count` minus
+/// this count). Counting only `strong_count > 1` made each such slot pin the other, so
+/// neither was ever evicted.
+///
+/// A slot counts itself after its reference exists and uncounts itself before dropping it,
+/// always under the entry's lock, under which [`pinned`](holders::pinned) also reads both
+/// counts: a slot in between is seen as a pin, never the other way round.
+mod holders {
+    use std::sync::{Arc, LazyLock};
+
+    use dashmap::DashMap;
+
+    static HOLDERS: LazyLock<DashMap<usize, usize>> = LazyLock::new(DashMap::default);
+
+    /// The allocation's address: unique while the slot counted in it keeps it alive.
+    fn address<T: ?Sized>(value: &Arc<T>) -> usize {
+        Arc::as_ptr(value) as *const u8 as usize
+    }
+
+    /// Counts a slot that now holds `value`.
+    pub(super) fn adopt<T: ?Sized>(value: &Arc<T>) {
+        *HOLDERS.entry(address(value)).or_insert(0) += 1;
+    }
+
+    /// Uncounts a slot about to drop its `value`.
+    pub(super) fn release<T: ?Sized>(value: &Arc<T>) {
+        if let dashmap::Entry::Occupied(mut entry) = HOLDERS.entry(address(value)) {
+            *entry.get_mut() -= 1;
+            if *entry.get() == 0 {
+                entry.remove();
+            }
+        }
+    }
+
+    /// Whether anything besides the slots holding `value` holds it: a pin.
+    pub(super) fn pinned<T: ?Sized>(value: &Arc<T>) -> bool {
+        let slots = HOLDERS.get(&address(value));
+        let slots = slots.as_deref().copied().unwrap_or(1);
+        Arc::strong_count(value) > slots
     }
 }
 
@@ -149,6 +203,9 @@ where
     }
 
     fn with_state(storage: Weak<dyn PagableStorage>, state: State<T>) -> Self {
+        if let Some(value) = &state.value {
+            holders::adopt(value);
+        }
         Self {
             slot: Arc::new(Slot {
                 state: Mutex::new(state),
@@ -181,6 +238,7 @@ where
                 let key = state.key.expect("a paged-out value has a key");
                 let (value, weight) = page_in::load_arc::<T>(&storage, key, None)?;
                 state.value = Some(Arc::clone(&value));
+                holders::adopt(&value);
                 if weight > 0 {
                     state.weight = weight;
                 }
@@ -216,6 +274,7 @@ where
             None => {
                 let (value, weight) = page_in::load_arc::<T>(&storage, key, Some(records))?;
                 state.value = Some(Arc::clone(&value));
+                holders::adopt(&value);
                 if weight > 0 {
                     state.weight = weight;
                 }
@@ -315,8 +374,8 @@ where
         let Some(value) = &state.value else {
             return Eviction::NotResident;
         };
-        // The slot's own handle is the only one: nobody pins it.
-        if Arc::strong_count(value) > 1 {
+        // Only slots hold it (this one, and others with its key): nobody pins it.
+        if holders::pinned(value) {
             return Eviction::Pinned;
         }
         let serialized = state.key.is_none();
@@ -334,6 +393,9 @@ where
             }
         }
         let value = state.value.take();
+        if let Some(value) = &value {
+            holders::release(value);
+        }
         state.uncount();
         drop(state);
         // Dropped outside the slot's lock: a `Drop` of the value may use this handle.

@@ -113,8 +113,9 @@ fn fill_until_failure(storage: &SqliteBackedPagableStorage, db: &Path, seed: u64
     for (key, node) in &acknowledged {
         match storage.fetch_data_blocking(key) {
             Ok(got) => assert!(*got == *node, "wrong bytes for {key} from a poisoned store"),
-            // Without a journal SQLite cannot roll a failed commit back: the file may now be
-            // damaged (the next open checks it). Reads must still never return wrong bytes.
+            // Cache mode's journal is in memory only: should a failed commit not roll back,
+            // the file may be damaged (the next open checks it). Reads must still never
+            // return wrong bytes.
             Err(err) if durability == Durability::Cache => assert!(
                 matches!(
                     err.downcast_ref::<Error>(),

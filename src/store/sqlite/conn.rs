@@ -56,10 +56,13 @@ pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The size the WAL is truncated to after a checkpoint (Durable and Sync modes).
 const WAL_SIZE_LIMIT: u64 = 64 << 20;
 
-/// The `journal_mode` each durability runs in.
+/// The `journal_mode` each durability runs in. Cache keeps its rollback journal in memory, not
+/// `off`: with no journal a commit that fails (a full disk) cannot be rolled back and leaves
+/// the file damaged, and with it every node committed before, such as the values a
+/// `PagableArc` paged out and dropped from memory.
 fn journal_mode(durability: Durability) -> &'static str {
     match durability {
-        Durability::Cache => "off",
+        Durability::Cache => "memory",
         Durability::Durable | Durability::Sync => "wal",
     }
 }

@@ -9,8 +9,10 @@ use super::SqliteNodeStore;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Durability {
-    /// The reference implementation's speed: no journal, no sync (`journal_mode=OFF`,
-    /// `synchronous=OFF`). Data is a cache that a crash may lose *entirely*.
+    /// The reference implementation's speed: no journal on disk, no sync
+    /// (`journal_mode=MEMORY`, `synchronous=OFF`). Data is a cache that a crash may lose
+    /// *entirely*. A commit that fails while the process runs (a full disk) is rolled back
+    /// from the in-memory journal, so what was committed before stays readable.
     ///
     /// Guarantee: an unclean shutdown is detected at the next open (a marker file
     /// `pagable.db.open` exists from open until a clean close), and a possibly damaged

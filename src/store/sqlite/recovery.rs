@@ -1,7 +1,7 @@
 //! Unclean-shutdown detection for [`Durability::Cache`](super::Durability::Cache), and what
 //! open does about it ([`OpenReport`]).
 //!
-//! With no journal, a crash in the middle of a commit can leave a database that is broken or
+//! With no journal on disk, a crash in the middle of a commit can leave a database that is broken or
 //! holds half a batch. So a Cache-mode session creates a marker file (`pagable.db.open`,
 //! fsynced) before its first write and removes it after its final flush at a clean close.
 //! If open finds the marker, the last session did not close cleanly and the file is not
