@@ -11,17 +11,7 @@ use pagestore::{DataKey, Durability, PagableData, PagableStorage, SqliteBackedPa
 
 /// Node `i`: 64..=256 pseudo-random bytes, like the anchor harness's small blobs.
 fn node(i: u64) -> PagableData {
-    let mut state = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let len = 64 + (i % 193) as usize;
-    let data = (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    PagableData { data, arcs: vec![] }
+    pagestore::testing::node(i, 64 + (i % 193) as usize, vec![])
 }
 
 fn store(c: &mut Criterion) {

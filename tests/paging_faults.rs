@@ -10,11 +10,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::tmpfs::mount_tmpfs;
 use common::{Rng, output_with_timeout, within};
 use pagestore::{Durability, Error, PagableArc, PagableStorage, SqliteOptions};
 
@@ -154,46 +155,6 @@ fn values_fault_back_in_after_a_failed_commit(options: SqliteOptions, dir: &Path
 }
 
 // ------------------------------------------------------------------------- full disk
-
-/// Unmounts the tmpfs when the test ends, even by panic (as in `io_faults`).
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        for _ in 0..20 {
-            let unmounted = Command::new("umount").arg(&self.0).status();
-            if unmounted.is_ok_and(|status| status.success()) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let lazy = Command::new("umount").arg("-l").arg(&self.0).status();
-        if !lazy.is_ok_and(|status| status.success()) {
-            eprintln!(
-                "!!! could not unmount the test tmpfs at {} !!!",
-                self.0.display()
-            );
-        }
-    }
-}
-
-/// Mounts a tmpfs of `size` on `at`, or says why it cannot.
-fn mount_tmpfs(at: &Path, size: &str) -> Result<Mount, String> {
-    let output = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(at)
-        .output()
-        .map_err(|e| format!("cannot run mount: {e}"))?;
-    if output.status.success() {
-        Ok(Mount(at.to_path_buf()))
-    } else {
-        Err(format!(
-            "mount -t tmpfs failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
-}
 
 #[test]
 fn paged_out_values_fault_back_in_after_a_commit_fails_on_a_full_disk() {

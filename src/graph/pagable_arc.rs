@@ -230,25 +230,7 @@ where
             return Ok(value);
         }
         let storage = self.storage()?;
-        let mut state = self.slot.lock();
-        let value = match &state.value {
-            // Faulted in by another thread meanwhile.
-            Some(value) => Arc::clone(value),
-            None => {
-                let key = state.key.expect("a paged-out value has a key");
-                let (value, weight) = page_in::load_arc::<T>(&storage, key, None)?;
-                state.value = Some(Arc::clone(&value));
-                holders::adopt(&value);
-                if weight > 0 {
-                    state.weight = weight;
-                }
-                value
-            }
-        };
-        drop(state);
-        self.slot.referenced.store(true, Ordering::Relaxed);
-        self.schedule(&*storage);
-        Ok(value)
+        self.fault_in(storage, None)
     }
 
     /// [`pin`](Self::pin) for async callers: the value's record (and the records it reaches)
@@ -268,11 +250,23 @@ where
             return self.pin();
         };
         let records = page_in::prefetch(&*storage, key, page_in::ASYNC_FETCH_CONCURRENCY).await?;
+        self.fault_in(storage, Some(records))
+    }
+
+    /// Makes the value resident (loading it, from `records` if given, unless another thread
+    /// did meanwhile), marks it referenced and hands it to the pager.
+    fn fault_in(
+        &self,
+        storage: Arc<dyn PagableStorage>,
+        records: Option<page_in::Records>,
+    ) -> anyhow::Result<Arc<T>> {
         let mut state = self.slot.lock();
         let value = match &state.value {
+            // Faulted in by another thread meanwhile.
             Some(value) => Arc::clone(value),
             None => {
-                let (value, weight) = page_in::load_arc::<T>(&storage, key, Some(records))?;
+                let key = state.key.expect("a paged-out value has a key");
+                let (value, weight) = page_in::load_arc::<T>(&storage, key, records)?;
                 state.value = Some(Arc::clone(&value));
                 holders::adopt(&value);
                 if weight > 0 {

@@ -54,7 +54,7 @@ const STACK_SEGMENT: usize = 16 << 20;
 /// How many record fetches `page_in_async` (and `PagableArc::pin_async`) keep in flight.
 pub(crate) const ASYNC_FETCH_CONCURRENCY: usize = 32;
 
-type Records = HashMap<DataKey, Arc<PagableData>, KeyHasherBuilder>;
+pub(crate) type Records = HashMap<DataKey, Arc<PagableData>, KeyHasherBuilder>;
 
 /// A node being deserialized: its record and how many child keys its fields have taken.
 struct Frame {

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the shared helpers
 
+pub mod tmpfs;
+
 use std::path::Path;
 
 use pagestore::{DataKey, PagableData};
