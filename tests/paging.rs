@@ -440,3 +440,11 @@ fn under_a_budget_handles_with_one_key_are_evicted_too() {
         assert_eq!(*pair[1].pin().unwrap(), blob(n as u32, 5000));
     }
 }
+
+#[test]
+fn handles_are_send_and_sync_when_the_value_is() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<PagableArc<Blob>>();
+    send_sync::<PagableArc<dyn Shape>>();
+    send_sync::<PagableArc<[u8]>>();
+}
