@@ -216,7 +216,8 @@ fn big_graph(c: &mut Criterion) {
     group.bench_function("page_out", |b| {
         b.iter_batched(
             || Arc::new(InMemoryPagableStorage::new()),
-            |fresh| black_box(page_out(&fresh, &root).unwrap()),
+            // Returned, so criterion drops the store after the measurement.
+            |fresh| (black_box(page_out(&fresh, &root).unwrap()), fresh),
             BatchSize::PerIteration,
         )
     });
@@ -243,7 +244,8 @@ fn big_graph(c: &mut Criterion) {
                 }));
                 edited
             },
-            |edited| black_box(page_out(&storage, &edited).unwrap()),
+            // Returned, so the list is dropped after the measurement.
+            |edited| (black_box(page_out(&storage, &edited).unwrap()), edited),
             BatchSize::PerIteration,
         )
     });
@@ -275,7 +277,8 @@ fn versus_serde_rc(c: &mut Criterion) {
         group.bench_function("pagestore_out", |b| {
             b.iter_batched(
                 || Arc::new(InMemoryPagableStorage::new()),
-                |fresh| black_box(page_out(&fresh, &root).unwrap()),
+                // Returned, so criterion drops the store after the measurement.
+            |fresh| (black_box(page_out(&fresh, &root).unwrap()), fresh),
                 BatchSize::PerIteration,
             )
         });
