@@ -265,6 +265,13 @@ fn workload<S: NodeStore>(label: &str, storage: &Arc<WithRuntime<S>>) -> Observe
         observed.settled
     );
     assert_eq!(stats.eviction_failures, 0, "{label}: {stats:?}");
+    // A thread that makes a value resident while resident bytes are more than budget/16 over
+    // the budget evicts before it returns: that bounds the peak, not only the settled state.
+    assert!(
+        observed.peak <= BUDGET + BUDGET / 16 + ONE_VALUE,
+        "{label}: peak resident {} over budget + budget/16 + one value",
+        observed.peak
+    );
     assert!(
         stats.serializations <= handles.len() as u64,
         "{label}: a value serialized twice: {stats:?}"
