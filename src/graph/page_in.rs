@@ -190,12 +190,16 @@ where
     T: ?Sized + Send + Sync + 'static,
     Box<T>: DeserializeOwned,
 {
-    match with_state(|state| (!state.on_path(key)).then(|| Arc::clone(&state.storage))) {
+    let ready = with_state(|state| {
+        let prefetched = state.prefetched.get(&key).cloned();
+        (!state.on_path(key)).then(|| (Arc::clone(&state.storage), prefetched))
+    });
+    match ready {
         None => Err(anyhow::anyhow!(OUTSIDE_SESSION)),
         Some(None) => Err(parent.context::<T>(cycle(key))),
         // The only place page-in recurses: one level per node of the path.
-        Some(Some(storage)) => stacker::maybe_grow(RED_ZONE, STACK_SEGMENT, || {
-            load::<T>(&*storage, key, parent)
+        Some(Some((storage, prefetched))) => stacker::maybe_grow(RED_ZONE, STACK_SEGMENT, || {
+            load::<T>(&*storage, key, prefetched, parent)
         }),
     }
 }
@@ -301,13 +305,17 @@ impl Parent {
 
 /// The value of `(T, key)`: live in the arc cache, or fetched and deserialized once (other
 /// threads loading the same entry wait for this one); then held by the call's table.
-fn load<T>(storage: &dyn PagableStorage, key: DataKey, parent: Parent) -> anyhow::Result<Arc<T>>
+fn load<T>(
+    storage: &dyn PagableStorage,
+    key: DataKey,
+    prefetched: Option<Arc<PagableData>>,
+    parent: Parent,
+) -> anyhow::Result<Arc<T>>
 where
     T: ?Sized + Send + Sync + 'static,
     Box<T>: DeserializeOwned,
 {
     let mut loaded_here = false;
-    let prefetched = with_state(|state| state.prefetched.get(&key).cloned()).flatten();
     let erased = storage
         .resolve_arc(TypeId::of::<T>(), key, prefetched, &mut |node| {
             loaded_here = true;
