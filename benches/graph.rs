@@ -278,7 +278,7 @@ fn versus_serde_rc(c: &mut Criterion) {
             b.iter_batched(
                 || Arc::new(InMemoryPagableStorage::new()),
                 // Returned, so criterion drops the store after the measurement.
-            |fresh| (black_box(page_out(&fresh, &root).unwrap()), fresh),
+                |fresh| (black_box(page_out(&fresh, &root).unwrap()), fresh),
                 BatchSize::PerIteration,
             )
         });

@@ -174,7 +174,7 @@ pub fn page_out<T: ?Sized + Serialize>(
     storage: &impl StorageHandle,
     value: &T,
 ) -> anyhow::Result<DataKey> {
-    out::page_out(storage.storage(), value)
+    out::page_out(&storage.to_dyn(), value)
 }
 
 /// Rebuilds the value stored under `key` by [`page_out`], with its sharing.
@@ -290,7 +290,7 @@ pub async fn page_in_async<T: DeserializeOwned>(
 /// then dropped the ordinary way.
 pub fn drop_deep<T: Serialize>(value: T) -> anyhow::Result<()> {
     const UNUSED: DataKey = DataKey::from_bytes([1; 16]).unwrap();
-    let mut finished = out::walk(&value, |_| None, |_, _| Ok(UNUSED))?.into_finished();
+    let mut finished = out::walk(&value, None, |_, _| Ok(UNUSED))?.into_finished();
     drop(value);
     // `finished` lists children before parents: pop parents first.
     while let Some(shared) = finished.pop() {

@@ -92,7 +92,10 @@ struct OutState {
     /// allocation, whose serializations differ.
     memo: HashMap<(TypeId, usize), u32, BuildHasherDefault<IdentityHasher>>,
     /// Values met for the first time since the driver last looked, in index order.
-    discovered: Vec<Box<dyn OutNode>>,
+    discovered: Vec<Met>,
+    /// The storage whose remembered keys let a shared value be written by key when it is met
+    /// (see [`PagableStorage::key_of`]); `None` when nothing is stored (`drop_deep`).
+    storage: Option<Arc<dyn PagableStorage>>,
     /// The children of the node being serialized, in the order met.
     children: Vec<u32>,
 }
@@ -143,7 +146,7 @@ where
 {
     // The clone keeps the allocation alive until the call ends, so its address cannot be
     // reused by another value and alias a memo entry.
-    record_node(identity_of::<T, T>(arc), || Box::new(Arc::clone(arc)))
+    record_node(identity_of::<T, T>(arc), true, || Box::new(Arc::clone(arc)))
 }
 
 /// `(TypeId of the view V, address of the allocation)`: what makes two handles one node.
@@ -151,10 +154,20 @@ pub(crate) fn identity_of<V: ?Sized + 'static, T: ?Sized>(arc: &Arc<T>) -> (Type
     (TypeId::of::<V>(), Arc::as_ptr(arc) as *const u8 as usize)
 }
 
+/// A value met for the first time in a page-out.
+enum Met {
+    /// To serialize (unless it turns out to be stored already).
+    Value(Box<dyn OutNode>),
+    /// A shared value the storage remembers: written by this key, never serialized.
+    Stored(DataKey),
+}
+
 /// Records the node `identity` as the next child of the node being serialized on this
-/// thread; `make` gives the node to serialize the first time the identity is met.
+/// thread; `make` gives the node to serialize the first time the identity is met. With
+/// `remembered`, a value the storage remembers the key of is written by that key instead.
 pub(crate) fn record_node(
     identity: (TypeId, usize),
+    remembered: bool,
     make: impl FnOnce() -> Box<dyn OutNode>,
 ) -> Result<(), &'static str> {
     OUT.with(|cell| {
@@ -165,7 +178,14 @@ pub(crate) fn record_node(
         let index = match state.memo.entry(identity) {
             Entry::Occupied(known) => *known.get(),
             Entry::Vacant(new) => {
-                state.discovered.push(make());
+                let key = match &state.storage {
+                    Some(storage) if remembered => storage.key_of(&identity.0, identity.1),
+                    _ => None,
+                };
+                state.discovered.push(match key {
+                    Some(key) => Met::Stored(key),
+                    None => Met::Value(make()),
+                });
                 *new.insert(next)
             }
         };
@@ -181,9 +201,13 @@ struct Session {
 }
 
 impl Session {
-    fn install() -> Session {
+    fn install(storage: Option<Arc<dyn PagableStorage>>) -> Session {
+        let state = OutState {
+            storage,
+            ..OutState::default()
+        };
         Session {
-            previous: OUT.with(|cell| cell.replace(Some(OutState::default()))),
+            previous: OUT.with(|cell| cell.replace(Some(state))),
         }
     }
 
@@ -199,12 +223,18 @@ impl Session {
     fn absorb(&self, nodes: &mut Vec<Node>) {
         OUT.with(|cell| {
             if let Some(state) = cell.borrow_mut().as_mut() {
-                nodes.extend(state.discovered.drain(..).map(|value| Node {
-                    state: match value.known_key() {
-                        Some(key) => State::Done(key),
-                        None => State::New,
+                nodes.extend(state.discovered.drain(..).map(|met| match met {
+                    Met::Value(value) => Node {
+                        state: match value.known_key() {
+                            Some(key) => State::Done(key),
+                            None => State::New,
+                        },
+                        value: Some(value),
                     },
-                    value,
+                    Met::Stored(key) => Node {
+                        state: State::Done(key),
+                        value: None,
+                    },
                 }));
             }
         });
@@ -231,8 +261,37 @@ enum State {
 }
 
 struct Node {
-    value: Box<dyn OutNode>,
+    /// `None` for a value written by a remembered key (its state is `Done` from the start).
+    value: Option<Box<dyn OutNode>>,
     state: State,
+}
+
+impl Node {
+    /// The node's value; only a node written by a remembered key has none, and such a node is
+    /// `Done` before anything asks.
+    fn value(&self) -> &dyn OutNode {
+        match &self.value {
+            Some(value) => &**value,
+            None => &StoredByKey,
+        }
+    }
+}
+
+/// What a node written by a remembered key answers if asked (never, in a correct walk).
+struct StoredByKey;
+
+impl OutNode for StoredByKey {
+    fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
+        Err(postcard::Error::SerializeBufferFull)
+    }
+
+    fn failure_message(&self) -> String {
+        "a value stored under a remembered key is never serialized".into()
+    }
+
+    fn type_name(&self) -> &'static str {
+        "a shared value stored under a remembered key"
+    }
 }
 
 /// The result of walking a graph: the root's key, and every shared value met in the order their
@@ -248,11 +307,8 @@ impl Walk {
     /// The values met, children before parents (what `drop_deep` needs; `page_out` does not
     /// pay for building it).
     pub(crate) fn into_finished(self) -> Vec<Box<dyn OutNode>> {
-        let mut slots: Vec<Option<Box<dyn OutNode>>> = self
-            .nodes
-            .into_iter()
-            .map(|node| Some(node.value))
-            .collect();
+        let mut slots: Vec<Option<Box<dyn OutNode>>> =
+            self.nodes.into_iter().map(|node| node.value).collect();
         self.order
             .into_iter()
             .filter_map(|index| slots[index as usize].take())
@@ -262,14 +318,14 @@ impl Walk {
 
 /// Serializes `root` and every shared value it reaches, children first, handing each node to
 /// `finish` (which stores it and returns its key) once its children have keys, with the value
-/// it came from (`None` for the root). A value for which `known` returns a key is not
+/// it came from (`None` for the root). A shared value whose key `storage` remembers is not
 /// serialized: it and everything below it are already stored.
 pub(crate) fn walk<T: ?Sized + Serialize>(
     root: &T,
-    known: impl Fn(&dyn OutNode) -> Option<DataKey>,
+    storage: Option<Arc<dyn PagableStorage>>,
     mut finish: impl FnMut(PagableData, Option<&dyn OutNode>) -> anyhow::Result<DataKey>,
 ) -> anyhow::Result<Walk> {
-    let session = Session::install();
+    let session = Session::install(storage);
     let root_type = std::any::type_name::<T>();
     let (root_data, root_children) = encode_node(
         &session,
@@ -288,12 +344,7 @@ pub(crate) fn walk<T: ?Sized + Serialize>(
                 stack.pop();
             }
             State::New => {
-                if let Some(key) = known(&*node.value) {
-                    node.state = State::Done(key);
-                    stack.pop();
-                    continue;
-                }
-                let value = &node.value;
+                let value = node.value();
                 let (data, children) = encode_node(
                     &session,
                     value.type_name(),
@@ -309,7 +360,7 @@ pub(crate) fn walk<T: ?Sized + Serialize>(
                         // node itself): a cycle.
                         State::New | State::Open { .. } => {
                             return Err(Error::Serialize {
-                                type_name: nodes[child as usize].value.type_name(),
+                                type_name: nodes[child as usize].value().type_name(),
                                 reason: "the graph has a cycle (a shared value reaches itself \
                                          through its children); content addressing needs a DAG"
                                     .into(),
@@ -326,9 +377,9 @@ pub(crate) fn walk<T: ?Sized + Serialize>(
                 let arcs = keys_of(&nodes, &children)?;
                 let key = finish(
                     PagableData { data, arcs },
-                    Some(&*nodes[top as usize].value),
+                    Some(nodes[top as usize].value()),
                 )?;
-                nodes[top as usize].value.stored(key);
+                nodes[top as usize].value().stored(key);
                 nodes[top as usize].state = State::Done(key);
                 order.push(top);
                 stack.pop();
@@ -355,7 +406,7 @@ fn keys_of(nodes: &[Node], children: &[u32]) -> anyhow::Result<Vec<DataKey>> {
             // rather than panicking.
             State::New | State::Open { .. } => Err(anyhow::anyhow!(
                 "pagestore bug: a child of a `{}` was not paged out before it",
-                nodes[child as usize].value.type_name()
+                nodes[child as usize].value().type_name()
             )),
         })
         .collect()
@@ -385,7 +436,7 @@ fn encode_node(
 /// Pages `value` and every shared value it reaches out to `storage`; see
 /// [`page_out`](crate::page_out).
 pub(crate) fn page_out<T: ?Sized + Serialize>(
-    storage: &dyn PagableStorage,
+    storage: &Arc<dyn PagableStorage>,
     value: &T,
 ) -> anyhow::Result<DataKey> {
     page_out_sized(storage, value).map(|(key, _)| key)
@@ -393,7 +444,7 @@ pub(crate) fn page_out<T: ?Sized + Serialize>(
 
 /// [`page_out`], also returning the length of `value`'s own record (its weight once paged).
 pub(crate) fn page_out_sized<T: ?Sized + Serialize>(
-    storage: &dyn PagableStorage,
+    storage: &Arc<dyn PagableStorage>,
     value: &T,
 ) -> anyhow::Result<(DataKey, usize)> {
     // Equal content from different Arcs has one key: store it once per call.
@@ -402,11 +453,7 @@ pub(crate) fn page_out_sized<T: ?Sized + Serialize>(
     let mut last_len = 0;
     // A shared value paged in or out before (and unchanged, as shared values must be) is
     // written by the key the storage remembers, without serializing it or its subgraph.
-    let known = |node: &dyn OutNode| {
-        let (type_id, identity) = node.memo_entry()?;
-        storage.key_of(&type_id, identity)
-    };
-    let walk = walk(value, known, |data, node| {
+    let walk = walk(value, Some(Arc::clone(storage)), |data, node| {
         let key = data.compute_key();
         // The root is finished last, so this ends as the root's record length.
         last_len = crate::codec::encoded_len(&data);
@@ -426,7 +473,7 @@ pub(crate) fn page_out_sized<T: ?Sized + Serialize>(
 /// The length `value`'s own record would have (its children count 16 bytes each, their own
 /// records nothing), found without allocating its bytes or touching its children.
 pub(crate) fn record_len<T: ?Sized + Serialize>(value: &T) -> anyhow::Result<usize> {
-    let session = Session::install();
+    let session = Session::install(None);
     let size = postcard::serialize_with_flavor(value, postcard::ser_flavors::Size::default());
     let children = session.take_children().len();
     match size {

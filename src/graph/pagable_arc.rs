@@ -363,7 +363,7 @@ where
         self.referenced.swap(false, Ordering::Relaxed)
     }
 
-    fn evict(&self, storage: &dyn PagableStorage) -> Eviction {
+    fn evict(&self, storage: &Arc<dyn PagableStorage>) -> Eviction {
         let mut state = self.lock();
         let Some(value) = &state.value else {
             return Eviction::NotResident;
@@ -466,8 +466,8 @@ where
             Arc::as_ptr(&self.slot) as *const u8 as usize,
         );
         let recorded = match (key, value) {
-            (Some(key), _) => out::record_node(identity, || Box::new(StoredChild(key))),
-            (None, Some(value)) => out::record_node(identity, || {
+            (Some(key), _) => out::record_node(identity, false, || Box::new(StoredChild(key))),
+            (None, Some(value)) => out::record_node(identity, false, || {
                 Box::new(UnstoredChild {
                     value,
                     slot: Arc::clone(&self.slot),

@@ -137,7 +137,8 @@ impl<S: NodeStore> WithRuntime<S> {
     /// None today: a failed page-out is counted in the report and leaves the value resident.
     /// The `Result` leaves room for store-wide failures.
     pub fn page_out_unpinned(&self) -> anyhow::Result<PageOutReport> {
-        Ok(self.runtime.pager.page_out_unpinned(&*self.runtime))
+        let storage: Arc<dyn PagableStorage> = self.runtime.clone();
+        Ok(self.runtime.pager.page_out_unpinned(&storage))
     }
 
     /// The paging figures: budget, resident bytes and values, faults, evictions,
@@ -339,7 +340,8 @@ impl<S: NodeStore> PagableStorage for WithRuntime<S> {
     fn schedule_for_paging(&self, arc: Box<dyn ArcEraseDyn>) {
         self.runtime.schedule_for_paging(arc);
         self.ensure_worker();
-        self.runtime.pager.help(&*self.runtime);
+        let storage: Arc<dyn PagableStorage> = self.runtime.clone();
+        self.runtime.pager.help(&storage);
     }
 
     fn session_context(&self) -> &SessionContext {

@@ -39,7 +39,7 @@ pub(crate) trait Evictable: Send + Sync + 'static {
     fn take_referenced(&self) -> bool;
 
     /// Pages the value out unless it is pinned; a value without a key is stored in `storage`.
-    fn evict(&self, storage: &dyn PagableStorage) -> Eviction;
+    fn evict(&self, storage: &Arc<dyn PagableStorage>) -> Eviction;
 }
 
 /// What [`Evictable::evict`] did.
@@ -245,7 +245,7 @@ impl Pager {
     /// the budget (waiting for an eviction in progress on another thread first). Does nothing
     /// on a thread that is evicting already: a `Serialize` impl run by an eviction that creates
     /// values would otherwise wait for itself.
-    pub(crate) fn help(&self, storage: &dyn PagableStorage) {
+    pub(crate) fn help(&self, storage: &Arc<dyn PagableStorage>) {
         if !self.far_over_budget() || EVICTING.get() {
             return;
         }
@@ -259,12 +259,17 @@ impl Pager {
             return;
         };
         let ring = lock(&self.ring);
-        self.evict_to(self.low_watermark(), &*storage, ring);
+        self.evict_to(self.low_watermark(), &storage, ring);
     }
 
     /// Evicts by CLOCK until resident bytes are at most `target` or every value was looked at
     /// twice (the rest are pinned, referenced twice, or failed).
-    fn evict_to(&self, target: usize, storage: &dyn PagableStorage, ring: MutexGuard<'_, Ring>) {
+    fn evict_to(
+        &self,
+        target: usize,
+        storage: &Arc<dyn PagableStorage>,
+        ring: MutexGuard<'_, Ring>,
+    ) {
         let _evicting = Evicting::enter();
         let mut ring = self.with_arrivals(ring);
         let mut steps = 2 * ring.slots.len();
@@ -290,7 +295,7 @@ impl Pager {
     }
 
     /// Evicts every tracked value that is not pinned now, ignoring referenced bits.
-    pub(crate) fn page_out_unpinned(&self, storage: &dyn PagableStorage) -> PageOutReport {
+    pub(crate) fn page_out_unpinned(&self, storage: &Arc<dyn PagableStorage>) -> PageOutReport {
         let _evicting = Evicting::enter();
         let mut report = PageOutReport::default();
         let mut ring = self.ring();
@@ -318,7 +323,7 @@ impl Pager {
     }
 
     /// Evicts `slot`, counting the outcome.
-    fn evict_one(&self, slot: &dyn Evictable, storage: &dyn PagableStorage) -> Eviction {
+    fn evict_one(&self, slot: &dyn Evictable, storage: &Arc<dyn PagableStorage>) -> Eviction {
         let outcome = slot.evict(storage);
         let a = &self.account;
         match &outcome {
