@@ -72,20 +72,24 @@ pub(super) fn lock_dir(db: &Path) -> Result<DirLock, Error> {
     let path = PathBuf::from(name);
     let conn = Connection::open(&path).map_err(Error::sqlite("open the lock file", &path))?;
     // With locking_mode=EXCLUSIVE the lock taken by BEGIN EXCLUSIVE is kept after COMMIT,
-    // until the connection closes. No busy timeout: a held lock fails at once.
+    // until the connection closes. No busy timeout: a held lock fails at once. The lock file
+    // holds no data, so its journal stays in memory: taking the lock never needs disk space
+    // (a store must reopen on a full disk to read what it has).
     conn.busy_timeout(std::time::Duration::ZERO)
         .map_err(Error::sqlite("set the busy timeout of", &path))?;
-    conn.execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE; COMMIT;")
-        .map_err(|e| match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
-                Error::io(
-                    "open (another SqliteBackedPagableStorage, in this or another process, has \
+    conn.execute_batch(
+        "PRAGMA journal_mode = MEMORY; PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE; COMMIT;",
+    )
+    .map_err(|e| match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            Error::io(
+                "open (another SqliteBackedPagableStorage, in this or another process, has \
                      it open; close that one first)",
-                    db,
-                )(std::io::Error::new(std::io::ErrorKind::WouldBlock, e))
-            }
-            _ => Error::sqlite("lock", &path)(e),
-        })?;
+                db,
+            )(std::io::Error::new(std::io::ErrorKind::WouldBlock, e))
+        }
+        _ => Error::sqlite("lock", &path)(e),
+    })?;
     Ok(DirLock {
         _conn: std::sync::Mutex::new(conn),
     })
