@@ -38,8 +38,8 @@
 //!   [`DataKey`]. [`SqliteNodeStore`] (one SQLite file, in the format of `pagable` 0.3.3) and
 //!   [`MemoryNodeStore`] implement it; so can your own backend.
 //! - **The runtime** ([`WithRuntime`]) holds what concerns live values: the arc cache that
-//!   makes a node loaded twice come back as the *same* `Arc`, the paging queue and the
-//!   session context. Attached to a node store it is a [`PagableStorage`], the trait the
+//!   makes a node loaded twice come back as the *same* `Arc`, the pager (memory budget and
+//!   eviction of [`PagableArc`] values) and the session context. Attached to a node store it is a [`PagableStorage`], the trait the
 //!   graph layer and the seed's users work with. [`SqliteBackedPagableStorage`] and
 //!   [`InMemoryPagableStorage`] are the two built-in stores with it attached.
 //!
@@ -48,6 +48,10 @@
 //! - **Typed graphs**: [`page_out`], [`page_in`] and [`page_in_async`]; the [`graph`] module
 //!   docs say how a graph is stored, the rules shared values follow, and how `dyn Trait`
 //!   values page through `typetag`.
+//! - **Paging**: [`PagableArc<T>`] values leave memory under a byte budget
+//!   ([`SqliteOptions::memory_budget`], [`WithRuntime::memory_budget`]) and come back when
+//!   pinned; [`WithRuntime::page_out_unpinned`] pages out everything unpinned now, and
+//!   [`WithRuntime::paging_stats`] says what happened.
 //! - **Persistence**: [`SqliteBackedPagableStorage::try_new`], or [`SqliteOptions`] for the
 //!   [`Durability`] mode and sizes.
 //! - **Raw nodes**: [`PagableStorage::store_data`] and
