@@ -110,7 +110,7 @@ pub fn node_store_contract<H: NodeStoreHarness>(harness: &H) {
 
 /// Runs every check of the [`PagableStorage`] contract against `harness`: the data checks of
 /// the node-store suite through `store_data`/`fetch_data*`, then the runtime's (arc cache,
-/// load-once, paging queue, `release_memory`).
+/// load-once, the pager's `schedule_for_paging`, `release_memory`).
 pub fn storage_contract<H: StorageHarness>(harness: &H) {
     run_data_checks(&Storages(harness));
     arc_cache_first_wins_preserves_identity_and_is_weak(harness);

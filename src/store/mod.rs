@@ -2,7 +2,7 @@
 //!
 //! A node store knows nothing of Rust types, `Arc`s, `TypeId`s or paging: it keeps
 //! [`PagableData`] nodes under their [`DataKey`]s. Everything about live values (the arc
-//! cache, the paging queue, the session context) is the runtime's, written once in
+//! cache, the pager, the session context) is the runtime's, written once in
 //! [`WithRuntime`](crate::WithRuntime) and attached to any node store.
 
 use std::sync::Arc;
@@ -18,7 +18,7 @@ pub(crate) mod sqlite;
 ///
 /// Implement it for a new backend and attach the runtime with
 /// [`WithRuntime::attach`](crate::WithRuntime::attach): the result is a
-/// [`PagableStorage`](crate::PagableStorage) with the arc cache, the paging queue and the
+/// [`PagableStorage`](crate::PagableStorage) with the arc cache, the pager and the
 /// graph layer. The suite in [`testing`](crate::testing) (feature `testing`) checks every
 /// sentence below; run it on your backend.
 ///
