@@ -106,6 +106,7 @@ pub fn node_store_contract<H: NodeStoreHarness>(harness: &H) {
     run_data_checks(&Nodes(harness));
     contains_sees_pending_and_committed_nodes(harness);
     scan_visits_every_node_once_before_and_after_flush(harness);
+    paged_values_leave_memory_and_come_back(harness);
 }
 
 /// Runs every check of the [`PagableStorage`] contract against `harness`: the data checks of
@@ -652,5 +653,37 @@ fn paging_schedule_and_release_memory_keep_data<H: StorageHarness>(harness: &H) 
             &live
         )),
         Either::Right(_) => panic!("live values stay cached"),
+    }
+}
+
+/// With the runtime attached, [`PagableArc`](crate::PagableArc) values page out into the
+/// store, fault back in, and (for persistent stores) come back from their keys after a reopen.
+fn paged_values_leave_memory_and_come_back<H: NodeStoreHarness>(harness: &H) {
+    use crate::PagableArc;
+    let storage = Arc::new(WithRuntime::attach(harness.open()));
+    let values: Vec<Vec<u8>> = (0..20).map(|n| node(n, 500, vec![]).data).collect();
+    let handles: Vec<PagableArc<Vec<u8>>> = values
+        .iter()
+        .map(|value| PagableArc::new(value.clone(), &storage))
+        .collect();
+    let report = storage.page_out_unpinned().unwrap();
+    assert_eq!(report.evicted, 20, "{report:?}");
+    assert!(handles.iter().all(|handle| !handle.is_resident()));
+    for (handle, value) in handles.iter().zip(&values) {
+        assert_eq!(*handle.pin().unwrap(), *value, "faulted back in");
+    }
+    storage.flush().unwrap();
+    let keys: Vec<DataKey> = handles.iter().map(|h| h.key().unwrap()).collect();
+    drop(handles);
+    let Ok(storage) = Arc::try_unwrap(storage) else {
+        panic!("nothing else holds the storage");
+    };
+    let Some(reopened) = harness.reopen(storage.into_node_store()) else {
+        return;
+    };
+    let reopened = Arc::new(WithRuntime::attach(reopened));
+    for (key, value) in keys.iter().zip(&values) {
+        let handle = PagableArc::<Vec<u8>>::from_key(*key, &reopened);
+        assert_eq!(*handle.pin().unwrap(), *value, "read back after a reopen");
     }
 }
