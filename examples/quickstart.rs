@@ -110,7 +110,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("a key that was never stored paged in");
     };
     anyhow::ensure!(pagestore::Error::is_not_found(&err));
-    println!("paging in a key that was never stored fails clearly: {err}");
+    println!("paging in a key that was never stored fails clearly: {err:#}");
     drop(storage);
 
     larger_than_memory(&dir.path().join("artifacts"))
