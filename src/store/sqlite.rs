@@ -8,6 +8,9 @@
 //! the two in both directions. The reference declares the table `WITHOUT ROWID`; pagestore
 //! creates new tables as rowid tables by default, which write much faster and are read and
 //! written by the same SQL (see [`TableLayout`]), and keeps whichever layout it finds.
+//! Named roots are in a table of pagestore's own, `pagestore_roots (name TEXT PRIMARY KEY,
+//! key BLOB NOT NULL)`, which the reference never reads; root changes go through the
+//! writer's batches, after the nodes stored before them.
 //!
 //! How it is built: `store_data` hashes and encodes on the caller's thread and queues the
 //! record in a bounded buffer that reads see at once (`writer`); a background thread commits
