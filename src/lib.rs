@@ -36,7 +36,8 @@
 //!
 //! - **The node store** ([`NodeStore`]) keeps bytes by key: [`PagableData`] nodes under their
 //!   [`DataKey`]. [`SqliteNodeStore`] (one SQLite file, in the format of `pagable` 0.3.3) and
-//!   [`MemoryNodeStore`] implement it; so can your own backend.
+//!   [`MemoryNodeStore`] implement it; so can your own backend. It also keeps named roots
+//!   ([`NodeStore::set_root`]), committed after the nodes stored before them.
 //! - **The runtime** ([`WithRuntime`]) holds what concerns live values: the arc cache that
 //!   makes a node loaded twice come back as the *same* `Arc`, the pager (memory budget and
 //!   eviction of [`PagableArc`] values) and the session context. Attached to a node store it is a [`PagableStorage`], the trait the
@@ -56,6 +57,9 @@
 //!   [`Durability`] mode and sizes.
 //! - **Raw nodes**: [`PagableStorage::store_data`] and
 //!   [`fetch_data_blocking`](PagableStorage::fetch_data_blocking).
+//! - **Named roots**: [`NodeStore::set_root`], [`root`](NodeStore::root),
+//!   [`roots`](NodeStore::roots) and [`remove_root`](NodeStore::remove_root), on a
+//!   [`WithRuntime`] through `Deref` (with [`NodeStore`] in scope).
 //! - **Another backend**: implement [`NodeStore`], attach it with [`WithRuntime::attach`],
 //!   and run the contract suite of [`testing`] (feature `testing`) on it.
 //!

@@ -107,6 +107,8 @@ pub fn node_store_contract<H: NodeStoreHarness>(harness: &H) {
     contains_sees_pending_and_committed_nodes(harness);
     scan_visits_every_node_once_before_and_after_flush(harness);
     paged_values_leave_memory_and_come_back(harness);
+    roots_are_set_read_listed_and_removed(harness);
+    roots_are_read_your_writes_and_survive_reopen(harness);
 }
 
 /// Runs every check of the [`PagableStorage`] contract against `harness`: the data checks of
@@ -496,6 +498,132 @@ fn contains_sees_pending_and_committed_nodes<H: NodeStoreHarness>(harness: &H) {
     assert!(!store.contains(&missing).unwrap());
     if let Some(reopened) = harness.reopen(store) {
         assert!(reopened.contains(&key).unwrap(), "after reopening");
+    }
+}
+
+/// Root names the checks use: plain, empty, spaces, non-ASCII, SQL quoting, a NUL, and
+/// names that differ only in case (sorted by their bytes).
+const ODD_ROOT_NAMES: &[&str] = &[
+    "main",
+    "",
+    "with space",
+    "ünïcødé/名前",
+    "'; DROP TABLE pagable_data; --",
+    "nul\0inside",
+    "Main",
+    "main.2",
+];
+
+/// Contract item 7: `set_root`, `root`, `roots` (sorted by name), `remove_root` (whether it
+/// existed), overwriting, and names with odd characters.
+fn roots_are_set_read_listed_and_removed<H: NodeStoreHarness>(harness: &H) {
+    let store = harness.open();
+    assert_eq!(store.roots().unwrap(), vec![], "a new store has no roots");
+    assert_eq!(store.root("main").unwrap(), None);
+    assert!(
+        !store.remove_root("main").unwrap(),
+        "removing a missing root"
+    );
+    let keys: Vec<DataKey> = (0..ODD_ROOT_NAMES.len() as u64)
+        .map(|i| store.put(node(900 + i, 20, vec![])).unwrap())
+        .collect();
+    for (name, key) in ODD_ROOT_NAMES.iter().zip(&keys) {
+        store.set_root(name, *key).unwrap();
+    }
+    for (name, key) in ODD_ROOT_NAMES.iter().zip(&keys) {
+        assert_eq!(store.root(name).unwrap(), Some(*key), "root {name:?}");
+    }
+    let mut expected: Vec<(String, DataKey)> = ODD_ROOT_NAMES
+        .iter()
+        .map(|name| name.to_string())
+        .zip(keys.iter().copied())
+        .collect();
+    expected.sort();
+    assert_eq!(store.roots().unwrap(), expected, "roots, sorted by name");
+    // Overwrite, then set the same key again.
+    store.set_root("main", keys[1]).unwrap();
+    store.set_root("main", keys[1]).unwrap();
+    assert_eq!(store.root("main").unwrap(), Some(keys[1]), "overwritten");
+    assert!(store.remove_root("with space").unwrap());
+    assert!(!store.remove_root("with space").unwrap(), "removed twice");
+    assert_eq!(store.root("with space").unwrap(), None);
+    store.flush().unwrap();
+    // The same after the changes are committed, and changes on top of committed roots.
+    assert_eq!(store.root("main").unwrap(), Some(keys[1]), "after flush");
+    assert_eq!(store.root("with space").unwrap(), None, "after flush");
+    assert!(store.remove_root("").unwrap(), "a committed root");
+    store.set_root("with space", keys[2]).unwrap();
+    expected.retain(|(name, _)| !name.is_empty());
+    for (name, key) in &mut expected {
+        match name.as_str() {
+            "main" => *key = keys[1],
+            "with space" => *key = keys[2],
+            _ => {}
+        }
+    }
+    assert_eq!(store.roots().unwrap(), expected, "pending over committed");
+    store.flush().unwrap();
+    assert_eq!(store.roots().unwrap(), expected, "after the second flush");
+    // A root may name a key that is not stored; the store does not check.
+    let missing = node(u64::MAX - 7, 3, vec![]).compute_key();
+    store.set_root("dangling", missing).unwrap();
+    assert_eq!(store.root("dangling").unwrap(), Some(missing));
+}
+
+/// Contract items 7 and 8: a root set right after its graph is seen at once from another
+/// thread, before any flush, with the graph readable; and what was set before a flush
+/// survives a reopen.
+fn roots_are_read_your_writes_and_survive_reopen<H: NodeStoreHarness>(harness: &H) {
+    let store = harness.open();
+    let graph = store_dag(&|node| store.put(node), 14, 200);
+    let top = store
+        .put(node(14_000, 30, graph.keys().copied().collect()))
+        .unwrap();
+    store.set_root("graph", top).unwrap();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                assert_eq!(
+                    store.root("graph").unwrap(),
+                    Some(top),
+                    "from another thread"
+                );
+                assert_eq!(store.roots().unwrap(), vec![("graph".to_string(), top)]);
+                let parent = store.get(&top).unwrap();
+                for child in &parent.arcs {
+                    store.get(child).unwrap();
+                }
+            })
+            .join()
+            .unwrap();
+    });
+    // Changes made from many threads at once are all kept.
+    std::thread::scope(|scope| {
+        for t in 0..4u64 {
+            let store = &store;
+            scope.spawn(move || {
+                for i in 0..25u64 {
+                    let key = store.put(node(15_000 + t * 100 + i, 10, vec![])).unwrap();
+                    store.set_root(&format!("thread{t}/{i:02}"), key).unwrap();
+                    assert_eq!(store.root(&format!("thread{t}/{i:02}")).unwrap(), Some(key));
+                }
+            });
+        }
+    });
+    assert_eq!(store.roots().unwrap().len(), 101, "every thread's roots");
+    assert!(store.remove_root("thread0/00").unwrap());
+    store.flush().unwrap();
+    let before = store.roots().unwrap();
+    assert_eq!(before.len(), 100);
+    if let Some(reopened) = harness.reopen(store) {
+        assert_eq!(reopened.roots().unwrap(), before, "after reopening");
+        assert_eq!(reopened.root("graph").unwrap(), Some(top));
+        assert_eq!(
+            reopened.root("thread0/00").unwrap(),
+            None,
+            "removed before flush"
+        );
+        reopened.get(&top).unwrap();
     }
 }
 

@@ -16,7 +16,8 @@
 //! - every mode: every record present (listed straight from SQLite) fetches as bytes that hash
 //!   to its key — never wrong bytes, never a panic; an unacknowledged node regenerated from
 //!   the seed reads back exactly or is `NotFound`; `verify()` finds no corrupt record and no
-//!   dangling child;
+//!   dangling child; every surviving root (the child names each node a root right after
+//!   storing it, with no flush between) reaches only stored nodes;
 //! - `Cache`: the unclean shutdown was detected and the store was reset or repaired (counted);
 //! - a new store / flush / fetch works, and after a clean close `PRAGMA integrity_check` is ok.
 //!
@@ -38,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use child::{KillAt, run_child};
 use common::{Rng, Workload, count_from_env, seed_from_env};
+use pagestore::NodeStore as _;
 use pagestore::{
     DataKey, Durability, Error, OpenReport, PagableData, PagableStorage,
     SqliteBackedPagableStorage, SqliteOptions,
@@ -150,6 +152,8 @@ struct Stats {
     chained: u64,
     acked_checked: u64,
     present_checked: u64,
+    /// Surviving roots whose graph was walked and found complete.
+    roots_checked: u64,
     outcomes: HashMap<&'static str, u64>,
     /// Cache mode: acknowledged nodes that a reset or repair dropped.
     acked_lost: u64,
@@ -312,6 +316,24 @@ fn run_mode(name: &'static str, kills: u64, seed: u64, scratch: &Path) -> Stats 
             report.missing_children
         );
 
+        // Roots are committed after the nodes stored before them (the child names each node
+        // a root right after storing it, without a flush): every surviving root names a
+        // stored node whose whole graph is stored.
+        for (name, root) in storage.roots().expect("roots after crash") {
+            let mut todo = vec![root];
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = todo.pop() {
+                if !seen.insert(key) {
+                    continue;
+                }
+                let node = storage.fetch_data_blocking(&key).unwrap_or_else(|e| {
+                    panic!("{context}: root {name:?} reaches {key}, which is unreadable: {e:#}")
+                });
+                todo.extend(node.arcs.iter().copied());
+            }
+            stats.roots_checked += 1;
+        }
+
         // The store still works.
         let fresh = PagableData {
             data: format!("after kill {kill} of {name}").into_bytes(),
@@ -373,13 +395,14 @@ fn parent() {
         println!(
             "crash: {name:>7}: {} kills ({} during open, {} of them during recovery; {} left \
              for the next child to recover), {} acknowledged reads checked, {} present records \
-             checked, opens {:?}, acknowledged nodes lost {}, failures 0",
+             checked, {} roots walked, opens {:?}, acknowledged nodes lost {}, failures 0",
             s.kills,
             s.kills_during_open,
             s.kills_during_recovery,
             s.chained,
             s.acked_checked,
             s.present_checked,
+            s.roots_checked,
             s.outcomes,
             s.acked_lost
         );

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use contract::{node, store_dag};
 use pagestore::{
-    Durability, Error, OpenReport, PagableData, PagableStorage, SqliteBackedPagableStorage,
-    SqliteOptions, TableLayout,
+    DataKey, Durability, Error, NodeStore as _, OpenReport, PagableData, PagableStorage,
+    SqliteBackedPagableStorage, SqliteOptions, TableLayout,
 };
 use rusqlite::Connection;
 
@@ -40,15 +40,24 @@ fn reads_a_database_written_by_the_reference() {
     let report = storage.verify().unwrap();
     assert!(report.is_ok(), "{report:?}");
     assert_eq!(report.records, 600);
-    // Still writable, in the same file.
+    // The reference has no roots; the open added the (empty) roots table.
+    assert_eq!(storage.roots().unwrap(), vec![]);
+    // Still writable, in the same file, roots included.
     let key = storage.store_data(node(1, 10, vec![entries[0].0])).unwrap();
+    storage.set_root("main", key).unwrap();
     storage.flush().unwrap();
     drop(storage);
     let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    assert!(storage.open_report().is_clean());
     assert_eq!(
         storage.fetch_data_blocking(&key).unwrap().arcs,
         [entries[0].0]
     );
+    assert_eq!(storage.roots().unwrap(), vec![("main".to_string(), key)]);
+    let db = storage.path().to_path_buf();
+    drop(storage);
+    // And the reference still reads the file with roots in it.
+    assert_eq!(read_like_the_reference(&db, &key).arcs, [entries[0].0]);
 }
 
 /// Opens a database the way pagable 0.3.3 does (its pragmas, its table statement, its
@@ -110,6 +119,9 @@ fn the_reference_can_read_and_write_what_pagestore_wrote() {
                 .unwrap();
             assert_eq!(storage.table_layout(), layout);
             let model = store_dag(&storage, 11, 300);
+            // A roots table in the file does not disturb the reference.
+            let (&first, _) = model.iter().next().unwrap();
+            storage.set_root("main", first).unwrap();
             let db = storage.path().to_path_buf();
             drop(storage);
             for (key, data) in &model {
@@ -285,6 +297,23 @@ fn an_unclean_shutdown_in_cache_mode_is_detected_and_repaired() {
         [&child.as_bytes()[..]],
     )
     .unwrap();
+
+    // Roots on the deleted child, on a parent the repair deletes, and on an untouched leaf.
+    let parent = *keys
+        .iter()
+        .find(|k| model[k].arcs.contains(&child))
+        .unwrap();
+    let leaf = *keys
+        .iter()
+        .find(|k| model[k].arcs.is_empty() && **k != child)
+        .unwrap();
+    for (name, key) in [("child", child), ("parent", parent), ("leaf", leaf)] {
+        conn.execute(
+            "INSERT INTO pagestore_roots (name, key) VALUES (?1, ?2)",
+            rusqlite::params![name, &key.as_bytes()[..]],
+        )
+        .unwrap();
+    }
     drop(conn);
 
     let storage = SqliteBackedPagableStorage::try_new(crashed.path()).unwrap();
@@ -296,6 +325,8 @@ fn an_unclean_shutdown_in_cache_mode_is_detected_and_repaired() {
     }
     let report = storage.verify().unwrap();
     assert!(report.is_ok(), "{report:?}");
+    // The repair drops the roots whose node it deleted (or found missing).
+    assert_eq!(storage.roots().unwrap(), vec![("leaf".to_string(), leaf)]);
     drop(storage);
     let storage = SqliteBackedPagableStorage::try_new(crashed.path()).unwrap();
     assert!(storage.open_report().is_clean());
@@ -729,4 +760,102 @@ fn repairing_a_long_chain_after_a_crash_takes_one_pass() {
     let key = storage.store_data(fresh.clone()).unwrap();
     storage.flush().unwrap();
     assert_eq!(*storage.fetch_data_blocking(&key).unwrap(), fresh);
+}
+
+/// Contract item 8 as SQLite keeps it: a root set right after its node, with no flush in
+/// between, is never committed before the nodes stored before it. A raw connection watches
+/// the committed state while a deep chain is stored (each node pointing to the one before,
+/// named root `tip` right after it is stored, over many small batches): in every snapshot,
+/// the node `tip` names and every node below it are committed.
+#[test]
+fn a_root_is_never_committed_before_the_nodes_stored_before_it() {
+    const CHAIN: usize = 3_000;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SqliteOptions::default()
+        .durability(Durability::Durable)
+        .write_buffer_rows(32)
+        .open(dir.path())
+        .unwrap();
+    let db = storage.path().to_path_buf();
+    let done = AtomicBool::new(false);
+    let keys: Vec<DataKey> = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let mut conn = Connection::open(&db).unwrap();
+            conn.busy_timeout(std::time::Duration::from_secs(30))
+                .unwrap();
+            let mut snapshots = 0u64;
+            let mut seen_roots = 0u64;
+            loop {
+                let finished = done.load(Ordering::Acquire);
+                let tx = conn.transaction().unwrap();
+                let root: Option<Vec<u8>> = tx
+                    .query_row(
+                        "SELECT key FROM pagestore_roots WHERE name = 'tip'",
+                        [],
+                        |row| row.get(0),
+                    )
+                    .ok();
+                let committed: std::collections::HashSet<Vec<u8>> = tx
+                    .prepare("SELECT key FROM pagable_data")
+                    .unwrap()
+                    .query_map([], |row| row.get(0))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                drop(tx);
+                snapshots += 1;
+                if let Some(root) = root {
+                    seen_roots += 1;
+                    assert!(
+                        committed.contains(&root),
+                        "snapshot {snapshot}: root tip names a node not yet committed",
+                        snapshot = snapshots
+                    );
+                }
+                if finished {
+                    return (snapshots, seen_roots, committed);
+                }
+            }
+        });
+        let mut keys = Vec::with_capacity(CHAIN);
+        for i in 0..CHAIN {
+            let arcs = keys.last().copied().into_iter().collect();
+            let key = storage
+                .store_data(node(70_000 + i as u64, 64, arcs))
+                .unwrap();
+            storage.set_root("tip", key).unwrap();
+            keys.push(key);
+        }
+        storage.flush().unwrap();
+        done.store(true, Ordering::Release);
+        let (snapshots, seen_roots, committed) = watcher.join().unwrap();
+        assert!(snapshots > 1 && seen_roots >= 1, "{snapshots} snapshots");
+        assert_eq!(
+            committed.len(),
+            CHAIN,
+            "the final snapshot has the whole chain"
+        );
+        keys
+    });
+    // The chain's order makes "the root's node is committed" mean "its whole graph is", as
+    // children are committed first; verify checks that over the whole file.
+    let tip = *keys.last().unwrap();
+    assert_eq!(storage.root("tip").unwrap(), Some(tip));
+    let report = storage.verify().unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    drop(storage);
+    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    assert_eq!(storage.roots().unwrap(), vec![("tip".to_string(), tip)]);
+    let mut next = Some(tip);
+    let mut walked = 0;
+    while let Some(key) = next {
+        next = storage
+            .fetch_data_blocking(&key)
+            .unwrap()
+            .arcs
+            .first()
+            .copied();
+        walked += 1;
+    }
+    assert_eq!(walked, CHAIN, "the root reaches the whole chain");
 }

@@ -1,6 +1,7 @@
 //! [`MemoryNodeStore`]: the node-store contract on a concurrent map, nothing on disk.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
 
@@ -17,6 +18,7 @@ use crate::store::NodeStore;
 #[derive(Default)]
 pub struct MemoryNodeStore {
     nodes: DashMap<DataKey, Arc<PagableData>, KeyHasherBuilder>,
+    roots: Mutex<BTreeMap<String, DataKey>>,
 }
 
 impl MemoryNodeStore {
@@ -33,6 +35,11 @@ impl MemoryNodeStore {
     /// Whether no node is stored.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+
+    fn roots_map(&self) -> MutexGuard<'_, BTreeMap<String, DataKey>> {
+        // Every critical section leaves the map consistent.
+        self.roots.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -59,6 +66,27 @@ impl NodeStore for MemoryNodeStore {
         Ok(())
     }
 
+    fn set_root(&self, name: &str, key: DataKey) -> anyhow::Result<()> {
+        self.roots_map().insert(name.to_owned(), key);
+        Ok(())
+    }
+
+    fn root(&self, name: &str) -> anyhow::Result<Option<DataKey>> {
+        Ok(self.roots_map().get(name).copied())
+    }
+
+    fn roots(&self) -> anyhow::Result<Vec<(String, DataKey)>> {
+        Ok(self
+            .roots_map()
+            .iter()
+            .map(|(name, key)| (name.clone(), *key))
+            .collect())
+    }
+
+    fn remove_root(&self, name: &str) -> anyhow::Result<bool> {
+        Ok(self.roots_map().remove(name).is_some())
+    }
+
     fn scan(
         &self,
         visit: &mut dyn FnMut(DataKey, anyhow::Result<PagableData>) -> anyhow::Result<()>,
@@ -80,6 +108,7 @@ impl std::fmt::Debug for MemoryNodeStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryNodeStore")
             .field("nodes", &self.nodes.len())
+            .field("roots", &self.roots_map().len())
             .finish()
     }
 }

@@ -44,6 +44,17 @@ pub(crate) mod sqlite;
 ///    bytes. Both name the key.
 /// 6. **Concurrency.** Every method may be called from many threads at once; nothing stored
 ///    is lost and nothing deadlocks.
+/// 7. **Named roots.** [`set_root`](Self::set_root) names a key (any UTF-8 name, the empty
+///    one included; setting a name again replaces its key), [`root`](Self::root) reads it,
+///    [`roots`](Self::roots) lists every root sorted by name, [`remove_root`](Self::remove_root)
+///    removes one and says whether it existed. Like nodes they are read-your-writes (once
+///    `set_root` or `remove_root` returns, every thread sees the change, before any flush)
+///    and durable at flush (a persistent store's new instance reads the roots set before a
+///    `flush` that returned). The store does not check that a root's key is stored.
+/// 8. **Roots after nodes.** A root change is committed no earlier than every node whose
+///    `put` returned before the change was made, so a root that survives a crash names a
+///    complete graph when its nodes were stored before it: `set_root` right after storing a
+///    graph, with no flush in between, is safe.
 #[async_trait::async_trait]
 pub trait NodeStore: Send + Sync + 'static {
     /// Stores `node` and returns its key, `node.compute_key()`. Idempotent; may buffer the
@@ -78,6 +89,19 @@ pub trait NodeStore: Send + Sync + 'static {
         &self,
         visit: &mut dyn FnMut(DataKey, anyhow::Result<PagableData>) -> anyhow::Result<()>,
     ) -> anyhow::Result<()>;
+
+    /// Names `key` as the root `name`, replacing the key it named before (contract items 7
+    /// and 8). Garbage collection will keep what roots reach.
+    fn set_root(&self, name: &str, key: DataKey) -> anyhow::Result<()>;
+
+    /// The key the root `name` names, if there is such a root.
+    fn root(&self, name: &str) -> anyhow::Result<Option<DataKey>>;
+
+    /// Every root, sorted by name.
+    fn roots(&self) -> anyhow::Result<Vec<(String, DataKey)>>;
+
+    /// Removes the root `name`; returns whether it existed. The nodes it named stay stored.
+    fn remove_root(&self, name: &str) -> anyhow::Result<bool>;
 
     /// Drops memory that can be rebuilt (caches); stored data is unaffected. The default
     /// does nothing.

@@ -8,6 +8,9 @@
 //! the two in both directions. The reference declares the table `WITHOUT ROWID`; pagestore
 //! creates new tables as rowid tables by default, which write much faster and are read and
 //! written by the same SQL (see [`TableLayout`]), and keeps whichever layout it finds.
+//! Named roots are in a table of pagestore's own, `pagestore_roots (name TEXT PRIMARY KEY,
+//! key BLOB NOT NULL)`, which the reference never reads; root changes go through the
+//! writer's batches, after the nodes stored before them.
 //!
 //! How it is built: `store_data` hashes and encodes on the caller's thread and queues the
 //! record in a bounded buffer that reads see at once (`writer`); a background thread commits
@@ -91,9 +94,29 @@ struct Inner {
     pool: ReaderPool,
     buffer: WriteBuffer,
     verify_on_read: bool,
+    /// Taken by root changes, so that `remove_root` reads whether a root exists and queues
+    /// its removal with no other change of roots in between.
+    roots_lock: std::sync::Mutex<()>,
+    options: SqliteOptions,
 }
 
 impl Inner {
+    /// The root `name`: its pending change if one is queued, else the committed one.
+    fn root(&self, name: &str) -> anyhow::Result<Option<DataKey>> {
+        if let Some(pending) = self.buffer.pending_root(name) {
+            return Ok(pending);
+        }
+        // Read after the pending map: a change committed meanwhile is in the database.
+        let conn = conn::open_reader(&self.path, &self.options)?;
+        Ok(conn::read_roots(&conn, Some(name), &self.path)?
+            .into_iter()
+            .next()
+            .map(|(_, key)| key))
+    }
+
+    fn lock_roots(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.roots_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
     fn fetch(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
         if let Some(record) = self.buffer.pending(key) {
             // Encoded by this process from a node that hashed to `key`: no need to re-hash.
@@ -177,6 +200,8 @@ impl SqliteNodeStore {
             pool: ReaderPool::new(&path, readers, options.mmap_size_bytes),
             buffer,
             verify_on_read: options.verify_on_read,
+            roots_lock: std::sync::Mutex::new(()),
+            options: options.clone(),
         });
         let cache_bytes = options.cache_size_bytes;
         failpoint::check("start the writer")?;
@@ -331,6 +356,44 @@ impl NodeStore for SqliteNodeStore {
 
     fn flush(&self) -> anyhow::Result<()> {
         Ok(self.inner.buffer.flush()?)
+    }
+
+    /// Queued behind every record stored before it and committed in the same transaction
+    /// as the last of them or later; reads see it at once.
+    fn set_root(&self, name: &str, key: DataKey) -> anyhow::Result<()> {
+        let _roots = self.inner.lock_roots();
+        Ok(self.inner.buffer.push_root(name, Some(key))?)
+    }
+
+    fn root(&self, name: &str) -> anyhow::Result<Option<DataKey>> {
+        self.inner.root(name)
+    }
+
+    fn roots(&self) -> anyhow::Result<Vec<(String, DataKey)>> {
+        // The pending changes first: one committed after this snapshot is in the database
+        // read below.
+        let pending = self.inner.buffer.pending_roots();
+        let conn = conn::open_reader(&self.inner.path, &self.options)?;
+        let mut roots: std::collections::BTreeMap<String, DataKey> =
+            conn::read_roots(&conn, None, &self.inner.path)?
+                .into_iter()
+                .collect();
+        for (name, key) in pending {
+            match key {
+                Some(key) => roots.insert(name, key),
+                None => roots.remove(&name),
+            };
+        }
+        Ok(roots.into_iter().collect())
+    }
+
+    fn remove_root(&self, name: &str) -> anyhow::Result<bool> {
+        let _roots = self.inner.lock_roots();
+        let existed = self.inner.root(name)?.is_some();
+        if existed {
+            self.inner.buffer.push_root(name, None)?;
+        }
+        Ok(existed)
     }
 
     fn scan(

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use super::common::{Rng, Workload};
 use super::{CHILD_CAP, CHILD_ENV, MAX_BLOB, mode_named, open};
-use pagestore::PagableStorage;
+use pagestore::{NodeStore as _, PagableStorage};
+
+/// How many root names the child cycles through.
+pub(super) const ROOT_NAMES: u64 = 5;
 
 /// How long a child may take to reach the moment it is to be killed.
 const CHILD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -30,7 +33,12 @@ pub(super) fn run_as_child(spec: &str) {
     let mut next_flush = rng.range(1, 8);
     for stored in 1..=CHILD_CAP {
         let node = workload.next_node();
-        storage.store_data(node).expect("child: store_data");
+        let key = storage.store_data(node).expect("child: store_data");
+        // Named right after the node is stored, no flush in between: a root that survives
+        // the kill must name a complete graph (the parent walks it).
+        storage
+            .set_root(&format!("r{}", stored % ROOT_NAMES), key)
+            .expect("child: set_root");
         if stored == next_flush {
             storage.flush().expect("child: flush");
             // Stdout to a pipe is line-buffered: the line is written in one write(2).

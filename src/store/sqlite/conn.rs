@@ -17,6 +17,15 @@ macro_rules! create_table_sql {
     };
 }
 
+/// The named roots: pagestore's own table, which the reference never reads.
+pub(super) const CREATE_ROOTS_SQL: &str =
+    "CREATE TABLE IF NOT EXISTS pagestore_roots (name TEXT PRIMARY KEY, key BLOB NOT NULL)";
+/// Sets a root (`?1` name, `?2` key bytes).
+pub(super) const SET_ROOT_SQL: &str =
+    "INSERT OR REPLACE INTO pagestore_roots (name, key) VALUES (?1, ?2)";
+/// Removes a root (`?1` name).
+pub(super) const REMOVE_ROOT_SQL: &str = "DELETE FROM pagestore_roots WHERE name = ?1";
+
 /// The statement that creates the table in a new database, in the chosen layout.
 fn create_table(layout: TableLayout) -> &'static str {
     match layout {
@@ -141,6 +150,8 @@ pub(super) fn open_writer(
              database?) in",
             path,
         ))?;
+    conn.execute_batch(CREATE_ROOTS_SQL)
+        .map_err(Error::sqlite("create the roots table in", path))?;
     let layout = table_layout(&conn).map_err(Error::sqlite("read the table layout of", path))?;
     Ok((conn, layout))
 }
@@ -195,6 +206,42 @@ pub(super) fn set_durability(
         synchronous(options.durability)
     ))
     .map_err(Error::sqlite("set the sync level of", path))
+}
+
+/// The committed roots, by name (all of them, or the one named `only`). A key that is not
+/// 16 bytes is reported as damage.
+pub(super) fn read_roots(
+    conn: &Connection,
+    only: Option<&str>,
+    path: &Path,
+) -> Result<Vec<(String, crate::key::DataKey)>, Error> {
+    let sql = match only {
+        Some(_) => "SELECT name, key FROM pagestore_roots WHERE name = ?1",
+        None => "SELECT name, key FROM pagestore_roots ORDER BY name",
+    };
+    let read = || -> rusqlite::Result<Vec<(String, Vec<u8>)>> {
+        let mut stmt = conn.prepare(sql)?;
+        let row = |row: &rusqlite::Row<'_>| Ok((row.get(0)?, row.get(1)?));
+        match only {
+            Some(name) => stmt.query_map([name], row)?.collect(),
+            None => stmt.query_map([], row)?.collect(),
+        }
+    };
+    let rows = read().map_err(Error::sqlite("read the roots of", path))?;
+    rows.into_iter()
+        .map(
+            |(name, bytes)| match crate::key::DataKey::from_slice(&bytes) {
+                Some(key) => Ok((name, key)),
+                None => Err(Error::io("read the roots of", path)(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "root {name:?} holds {} bytes, not a 16-byte key",
+                        bytes.len()
+                    ),
+                ))),
+            },
+        )
+        .collect()
 }
 
 /// Opens one read-only connection, without a memory map, for the reader pool (which maps

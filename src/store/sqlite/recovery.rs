@@ -277,6 +277,28 @@ fn repair(db: &Path) -> Result<OpenReport, String> {
             removed_dangling += delete.execute([&graph.keys[i as usize][..]]).map_err(sql)? as u64;
         }
     }
+    // A root whose graph lost a node names nothing complete any more: drop it too.
+    let roots_exist: bool = tx
+        .query_row(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'pagestore_roots'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(sql)?;
+    if roots_exist {
+        let dropped = tx
+            .execute(
+                "DELETE FROM pagestore_roots WHERE key NOT IN (SELECT key FROM pagable_data)",
+                [],
+            )
+            .map_err(sql)?;
+        if dropped > 0 {
+            log::warn!(
+                "pagestore: {}: dropped {dropped} roots whose node was not kept",
+                db.display()
+            );
+        }
+    }
     tx.commit().map_err(sql)?;
     Ok(OpenReport::Repaired {
         records: (graph.keys.len() - corrupt.len() - dangling.len()) as u64,

@@ -21,7 +21,7 @@
 //!   (see [`run`]): no caller is left waiting for a writer that is gone.
 
 use std::any::Any;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -87,12 +87,29 @@ struct Batch {
     seq: u64,
     entries: Vec<(DataKey, Record)>,
     bytes: usize,
+    /// Root changes queued after every entry above, applied after them in the same
+    /// transaction: `None` removes the root.
+    roots: Vec<RootChange>,
+}
+
+/// A root change: its name, its number (to tell it from a later change of the same name)
+/// and the new key (`None`: removed).
+struct RootChange {
+    name: String,
+    id: u64,
+    key: Option<DataKey>,
 }
 
 #[derive(Default)]
 struct State {
     filling: Vec<(DataKey, Record)>,
     filling_bytes: usize,
+    filling_roots: Vec<RootChange>,
+    /// Root changes not yet committed, the latest per name with its number: reads see them
+    /// before the commit (like pending records). An entry goes when the change it holds
+    /// commits.
+    pending_roots: BTreeMap<String, (u64, Option<DataKey>)>,
+    next_root_id: u64,
     sealed: VecDeque<Batch>,
     /// Bytes stored but not yet committed (filling + sealed + committing). The matching row
     /// count is `WriteBuffer::pending_len`, which changes only under this state's lock.
@@ -231,9 +248,43 @@ impl WriteBuffer {
         Ok(())
     }
 
+    /// Queues a root change (`None`: remove) after every record queued before it, in the
+    /// batch being filled; reads see it at once.
+    pub(super) fn push_root(&self, name: &str, key: Option<DataKey>) -> Result<(), Error> {
+        let mut state = self.lock();
+        if let Some(err) = Self::poisoned_error(&state) {
+            return Err(err);
+        }
+        state.next_root_id += 1;
+        let id = state.next_root_id;
+        state.pending_roots.insert(name.to_owned(), (id, key));
+        state.filling_roots.push(RootChange {
+            name: name.to_owned(),
+            id,
+            key,
+        });
+        // Not sealed here: the next seal or flush carries it, after the records before it.
+        Ok(())
+    }
+
+    /// The pending change of root `name`: `Some(None)` if it is being removed, `None` if no
+    /// change is pending.
+    pub(super) fn pending_root(&self, name: &str) -> Option<Option<DataKey>> {
+        self.lock().pending_roots.get(name).map(|&(_, key)| key)
+    }
+
+    /// Every pending root change, by name.
+    pub(super) fn pending_roots(&self) -> BTreeMap<String, Option<DataKey>> {
+        self.lock()
+            .pending_roots
+            .iter()
+            .map(|(name, &(_, key))| (name.clone(), key))
+            .collect()
+    }
+
     /// Hands the batch being filled to the writer.
     fn seal(&self, state: &mut State) {
-        if state.filling.is_empty() {
+        if state.filling.is_empty() && state.filling_roots.is_empty() {
             return;
         }
         state.sealed_seq += 1;
@@ -241,6 +292,7 @@ impl WriteBuffer {
             seq: state.sealed_seq,
             entries: std::mem::take(&mut state.filling),
             bytes: std::mem::take(&mut state.filling_bytes),
+            roots: std::mem::take(&mut state.filling_roots),
         };
         state.sealed.push_back(batch);
         self.work.notify_one();
@@ -308,6 +360,13 @@ impl WriteBuffer {
                 state.in_flight_bytes -= batch.bytes;
                 self.pending_len
                     .fetch_sub(batch.entries.len(), Ordering::Release);
+                // Committed root changes are read from the database from now on, unless a
+                // later change of the same name is pending.
+                for change in &batch.roots {
+                    if state.pending_roots.get(&change.name).map(|&(id, _)| id) == Some(change.id) {
+                        state.pending_roots.remove(&change.name);
+                    }
+                }
                 None
             }
             Err(err) => {
@@ -524,6 +583,24 @@ fn commit(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<()> {
     // SQLite orders BLOBs by memcmp, so sort by the stored bytes, not by the key's value.
     rows.sort_unstable_by_key(|row| row.0);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    insert_rows(&tx, &rows)?;
+    // After the batch's nodes, in the order they were set: a root never commits before the
+    // nodes stored before it (those are in this batch or an earlier one).
+    if !batch.roots.is_empty() {
+        let mut set = tx.prepare_cached(conn::SET_ROOT_SQL)?;
+        let mut remove = tx.prepare_cached(conn::REMOVE_ROOT_SQL)?;
+        for change in &batch.roots {
+            match change.key {
+                Some(key) => set.execute(rusqlite::params![change.name, &key.as_bytes()[..]])?,
+                None => remove.execute([&change.name])?,
+            };
+        }
+    }
+    tx.commit()
+}
+
+/// Inserts the sorted `rows` in the open transaction.
+fn insert_rows(tx: &rusqlite::Transaction<'_>, rows: &[([u8; 16], &[u8])]) -> rusqlite::Result<()> {
     {
         let mut many = tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?;
         let mut one = tx.prepare_cached(&insert_sql(1))?;
@@ -545,7 +622,7 @@ fn commit(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<()> {
             one.raw_execute()?;
         }
     }
-    tx.commit()
+    Ok(())
 }
 
 /// Rows whose records are pulled into the CPU cache together before they are inserted.
