@@ -211,6 +211,18 @@ pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connec
     Ok(conn)
 }
 
+/// Checks, on a read-only connection, that the file is pagestore's (its `pagable_data`
+/// table has the `key` and `value` columns) and returns the table's layout. Writes nothing.
+pub(super) fn check_read_only(conn: &Connection, path: &Path) -> Result<TableLayout, Error> {
+    conn.prepare("SELECT key, value FROM pagable_data WHERE key = ?1")
+        .map_err(Error::sqlite(
+            "find the columns key and value of table pagable_data (is this a pagestore \
+             database?) in",
+            path,
+        ))?;
+    table_layout(conn).map_err(Error::sqlite("read the table layout of", path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
