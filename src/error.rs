@@ -134,6 +134,38 @@ pub enum Error {
         type_name: &'static str,
     },
 
+    /// A write (`put`, `store_data`, a page-out) to a store opened with
+    /// [`SqliteOptions::read_only`](crate::SqliteOptions::read_only). Nothing was queued.
+    #[error(
+        "the store at {} was opened read-only (SqliteOptions::read_only) and cannot store data; \
+         open it without read_only to write",
+        path.display()
+    )]
+    ReadOnly {
+        /// The database file.
+        path: PathBuf,
+    },
+
+    /// A normal (read-write) open of a store whose directory this process cannot write in:
+    /// a read-only directory or medium, or another user's directory. Opening for writing
+    /// needs to create the lock and journal files beside the database; a read-only open
+    /// ([`SqliteOptions::read_only`](crate::SqliteOptions::read_only)) needs none. The I/O
+    /// error that showed it (its kind is `PermissionDenied` or `ReadOnlyFilesystem`) is the
+    /// [`source`](std::error::Error::source).
+    #[error(
+        "the store directory {} is not writable ({}); open it with \
+         SqliteOptions::read_only(true) to read it",
+        path.display(),
+        source.kind()
+    )]
+    NotWritable {
+        /// The store's directory.
+        path: PathBuf,
+        /// The error of an attempt to create a file in it.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// An earlier write failed, so the store no longer knows what reached disk; it refuses
     /// further writes instead of pretending they succeed.
     #[error(

@@ -63,7 +63,9 @@ impl Default for InMemoryPagableStorage {
 /// ```
 ///
 /// One store per directory: opening a second one on the same directory, in this process or
-/// another, fails with [`Error::Io`](crate::Error::Io) until the first is dropped.
+/// another, fails with [`Error::Io`](crate::Error::Io) until the first is dropped. Stores
+/// opened with [`SqliteOptions::read_only`] are not counted: any number of them can read
+/// beside the writer.
 pub type SqliteBackedPagableStorage = WithRuntime<SqliteNodeStore>;
 
 #[cfg(feature = "sqlite")]
@@ -80,8 +82,9 @@ impl SqliteOptions {
     /// Opens (creating if needed) the store in `dir`, whose database is `dir/pagable.db`.
     ///
     /// Errors: [`Error::Io`](crate::Error::Io) naming the path when the directory cannot be
-    /// created or is a file; [`Error::Sqlite`](crate::Error::Sqlite) when SQLite cannot open or
-    /// set up the database.
+    /// created or is a file; [`Error::NotWritable`](crate::Error::NotWritable) when this
+    /// process cannot write in the directory (a read-only open can still read it);
+    /// [`Error::Sqlite`](crate::Error::Sqlite) when SQLite cannot open or set up the database.
     pub fn open(self, dir: impl AsRef<Path>) -> anyhow::Result<SqliteBackedPagableStorage> {
         let budget = self.memory_budget_bytes();
         let store = self.open_node_store(dir)?;

@@ -67,6 +67,28 @@ mod failpoint {
     }
 }
 
+/// The error of creating a file in `dir`, if it shows that this process cannot write in it
+/// (permission denied, read-only file system); the probe file is removed at once. Only
+/// called after a read-write open failed.
+fn dir_not_writable(dir: &Path) -> Option<std::io::Error> {
+    let probe = dir.join(format!("{DATABASE_FILE}.probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            None
+        }
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+        )
+        .then_some(e),
+    }
+}
+
 /// The file name of the database inside the store's directory (the reference's name).
 const DATABASE_FILE: &str = "pagable.db";
 
@@ -84,8 +106,9 @@ pub struct SqliteNodeStore {
     table_layout: TableLayout,
     /// The unclean-shutdown marker, in Cache mode.
     marker: Option<PathBuf>,
-    /// Held until after `close` (fields drop after `Drop::drop`), released last.
-    _dir_lock: recovery::DirLock,
+    /// Held until after `close` (fields drop after `Drop::drop`), released last; none when
+    /// read-only.
+    _dir_lock: Option<recovery::DirLock>,
 }
 
 /// What a read needs; shared with reads running on tokio's blocking pool.
@@ -151,7 +174,68 @@ fn decode(key: &DataKey, record: &[u8], verify: bool) -> Result<Arc<PagableData>
 }
 
 impl SqliteNodeStore {
+    /// [`Error::ReadOnly`] if the store was opened read-only.
+    fn check_writable(&self) -> Result<(), Error> {
+        if self.options.read_only {
+            return Err(Error::ReadOnly {
+                path: self.inner.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
     pub(super) fn open_with(dir: &Path, options: SqliteOptions) -> anyhow::Result<Self> {
+        if options.read_only {
+            return Ok(Self::open_read_only(dir, options)?);
+        }
+        Self::open_read_write(dir, options).map_err(|err| match dir_not_writable(dir) {
+            // Whatever step failed first (the lock file, the marker, the journal), the cause
+            // is the directory, and the fix is a read-only open.
+            Some(source) => Error::NotWritable {
+                path: dir.into(),
+                source,
+            }
+            .into(),
+            None => err,
+        })
+    }
+
+    /// Opens `dir/pagable.db` for reading only: nothing is created, locked or written.
+    fn open_read_only(dir: &Path, options: SqliteOptions) -> Result<Self, Error> {
+        let path = dir.join(DATABASE_FILE);
+        std::fs::metadata(&path).map_err(Error::io("open (read-only) the database", &path))?;
+        // The marker of a Cache-mode writer, running now or crashed: reported, not repaired.
+        let open_report = if recovery::marker_path(&path).exists() {
+            OpenReport::UncleanNotChecked
+        } else {
+            OpenReport::Clean
+        };
+        let first = conn::open_reader(&path, &options)?;
+        let layout = conn::check_read_only(&first, &path)?;
+        let mut readers = vec![first];
+        for _ in 1..options.readers {
+            readers.push(conn::open_reader(&path, &options)?);
+        }
+        let inner = Arc::new(Inner {
+            path: path.clone(),
+            pool: ReaderPool::new(&path, readers, options.mmap_size_bytes, false),
+            buffer: WriteBuffer::new(2, 2, 0),
+            verify_on_read: options.verify_on_read,
+            roots_lock: std::sync::Mutex::new(()),
+            options: options.clone(),
+        });
+        Ok(Self {
+            inner,
+            writer: None,
+            open_report,
+            options,
+            table_layout: layout,
+            marker: None,
+            _dir_lock: None,
+        })
+    }
+
+    fn open_read_write(dir: &Path, options: SqliteOptions) -> anyhow::Result<Self> {
         // Fails (AlreadyExists / NotADirectory) when a file is in the way.
         std::fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
         let path = dir.join(DATABASE_FILE);
@@ -197,7 +281,7 @@ impl SqliteNodeStore {
             .collect::<Result<Vec<_>, _>>()?;
         let inner = Arc::new(Inner {
             path: path.clone(),
-            pool: ReaderPool::new(&path, readers, options.mmap_size_bytes),
+            pool: ReaderPool::new(&path, readers, options.mmap_size_bytes, true),
             buffer,
             verify_on_read: options.verify_on_read,
             roots_lock: std::sync::Mutex::new(()),
@@ -229,7 +313,7 @@ impl SqliteNodeStore {
             options,
             table_layout: layout,
             marker: cache_mode.then_some(marker),
-            _dir_lock: dir_lock,
+            _dir_lock: Some(dir_lock),
         })
     }
 
@@ -260,7 +344,13 @@ impl SqliteNodeStore {
         self.table_layout
     }
 
-    /// The durability this store was opened with.
+    /// Whether this store was opened with [`SqliteOptions::read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.options.read_only
+    }
+
+    /// The durability this store was opened with (for a read-only store, the option as
+    /// given: it sets nothing).
     pub fn durability(&self) -> Durability {
         self.options.durability
     }
@@ -268,6 +358,9 @@ impl SqliteNodeStore {
     /// Commits what is pending, stops the writer, and (in Cache mode, if everything was
     /// committed) syncs the file and removes the unclean-shutdown marker.
     fn close(&mut self) {
+        if self.options.read_only {
+            return;
+        }
         let flushed = self.inner.buffer.flush();
         self.inner.buffer.shutdown();
         if let Some(writer) = self.writer.take() {
@@ -310,6 +403,7 @@ impl Drop for SqliteNodeStore {
 #[async_trait::async_trait]
 impl NodeStore for SqliteNodeStore {
     fn put(&self, node: PagableData) -> anyhow::Result<DataKey> {
+        self.check_writable()?;
         let key = node.compute_key();
         // Refused here, not at commit: a row over SQLite's limit would fail its whole batch
         // and poison the store for every caller.
@@ -354,13 +448,18 @@ impl NodeStore for SqliteNodeStore {
         Ok(self.inner.pool.contains(&key.as_bytes())?)
     }
 
+    /// Read-only: nothing to commit, `Ok`.
     fn flush(&self) -> anyhow::Result<()> {
+        if self.options.read_only {
+            return Ok(());
+        }
         Ok(self.inner.buffer.flush()?)
     }
 
     /// Queued behind every record stored before it and committed in the same transaction
     /// as the last of them or later; reads see it at once.
     fn set_root(&self, name: &str, key: DataKey) -> anyhow::Result<()> {
+        self.check_writable()?;
         let _roots = self.inner.lock_roots();
         Ok(self.inner.buffer.push_root(name, Some(key))?)
     }
@@ -388,6 +487,7 @@ impl NodeStore for SqliteNodeStore {
     }
 
     fn remove_root(&self, name: &str) -> anyhow::Result<bool> {
+        self.check_writable()?;
         let _roots = self.inner.lock_roots();
         let existed = self.inner.root(name)?.is_some();
         if existed {

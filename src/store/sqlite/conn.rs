@@ -227,7 +227,17 @@ pub(super) fn read_roots(
             None => stmt.query_map([], row)?.collect(),
         }
     };
-    let rows = read().map_err(Error::sqlite("read the roots of", path))?;
+    let rows = match read() {
+        Ok(rows) => rows,
+        // A database no read-write open has touched yet (one written by the reference, opened
+        // read-only) has no roots table: it has no roots.
+        Err(rusqlite::Error::SqliteFailure(_, Some(message)))
+            if message.starts_with("no such table: pagestore_roots") =>
+        {
+            Vec::new()
+        }
+        Err(err) => return Err(Error::sqlite("read the roots of", path)(err)),
+    };
     rows.into_iter()
         .map(
             |(name, bytes)| match crate::key::DataKey::from_slice(&bytes) {
@@ -256,6 +266,18 @@ pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connec
         .map_err(Error::sqlite("set the busy timeout of", path))?;
     size_pragmas(&conn, options.cache_size_bytes, path)?;
     Ok(conn)
+}
+
+/// Checks, on a read-only connection, that the file is pagestore's (its `pagable_data`
+/// table has the `key` and `value` columns) and returns the table's layout. Writes nothing.
+pub(super) fn check_read_only(conn: &Connection, path: &Path) -> Result<TableLayout, Error> {
+    conn.prepare("SELECT key, value FROM pagable_data WHERE key = ?1")
+        .map_err(Error::sqlite(
+            "find the columns key and value of table pagable_data (is this a pagestore \
+             database?) in",
+            path,
+        ))?;
+    table_layout(conn).map_err(Error::sqlite("read the table layout of", path))
 }
 
 #[cfg(test)]

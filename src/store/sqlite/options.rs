@@ -89,6 +89,7 @@ pub struct SqliteOptions {
     pub(super) dedup_keys: usize,
     pub(super) repair_unclean: bool,
     pub(super) table_layout: TableLayout,
+    pub(super) read_only: bool,
     memory_budget: usize,
     pub(super) max_record_bytes: usize,
 }
@@ -121,6 +122,7 @@ impl Default for SqliteOptions {
             dedup_keys: 2 << 20,
             repair_unclean: true,
             table_layout: TableLayout::default(),
+            read_only: false,
             memory_budget: usize::MAX,
             max_record_bytes: SQLITE_MAX_LENGTH,
         }
@@ -225,6 +227,45 @@ impl SqliteOptions {
     #[must_use]
     pub fn table_layout(mut self, layout: TableLayout) -> Self {
         self.table_layout = layout;
+        self
+    }
+
+    /// Opens an existing store for reading only, beside a store that has it open for
+    /// writing (in another process, or in this one) or on read-only media.
+    ///
+    /// A read-only open writes nothing: it takes no directory lock, creates no directory,
+    /// table, marker or journal, switches no journal mode and starts no writer thread, and
+    /// ignores the write-side settings (durability, buffers, table layout, repair). Every
+    /// read is its own short read transaction, so each sees everything the writer had
+    /// committed when it began (a node a writer stored is visible once the writer's `flush`
+    /// returned). [`put`](crate::NodeStore::put) (`store_data`, a page-out) fails with
+    /// [`Error::ReadOnly`](crate::Error::ReadOnly); `flush` has nothing to do and returns `Ok`.
+    /// Reads, [`verify`](SqliteNodeStore::verify) and [`scan`](crate::NodeStore::scan) work.
+    ///
+    /// With the writer's durability:
+    /// - [`Durability::Durable`] and [`Durability::Sync`] (WAL): reads run concurrently with
+    ///   the writer's commits and never wait.
+    /// - [`Durability::Cache`] (rollback journal in the writer's memory): the open works, but
+    ///   a read waits while the writer commits a batch (up to SQLite's busy timeout of 30 s,
+    ///   then fails with [`Error::Sqlite`](crate::Error::Sqlite) "database is locked"), and
+    ///   the writer's commit waits for the read in progress. The Cache-mode marker exists
+    ///   while such a writer runs, so the open reports
+    ///   [`OpenReport::UncleanNotChecked`](super::OpenReport::UncleanNotChecked); it
+    ///   repairs nothing either way (see there).
+    ///
+    /// In WAL mode (a database last written in Durable or Sync mode) the readers, like any
+    /// SQLite reader, record their read marks in the WAL index `pagable.db-shm` (SQLite's
+    /// shared memory, no data) that a Durable or Sync store leaves beside the database; on a
+    /// directory this process cannot write in they read with a private index instead. While a read-only
+    /// store has a WAL database open, a writer cannot open it in Cache mode (leaving WAL
+    /// needs the database to itself).
+    ///
+    /// Errors at open: [`Error::Io`](crate::Error::Io) (`NotFound`) when `dir/pagable.db`
+    /// does not exist; [`Error::Sqlite`](crate::Error::Sqlite) when it is not a pagestore
+    /// database. Default = `false`.
+    #[must_use]
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
         self
     }
 

@@ -109,12 +109,23 @@ pub(super) struct ReaderPool {
     epoch: AtomicU64,
     path: PathBuf,
     mmap_bytes: u64,
+    /// Whether a reader keeps its read transaction open between reads. Only when this
+    /// store's own writer ends them before it writes: a read-only store's readers would
+    /// keep an old snapshot (and hold back another process's checkpoints or commits).
+    hold_transactions: bool,
 }
 
 impl ReaderPool {
     /// A pool over read-only connections opened without a memory map; each maps up to
-    /// `mmap_bytes` of the file while it reads small records.
-    pub(super) fn new(path: &Path, conns: Vec<Connection>, mmap_bytes: u64) -> Self {
+    /// `mmap_bytes` of the file while it reads small records. With `hold_transactions`, a
+    /// reader keeps its read transaction between reads (the writer ends them); without, each
+    /// read is its own transaction.
+    pub(super) fn new(
+        path: &Path,
+        conns: Vec<Connection>,
+        mmap_bytes: u64,
+        hold_transactions: bool,
+    ) -> Self {
         Self {
             readers: conns
                 .into_iter()
@@ -133,6 +144,7 @@ impl ReaderPool {
             epoch: AtomicU64::new(0),
             path: path.to_path_buf(),
             mmap_bytes,
+            hold_transactions,
         }
     }
 
@@ -167,7 +179,7 @@ impl ReaderPool {
         if reader.held.is_some_and(|began| writing || began != epoch) {
             reader.end_transaction();
         }
-        if !writing && reader.held.is_none() {
+        if self.hold_transactions && !writing && reader.held.is_none() {
             reader
                 .conn
                 .execute_batch("BEGIN")

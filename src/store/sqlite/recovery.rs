@@ -43,6 +43,14 @@ pub enum OpenReport {
         /// was missing or deleted as corrupt.
         removed_dangling: u64,
     },
+    /// A read-only open ([`SqliteOptions::read_only`]) found the Cache-mode marker
+    /// `pagable.db.open`: a Cache-mode store has the database open right now, or its last
+    /// session did not close cleanly. A read-only store cannot tell which and repairs
+    /// nothing; reads still re-hash each record (with
+    /// [`verify_on_read`](SqliteOptions::verify_on_read)), and
+    /// [`verify`](super::SqliteNodeStore::verify) checks the whole store. The next
+    /// read-write open repairs it if it was a crash.
+    UncleanNotChecked,
 }
 
 impl OpenReport {
@@ -197,7 +205,7 @@ pub(super) fn recover(db: &Path, options: &SqliteOptions) -> Result<OpenReport, 
              {removed_corrupt} corrupt and {removed_dangling} with missing children",
             db.display()
         ),
-        OpenReport::Clean => {}
+        OpenReport::Clean | OpenReport::UncleanNotChecked => {}
     }
     Ok(report)
 }
