@@ -86,6 +86,9 @@
 //!   [`graph::arc`] `with` module, and [`Shared<T>`] needs neither.
 //! - **`testing`**: the [`testing`] module, the contract suites a node store or a
 //!   `PagableStorage` passes.
+//! - **`cli`**: the `pagestore` command (`src/bin/pagestore.rs`), which inspects a SQLite
+//!   store read-only: `verify`, `roots`, `cat`, `tree`. The library itself does not use its
+//!   dependencies (clap, indicatif, serde_json).
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]

@@ -1,0 +1,597 @@
+//! `pagestore`: inspect a pagestore SQLite store (`DIR/pagable.db`) without changing it.
+//!
+//! Every subcommand opens the store read-only (`SqliteOptions::read_only`), so it runs
+//! beside a process that has the store open for writing (Durable or Sync mode).
+//!
+//! Exit codes: 0 when all is well; 1 when damage was found (verify not clean, or a missing or
+//! corrupt record met by `cat` or `tree`); 2 when the command could not run (bad arguments,
+//! a bad KEY, a DIR that is not a store, an I/O or SQLite error).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use pagestore::{DataKey, Error, NodeStore, OpenReport, SqliteNodeStore, SqliteOptions};
+use serde_json::{Value, json};
+
+/// Inspect a pagestore SQLite store (DIR/pagable.db) read-only, even while another process
+/// has it open for writing.
+#[derive(Debug, Parser)]
+#[command(name = "pagestore", version)]
+struct Cli {
+    /// Print one JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Re-hash every record and check that every child is stored; exit 1 if anything is wrong.
+    Verify {
+        /// The store's directory (the one holding pagable.db).
+        dir: PathBuf,
+    },
+    /// List the named roots: name and key, one per line, sorted by name.
+    Roots {
+        /// The store's directory (the one holding pagable.db).
+        dir: PathBuf,
+    },
+    /// Show one record: key, data length, children, and a preview of the data.
+    Cat {
+        /// The store's directory (the one holding pagable.db).
+        dir: PathBuf,
+        /// The record's key: 32 hex digits.
+        key: String,
+    },
+    /// Show the DAG under KEY as an indented tree (a node already shown is not expanded again).
+    Tree {
+        /// The store's directory (the one holding pagable.db).
+        dir: PathBuf,
+        /// The top node's key: 32 hex digits.
+        key: String,
+        /// How many levels below KEY to expand.
+        #[arg(long, default_value_t = 3)]
+        depth: usize,
+        /// Print a Graphviz digraph instead (`... | dot -Tsvg > tree.svg`).
+        #[arg(long)]
+        dot: bool,
+    },
+}
+
+/// Bytes of data that `cat` previews.
+const PREVIEW_BYTES: usize = 256;
+
+/// Why a command stopped without its normal output.
+enum Failure {
+    /// Exit 2: bad input or an operational error; the message is printed on stderr.
+    Usage(String),
+    /// Exit 1: damage met; the message is printed on stderr (text mode).
+    Damage(String),
+}
+
+/// What a command prints on stdout, and whether it found damage (exit 1).
+struct Output {
+    text: String,
+    json: Value,
+    damaged: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Verify { dir } => verify(dir),
+        Command::Roots { dir } => roots(dir),
+        Command::Cat { dir, key } => cat(dir, key),
+        Command::Tree {
+            dir,
+            key,
+            depth,
+            dot,
+        } => {
+            if *dot && cli.json {
+                Err(Failure::Usage(
+                    "--dot and --json cannot be used together".into(),
+                ))
+            } else {
+                tree(dir, key, *depth, *dot)
+            }
+        }
+    };
+    match result {
+        Ok(output) => {
+            let mut stdout = std::io::stdout().lock();
+            let written = if cli.json {
+                serde_json::to_writer_pretty(&mut stdout, &output.json)
+                    .map_err(std::io::Error::from)
+                    .and_then(|()| writeln!(stdout))
+            } else {
+                stdout.write_all(output.text.as_bytes())
+            };
+            match written.and_then(|()| stdout.flush()) {
+                // A reader that stopped early (`| head`) is not an error of ours.
+                Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => {
+                    eprintln!("pagestore: could not write the output: {err}");
+                    ExitCode::from(2)
+                }
+                _ if output.damaged => ExitCode::from(1),
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Err(Failure::Usage(message)) => {
+            eprintln!("pagestore: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Damage(message)) => {
+            eprintln!("pagestore: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Opens the store in `dir` read-only; a DIR that is not a store is a usage error.
+fn open(dir: &Path) -> Result<SqliteNodeStore, Failure> {
+    if !dir.is_dir() {
+        return Err(Failure::Usage(format!(
+            "{} is not a directory (DIR is a store's directory, the one holding pagable.db)",
+            dir.display()
+        )));
+    }
+    if !dir.join("pagable.db").is_file() {
+        return Err(Failure::Usage(format!(
+            "{} is not a pagestore store: it holds no pagable.db",
+            dir.display()
+        )));
+    }
+    SqliteOptions::default()
+        .read_only(true)
+        .readers(1)
+        .open_node_store(dir)
+        .map_err(|err| {
+            Failure::Usage(format!(
+                "cannot open the store in {}: {}",
+                dir.display(),
+                one_line(&err)
+            ))
+        })
+}
+
+/// An error and its causes on one line.
+fn one_line(err: &anyhow::Error) -> String {
+    format!("{err:#}").replace('\n', " ")
+}
+
+fn operational(err: anyhow::Error) -> Failure {
+    Failure::Usage(one_line(&err))
+}
+
+fn parse_key(text: &str) -> Result<DataKey, Failure> {
+    text.parse()
+        .map_err(|err| Failure::Usage(format!("invalid KEY {text:?}: {err}")))
+}
+
+/// The note for a store whose open found a Cache-mode marker.
+fn open_note(store: &SqliteNodeStore) -> Option<&'static str> {
+    match store.open_report() {
+        OpenReport::UncleanNotChecked => Some(
+            "a Cache-mode store has this store open, or its last session did not close \
+             cleanly (not repaired by a read-only open)",
+        ),
+        _ => None,
+    }
+}
+
+fn verify(dir: &Path) -> Result<Output, Failure> {
+    let store = open(dir)?;
+    let spinner = std::io::stderr().is_terminal().then(|| {
+        let spinner = indicatif::ProgressBar::new_spinner();
+        spinner.set_message(format!("verifying {}", store.path().display()));
+        spinner.enable_steady_tick(Duration::from_millis(100));
+        spinner
+    });
+    let report = store.verify();
+    if let Some(spinner) = spinner {
+        spinner.finish_and_clear();
+    }
+    let report = report.map_err(operational)?;
+
+    let mut text = String::new();
+    let _ = writeln!(text, "store:            {}", store.path().display());
+    if let Some(note) = open_note(&store) {
+        let _ = writeln!(text, "note:             {note}");
+    }
+    let _ = writeln!(text, "records:          {}", report.records);
+    let _ = writeln!(text, "corrupt:          {}", report.corrupt.len());
+    for key in &report.corrupt {
+        let _ = writeln!(text, "  {key}");
+    }
+    let _ = writeln!(text, "missing children: {}", report.missing_children.len());
+    for (parent, child) in &report.missing_children {
+        let _ = writeln!(text, "  {parent} -> {child}");
+    }
+    let _ = writeln!(text, "malformed keys:   {}", report.malformed_keys);
+    let ok = report.is_ok();
+    let _ = writeln!(
+        text,
+        "result:           {}",
+        if ok { "ok" } else { "DAMAGED" }
+    );
+
+    let json = json!({
+        "store": store.path().display().to_string(),
+        "unclean_not_checked": open_note(&store).is_some(),
+        "records": report.records,
+        "corrupt": report.corrupt.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "missing_children": report
+            .missing_children
+            .iter()
+            .map(|(parent, child)| json!({"parent": parent.to_string(), "child": child.to_string()}))
+            .collect::<Vec<_>>(),
+        "malformed_keys": report.malformed_keys,
+        "ok": ok,
+    });
+    Ok(Output {
+        text,
+        json,
+        damaged: !ok,
+    })
+}
+
+fn roots(dir: &Path) -> Result<Output, Failure> {
+    let store = open(dir)?;
+    let roots = store.roots().map_err(operational)?;
+    let mut text = String::new();
+    for (name, key) in &roots {
+        let _ = writeln!(text, "{}\t{key}", escape_name(name));
+    }
+    let json = json!({
+        "roots": roots
+            .iter()
+            .map(|(name, key)| json!({"name": name, "key": key.to_string()}))
+            .collect::<Vec<_>>(),
+    });
+    Ok(Output {
+        text,
+        json,
+        damaged: false,
+    })
+}
+
+/// A root name for a tab-separated line: backslashes and control characters (tab, newline)
+/// escaped, so one root is one line.
+fn escape_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A record as `cat` and `tree` meet it.
+enum Record {
+    Stored(std::sync::Arc<pagestore::PagableData>),
+    Missing,
+    Corrupt(String),
+}
+
+/// Reads `key`; a missing or damaged record is a [`Record`], any other error a failure.
+fn read(store: &SqliteNodeStore, key: &DataKey) -> Result<Record, Failure> {
+    match store.get(key) {
+        Ok(node) => Ok(Record::Stored(node)),
+        Err(err) => match err.downcast_ref::<Error>() {
+            Some(Error::NotFound(_)) => Ok(Record::Missing),
+            Some(Error::Corrupt { reason, .. }) => Ok(Record::Corrupt(reason.clone())),
+            _ => Err(operational(err)),
+        },
+    }
+}
+
+fn cat(dir: &Path, key: &str) -> Result<Output, Failure> {
+    let key = parse_key(key)?;
+    let store = open(dir)?;
+    let node = match read(&store, &key)? {
+        Record::Stored(node) => node,
+        Record::Missing => {
+            return Err(Failure::Damage(format!(
+                "no record is stored under key {key}"
+            )));
+        }
+        Record::Corrupt(reason) => {
+            return Err(Failure::Damage(format!(
+                "the record under key {key} is corrupt ({reason})"
+            )));
+        }
+    };
+    let mut missing = Vec::new();
+    for child in &node.arcs {
+        if !store.contains(child).map_err(operational)? {
+            missing.push(*child);
+        }
+    }
+    let data = &node.data;
+    let window = &data[..data.len().min(PREVIEW_BYTES)];
+    let utf8 = utf8_preview(window, data.len() > window.len());
+
+    let mut text = String::new();
+    let _ = writeln!(text, "key:      {key}");
+    let _ = writeln!(text, "data:     {} bytes", data.len());
+    let _ = writeln!(text, "children: {}", node.arcs.len());
+    for child in &node.arcs {
+        let mark = if missing.contains(child) {
+            "  (MISSING)"
+        } else {
+            ""
+        };
+        let _ = writeln!(text, "  {child}{mark}");
+    }
+    if window.len() < data.len() {
+        let _ = writeln!(
+            text,
+            "hex (first {} of {} bytes):",
+            window.len(),
+            data.len()
+        );
+    } else {
+        let _ = writeln!(text, "hex:");
+    }
+    text.push_str(&hex_dump(window));
+    if let Some(preview) = utf8 {
+        let more = if preview.len() < data.len() {
+            "..."
+        } else {
+            ""
+        };
+        let _ = writeln!(text, "utf-8:    {preview:?}{more}");
+    }
+
+    let json = json!({
+        "key": key.to_string(),
+        "data_len": data.len(),
+        "child_count": node.arcs.len(),
+        "children": node.arcs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "missing_children": missing.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "preview": {
+            "bytes": window.len(),
+            "hex": window.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            "utf8": utf8,
+        },
+    });
+    Ok(Output {
+        text,
+        json,
+        damaged: !missing.is_empty(),
+    })
+}
+
+/// The preview window as text if it is valid UTF-8; when the data goes on past the window, a
+/// character cut by the window's end is dropped.
+fn utf8_preview(window: &[u8], truncated: bool) -> Option<&str> {
+    match std::str::from_utf8(window) {
+        Ok(text) => Some(text),
+        Err(err) if truncated && err.error_len().is_none() => {
+            std::str::from_utf8(&window[..err.valid_up_to()]).ok()
+        }
+        Err(_) => None,
+    }
+}
+
+/// `xxd`-style lines: offset, 16 bytes in hex, and their printable ASCII.
+fn hex_dump(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (line, chunk) in bytes.chunks(16).enumerate() {
+        let _ = write!(out, "  {:08x}  ", line * 16);
+        for i in 0..16 {
+            match chunk.get(i) {
+                Some(byte) => {
+                    let _ = write!(out, "{byte:02x} ");
+                }
+                None => out.push_str("   "),
+            }
+            if i == 7 {
+                out.push(' ');
+            }
+        }
+        out.push_str(" |");
+        out.extend(chunk.iter().map(|&b| {
+            if b.is_ascii_graphic() || b == b' ' {
+                char::from(b)
+            } else {
+                '.'
+            }
+        }));
+        out.push_str("|\n");
+    }
+    out
+}
+
+/// One node of the walk, for the JSON and dot outputs.
+struct Visited {
+    key: DataKey,
+    depth: usize,
+    record: Record,
+    expanded: bool,
+}
+
+fn tree(dir: &Path, key: &str, max_depth: usize, dot: bool) -> Result<Output, Failure> {
+    let top = parse_key(key)?;
+    let store = open(dir)?;
+
+    // Depth-first with an explicit stack, so a deep DAG cannot overflow the call stack.
+    struct Frame {
+        key: DataKey,
+        depth: usize,
+        /// What the lines of the parent's ancestors put before this node's connector.
+        prefix: String,
+        last: bool,
+    }
+    let mut nodes: Vec<Visited> = Vec::new();
+    let mut index: HashMap<DataKey, usize> = HashMap::new();
+    let mut expanded: HashSet<DataKey> = HashSet::new();
+    let mut damaged = false;
+    let mut text = String::new();
+    let mut stack = vec![Frame {
+        key: top,
+        depth: 0,
+        prefix: String::new(),
+        last: true,
+    }];
+    while let Some(frame) = stack.pop() {
+        let (line_prefix, child_prefix) = if frame.depth == 0 {
+            (String::new(), String::new())
+        } else if frame.last {
+            (
+                format!("{}└── ", frame.prefix),
+                format!("{}    ", frame.prefix),
+            )
+        } else {
+            (
+                format!("{}├── ", frame.prefix),
+                format!("{}│   ", frame.prefix),
+            )
+        };
+        let seen = index.get(&frame.key).copied();
+        let at = match seen {
+            Some(at) => at,
+            None => {
+                nodes.push(Visited {
+                    key: frame.key,
+                    depth: frame.depth,
+                    record: read(&store, &frame.key)?,
+                    expanded: false,
+                });
+                index.insert(frame.key, nodes.len() - 1);
+                nodes.len() - 1
+            }
+        };
+        let node = &nodes[at];
+        let children = match &node.record {
+            Record::Missing => {
+                damaged = true;
+                let _ = writeln!(text, "{line_prefix}{}  MISSING", frame.key);
+                continue;
+            }
+            Record::Corrupt(reason) => {
+                damaged = true;
+                let _ = writeln!(text, "{line_prefix}{}  CORRUPT ({reason})", frame.key);
+                continue;
+            }
+            Record::Stored(data) => data.clone(),
+        };
+        let expand = frame.depth < max_depth && !children.arcs.is_empty();
+        if expanded.contains(&frame.key) || (seen.is_some() && !expand) {
+            let _ = writeln!(text, "{line_prefix}{}  (shown above)", frame.key);
+            continue;
+        }
+        let plural = if children.arcs.len() == 1 { "" } else { "ren" };
+        let _ = write!(
+            text,
+            "{line_prefix}{}  {} bytes, {} child{plural}",
+            frame.key,
+            children.data.len(),
+            children.arcs.len(),
+        );
+        if !expand && !children.arcs.is_empty() {
+            text.push_str("  (not expanded: --depth)");
+        }
+        text.push('\n');
+        if expand {
+            expanded.insert(frame.key);
+            nodes[at].expanded = true;
+            let count = children.arcs.len();
+            for (i, child) in children.arcs.iter().enumerate().rev() {
+                stack.push(Frame {
+                    key: *child,
+                    depth: frame.depth + 1,
+                    prefix: child_prefix.clone(),
+                    last: i + 1 == count,
+                });
+            }
+        }
+    }
+
+    let json = json!({
+        "root": top.to_string(),
+        "depth": max_depth,
+        "nodes": nodes.iter().map(visited_json).collect::<Vec<_>>(),
+    });
+    if dot {
+        text = dot_graph(&nodes);
+    }
+    Ok(Output {
+        text,
+        json,
+        damaged,
+    })
+}
+
+fn visited_json(node: &Visited) -> Value {
+    let key = node.key.to_string();
+    match &node.record {
+        Record::Stored(data) => json!({
+            "key": key,
+            "depth": node.depth,
+            "status": "ok",
+            "data_len": data.data.len(),
+            "child_count": data.arcs.len(),
+            "children": data.arcs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "expanded": node.expanded,
+        }),
+        Record::Missing => json!({"key": key, "depth": node.depth, "status": "missing"}),
+        Record::Corrupt(reason) => {
+            json!({"key": key, "depth": node.depth, "status": "corrupt", "reason": reason})
+        }
+    }
+}
+
+/// The walked nodes as a Graphviz digraph: an edge for each child of an expanded node;
+/// nodes not expanded are dashed, missing and corrupt ones red.
+fn dot_graph(nodes: &[Visited]) -> String {
+    let mut out = String::from("digraph pagestore {\n  node [shape=box, fontname=monospace];\n");
+    for node in nodes {
+        let short = &node.key.to_string()[..12];
+        let (label, style) = match &node.record {
+            Record::Stored(data) => {
+                let style = if node.expanded || data.arcs.is_empty() {
+                    ""
+                } else {
+                    ", style=dashed"
+                };
+                (
+                    format!(
+                        "{short}\\n{} bytes, {} children",
+                        data.data.len(),
+                        data.arcs.len()
+                    ),
+                    style,
+                )
+            }
+            Record::Missing => (format!("{short}\\nMISSING"), ", color=red"),
+            Record::Corrupt(_) => (format!("{short}\\nCORRUPT"), ", color=red"),
+        };
+        let _ = writeln!(out, "  \"{}\" [label=\"{label}\"{style}];", node.key);
+    }
+    for node in nodes {
+        if let (Record::Stored(data), true) = (&node.record, node.expanded) {
+            for child in &data.arcs {
+                let _ = writeln!(out, "  \"{}\" -> \"{child}\";", node.key);
+            }
+        }
+    }
+    out.push_str("}\n");
+    out
+}
