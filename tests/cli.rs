@@ -1,0 +1,441 @@
+//! The `pagestore` command: each subcommand's text and `--json` output, its exit codes, and
+//! reading a store that this process has open for writing.
+
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use pagestore::{DataKey, Durability, NodeStore, PagableData, SqliteNodeStore, SqliteOptions};
+use serde_json::Value;
+
+/// Runs the built binary with `args`; panics if it hangs.
+fn run(args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pagestore"));
+    command.args(args);
+    common::output_with_timeout(&mut command, Duration::from_secs(60))
+}
+
+fn exit_code(output: &Output) -> i32 {
+    output.status.code().expect("exited, not killed")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).expect("UTF-8 stdout")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).expect("UTF-8 stderr")
+}
+
+/// Runs with `--json` and parses stdout as one JSON document.
+fn run_json(args: &[&str]) -> (i32, Value) {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let output = run(&all);
+    let json = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+        panic!(
+            "stdout of {all:?} is not JSON ({err}): {}\nstderr: {}",
+            stdout(&output),
+            stderr(&output)
+        )
+    });
+    (exit_code(&output), json)
+}
+
+fn node(data: &[u8], arcs: Vec<DataKey>) -> PagableData {
+    PagableData {
+        data: data.to_vec(),
+        arcs,
+    }
+}
+
+/// A diamond: `top` → `left`, `right`; both → `leaf`.
+struct Diamond {
+    top: DataKey,
+    left: DataKey,
+    right: DataKey,
+    leaf: DataKey,
+}
+
+fn store_diamond(store: &SqliteNodeStore) -> Diamond {
+    let leaf = store.put(node(b"the shared leaf", vec![])).unwrap();
+    let left = store.put(node(b"left", vec![leaf])).unwrap();
+    let right = store.put(node(&[0xff, 0x00, 0x80], vec![leaf])).unwrap();
+    let top = store.put(node(b"top", vec![left, right])).unwrap();
+    store.set_root("main", top).unwrap();
+    store.set_root("leaf\tname", leaf).unwrap();
+    store.flush().unwrap();
+    Diamond {
+        top,
+        left,
+        right,
+        leaf,
+    }
+}
+
+/// A closed store in a new directory, holding a diamond.
+fn diamond_dir() -> (tempfile::TempDir, Diamond) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteOptions::default()
+        .open_node_store(dir.path())
+        .unwrap();
+    let diamond = store_diamond(&store);
+    drop(store);
+    (dir, diamond)
+}
+
+fn path(dir: &Path) -> &str {
+    dir.to_str().unwrap()
+}
+
+/// Deletes the record of `key` behind the store's back (the store is closed).
+fn delete_record(dir: &Path, key: DataKey) {
+    let conn = rusqlite::Connection::open(dir.join("pagable.db")).unwrap();
+    let deleted = conn
+        .execute(
+            "DELETE FROM pagable_data WHERE key = ?1",
+            [&key.as_bytes()[..]],
+        )
+        .unwrap();
+    assert_eq!(deleted, 1);
+}
+
+/// Flips a byte of `key`'s record (the store is closed).
+fn damage(dir: &Path, key: DataKey) {
+    let store = SqliteOptions::default().open_node_store(dir).unwrap();
+    common::damage_stored_record(&store, key, 2, 0x5a);
+}
+
+#[test]
+fn verify_a_clean_store() {
+    let (dir, _) = diamond_dir();
+    let output = run(&["verify", path(dir.path())]);
+    assert_eq!(exit_code(&output), 0, "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("records:          4\n"), "{text}");
+    assert!(text.contains("corrupt:          0\n"), "{text}");
+    assert!(text.contains("result:           ok\n"), "{text}");
+    // Not a terminal: no spinner.
+    assert_eq!(stderr(&output), "");
+
+    let (code, json) = run_json(&["verify", path(dir.path())]);
+    assert_eq!(code, 0);
+    assert_eq!(json["records"], 4);
+    assert_eq!(json["ok"], true);
+    assert_eq!(json["corrupt"], Value::Array(vec![]));
+    assert_eq!(json["missing_children"], Value::Array(vec![]));
+    assert_eq!(json["malformed_keys"], 0);
+}
+
+#[test]
+fn verify_reports_a_corrupt_record_and_a_missing_child() {
+    let (dir, diamond) = diamond_dir();
+    damage(dir.path(), diamond.left);
+    delete_record(dir.path(), diamond.leaf);
+
+    let output = run(&["verify", path(dir.path())]);
+    assert_eq!(exit_code(&output), 1, "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains(&format!("  {}\n", diamond.left)), "{text}");
+    // The damaged `left` names nothing any more; `right` still names the deleted leaf.
+    assert!(
+        text.contains(&format!("  {} -> {}\n", diamond.right, diamond.leaf)),
+        "{text}"
+    );
+    assert!(text.contains("result:           DAMAGED\n"), "{text}");
+
+    let (code, json) = run_json(&["verify", path(dir.path())]);
+    assert_eq!(code, 1);
+    assert_eq!(json["ok"], false);
+    assert_eq!(json["records"], 3);
+    assert_eq!(json["corrupt"][0], diamond.left.to_string());
+    assert_eq!(
+        json["missing_children"][0]["parent"],
+        diamond.right.to_string()
+    );
+    assert_eq!(
+        json["missing_children"][0]["child"],
+        diamond.leaf.to_string()
+    );
+}
+
+#[test]
+fn roots_lists_name_and_key() {
+    let (dir, diamond) = diamond_dir();
+    let output = run(&["roots", path(dir.path())]);
+    assert_eq!(exit_code(&output), 0, "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        format!("leaf\\tname\t{}\nmain\t{}\n", diamond.leaf, diamond.top)
+    );
+
+    let (code, json) = run_json(&["roots", path(dir.path())]);
+    assert_eq!(code, 0);
+    let roots = json["roots"].as_array().unwrap();
+    assert_eq!(roots.len(), 2);
+    assert_eq!(roots[0]["name"], "leaf\tname");
+    assert_eq!(roots[0]["key"], diamond.leaf.to_string());
+    assert_eq!(roots[1]["name"], "main");
+    assert_eq!(roots[1]["key"], diamond.top.to_string());
+}
+
+#[test]
+fn cat_shows_a_record() {
+    let (dir, diamond) = diamond_dir();
+    let top = diamond.top.to_string();
+    let output = run(&["cat", path(dir.path()), &top]);
+    assert_eq!(exit_code(&output), 0, "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.starts_with(&format!("key:      {top}\n")), "{text}");
+    assert!(text.contains("data:     3 bytes\n"), "{text}");
+    assert!(text.contains("children: 2\n"), "{text}");
+    assert!(text.contains(&format!("  {}\n", diamond.left)), "{text}");
+    assert!(text.contains(&format!("  {}\n", diamond.right)), "{text}");
+    assert!(text.contains("  00000000  74 6f 70 "), "{text}");
+    assert!(text.contains("|top|"), "{text}");
+    assert!(text.contains("utf-8:    \"top\"\n"), "{text}");
+
+    let (code, json) = run_json(&["cat", path(dir.path()), &top]);
+    assert_eq!(code, 0);
+    assert_eq!(json["key"], top);
+    assert_eq!(json["data_len"], 3);
+    assert_eq!(json["child_count"], 2);
+    assert_eq!(json["children"][0], diamond.left.to_string());
+    assert_eq!(json["children"][1], diamond.right.to_string());
+    assert_eq!(json["preview"]["hex"], "746f70");
+    assert_eq!(json["preview"]["utf8"], "top");
+
+    // Data that is not UTF-8: a hex dump only.
+    let right = diamond.right.to_string();
+    let output = run(&["cat", path(dir.path()), &right]);
+    assert_eq!(exit_code(&output), 0);
+    assert!(!stdout(&output).contains("utf-8:"), "{}", stdout(&output));
+    let (_, json) = run_json(&["cat", path(dir.path()), &right]);
+    assert_eq!(json["preview"]["hex"], "ff0080");
+    assert_eq!(json["preview"]["utf8"], Value::Null);
+}
+
+#[test]
+fn cat_previews_only_the_first_256_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteOptions::default()
+        .open_node_store(dir.path())
+        .unwrap();
+    // 299 bytes whose 256th byte starts a two-byte character: cut at the preview's end.
+    let mut data = vec![b'a'; 255];
+    data.extend_from_slice("é".repeat(22).as_bytes());
+    let key = store.put(node(&data, vec![])).unwrap();
+    drop(store);
+    let key = key.to_string();
+    let output = run(&["cat", path(dir.path()), &key]);
+    assert_eq!(exit_code(&output), 0);
+    let text = stdout(&output);
+    assert!(text.contains("hex (first 256 of 299 bytes):"), "{text}");
+    assert!(text.contains("  000000f0  "), "{text}");
+    assert!(!text.contains("  00000100  "), "{text}");
+    assert!(text.contains(&format!("utf-8:    \"{}\"...\n", "a".repeat(255))));
+    let (_, json) = run_json(&["cat", path(dir.path()), &key]);
+    assert_eq!(json["data_len"], 299);
+    assert_eq!(json["preview"]["bytes"], 256);
+    assert_eq!(json["preview"]["hex"].as_str().unwrap().len(), 512);
+    assert_eq!(json["preview"]["utf8"], "a".repeat(255));
+}
+
+#[test]
+fn cat_exits_1_on_a_missing_or_corrupt_record_or_a_missing_child() {
+    let (dir, diamond) = diamond_dir();
+    damage(dir.path(), diamond.left);
+    let left = diamond.left.to_string();
+    let output = run(&["cat", path(dir.path()), &left]);
+    assert_eq!(exit_code(&output), 1);
+    assert!(stderr(&output).contains("corrupt"), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "");
+
+    delete_record(dir.path(), diamond.leaf);
+    let leaf = diamond.leaf.to_string();
+    let output = run(&["cat", path(dir.path()), &leaf]);
+    assert_eq!(exit_code(&output), 1);
+    assert!(stderr(&output).contains("no record"), "{}", stderr(&output));
+
+    // `right` is intact but names the deleted leaf.
+    let right = diamond.right.to_string();
+    let output = run(&["cat", path(dir.path()), &right]);
+    assert_eq!(exit_code(&output), 1);
+    assert!(stdout(&output).contains(&format!("  {leaf}  (MISSING)\n")));
+    let (code, json) = run_json(&["cat", path(dir.path()), &right]);
+    assert_eq!(code, 1);
+    assert_eq!(json["missing_children"][0], leaf);
+}
+
+#[test]
+fn tree_shows_each_node_once() {
+    let (dir, d) = diamond_dir();
+    let output = run(&["tree", path(dir.path()), &d.top.to_string()]);
+    assert_eq!(exit_code(&output), 0, "{}", stderr(&output));
+    let expected = [
+        format!("{}  3 bytes, 2 children", d.top),
+        format!("├── {}  4 bytes, 1 child", d.left),
+        format!("│   └── {}  15 bytes, 0 children", d.leaf),
+        format!("└── {}  3 bytes, 1 child", d.right),
+        format!("    └── {}  (shown above)", d.leaf),
+    ];
+    assert_eq!(stdout(&output), expected.map(|line| line + "\n").concat());
+
+    let output = run(&["tree", path(dir.path()), &d.top.to_string(), "--depth", "1"]);
+    assert_eq!(exit_code(&output), 0);
+    let text = stdout(&output);
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(
+        text.contains(&format!(
+            "├── {}  4 bytes, 1 child  (not expanded: --depth)\n",
+            d.left
+        )),
+        "{text}"
+    );
+
+    let (code, json) = run_json(&["tree", path(dir.path()), &d.top.to_string()]);
+    assert_eq!(code, 0);
+    assert_eq!(json["root"], d.top.to_string());
+    let nodes = json["nodes"].as_array().unwrap();
+    let keys: Vec<&str> = nodes.iter().map(|n| n["key"].as_str().unwrap()).collect();
+    let expected_keys = [d.top, d.left, d.leaf, d.right].map(|k| k.to_string());
+    assert_eq!(keys, expected_keys);
+    assert_eq!(nodes[0]["children"][1], d.right.to_string());
+    assert_eq!(nodes[0]["expanded"], true);
+    assert_eq!(nodes[2]["depth"], 2);
+    assert_eq!(nodes[2]["status"], "ok");
+    assert_eq!(nodes[2]["data_len"], 15);
+
+    let output = run(&["tree", path(dir.path()), &d.top.to_string(), "--dot"]);
+    assert_eq!(exit_code(&output), 0);
+    let dot = stdout(&output);
+    assert!(dot.starts_with("digraph pagestore {\n"), "{dot}");
+    assert!(dot.ends_with("}\n"), "{dot}");
+    for (from, to) in [(d.top, d.left), (d.top, d.right), (d.left, d.leaf)] {
+        assert!(
+            dot.contains(&format!("  \"{from}\" -> \"{to}\";\n")),
+            "{dot}"
+        );
+    }
+    assert_eq!(dot.matches(" -> ").count(), 4, "{dot}");
+}
+
+#[test]
+fn tree_marks_missing_and_corrupt_nodes_and_exits_1() {
+    let (dir, d) = diamond_dir();
+    damage(dir.path(), d.left);
+    delete_record(dir.path(), d.leaf);
+    let output = run(&["tree", path(dir.path()), &d.top.to_string()]);
+    assert_eq!(exit_code(&output), 1, "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(
+        text.contains(&format!("├── {}  CORRUPT (", d.left)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("    └── {}  MISSING\n", d.leaf)),
+        "{text}"
+    );
+
+    let (code, json) = run_json(&["tree", path(dir.path()), &d.top.to_string()]);
+    assert_eq!(code, 1);
+    let nodes = json["nodes"].as_array().unwrap();
+    assert_eq!(nodes[1]["status"], "corrupt");
+    assert_eq!(nodes[3]["status"], "missing");
+
+    // A missing top node.
+    let output = run(&["tree", path(dir.path()), &d.leaf.to_string()]);
+    assert_eq!(exit_code(&output), 1);
+    assert_eq!(stdout(&output), format!("{}  MISSING\n", d.leaf));
+}
+
+#[test]
+fn usage_errors_exit_2_with_one_line() {
+    let (dir, d) = diamond_dir();
+    let not_a_store = tempfile::tempdir().unwrap();
+    let file = not_a_store.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let garbage = tempfile::tempdir().unwrap();
+    std::fs::write(garbage.path().join("pagable.db"), vec![7u8; 4096]).unwrap();
+    let key = d.top.to_string();
+    let zero_key = "0".repeat(32);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["cat", path(dir.path()), "xyz"], "invalid KEY"),
+        (vec!["tree", path(dir.path()), &zero_key], "invalid KEY"),
+        (
+            vec!["verify", path(not_a_store.path())],
+            "not a pagestore store",
+        ),
+        (vec!["roots", path(&file)], "not a directory"),
+        (vec!["cat", "/no/such/dir", &key], "not a directory"),
+        (vec!["roots", path(garbage.path())], "cannot open the store"),
+        (
+            vec!["--json", "tree", path(dir.path()), &key, "--dot"],
+            "cannot be used together",
+        ),
+    ];
+    for (args, message) in cases {
+        let output = run(&args);
+        assert_eq!(exit_code(&output), 2, "{args:?}: {}", stderr(&output));
+        let err = stderr(&output);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("pagestore: ") && err.contains(message),
+            "{args:?}: {err}"
+        );
+        assert_eq!(stdout(&output), "", "{args:?}");
+    }
+    // clap's own usage errors.
+    for args in [
+        &[][..],
+        &["verify"],
+        &["frobnicate"],
+        &["roots", "--bogus", "x"],
+    ] {
+        assert_eq!(exit_code(&run(args)), 2, "{args:?}");
+    }
+    assert_eq!(exit_code(&run(&["--help"])), 0);
+}
+
+/// The subcommands read a store that a Durable or Sync store in this process has open for
+/// writing, see what it flushes later, and leave it working.
+#[test]
+fn reads_a_store_open_for_writing() {
+    for durability in [Durability::Durable, Durability::Sync] {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = SqliteOptions::default()
+            .durability(durability)
+            .open_node_store(dir.path())
+            .unwrap();
+        let d = store_diamond(&writer);
+
+        let output = run(&["verify", path(dir.path())]);
+        assert_eq!(exit_code(&output), 0, "{durability:?}: {}", stderr(&output));
+        let (code, json) = run_json(&["roots", path(dir.path())]);
+        assert_eq!(code, 0);
+        assert_eq!(json["roots"][1]["key"], d.top.to_string());
+        let (code, json) = run_json(&["cat", path(dir.path()), &d.left.to_string()]);
+        assert_eq!(code, 0, "{durability:?}");
+        assert_eq!(json["data_len"], 4);
+
+        // Later writes are seen by later runs; the writer carries on.
+        let more = writer.put(node(b"more", vec![d.top])).unwrap();
+        writer.set_root("more", more).unwrap();
+        writer.flush().unwrap();
+        let (code, json) = run_json(&["verify", path(dir.path())]);
+        assert_eq!(code, 0);
+        assert_eq!(json["records"], 5);
+        let (_, json) = run_json(&["roots", path(dir.path())]);
+        assert_eq!(json["roots"].as_array().unwrap().len(), 3);
+        let output = run(&["cat", path(dir.path()), &more.to_string()]);
+        assert_eq!(exit_code(&output), 0);
+        assert!(stdout(&output).contains("utf-8:    \"more\"\n"));
+        writer.put(node(b"after", vec![more])).unwrap();
+        writer.flush().unwrap();
+        assert_eq!(writer.verify().unwrap().records, 6);
+    }
+}
