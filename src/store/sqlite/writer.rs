@@ -595,6 +595,17 @@ impl Committer<'_> {
                 .map(|()| 0)
                 .map_err(Error::sqlite("compact (VACUUM)", self.path)),
         };
+        if result.is_ok() {
+            // In WAL mode the file shrinks only when the log is checkpointed: do it now if
+            // no other process reads (our readers were released above), without waiting
+            // for one that does (then the next checkpoint shrinks it). Nothing in other
+            // journal modes.
+            let _ = self.conn.busy_timeout(Duration::ZERO);
+            let _ = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            let _ = self.conn.busy_timeout(conn::BUSY_TIMEOUT);
+        }
         pool.end_write();
         result
     }
