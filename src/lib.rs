@@ -115,14 +115,15 @@ pub use key::{DataKey, ParseKeyError};
 #[cfg(feature = "sqlite")]
 pub use runtime::SqliteBackedPagableStorage;
 pub use runtime::{
-    InMemoryPagableStorage, PagableStorage, PageOutReport, PagingStats, SessionContext, WithRuntime,
+    InMemoryPagableStorage, PagableStorage, PageOutReport, PagingStats, SessionContext,
+    StorageStats, WithRuntime,
 };
-pub use store::NodeStore;
 pub use store::memory::MemoryNodeStore;
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::{
     Durability, OpenReport, SqliteNodeStore, SqliteOptions, TableLayout, VerifyReport,
 };
+pub use store::{NodeStore, StoreStats};
 
 /// The README's examples compile and run as doctests.
 #[cfg(doctest)]

@@ -31,7 +31,22 @@ pub use storage::PagableStorage;
 use crate::data::PagableData;
 use crate::erase::ArcEraseDyn;
 use crate::key::DataKey;
-use crate::store::NodeStore;
+use crate::store::{NodeStore, StoreStats};
+
+/// A snapshot of a [`WithRuntime`]'s figures: its store's and its runtime's, from
+/// [`WithRuntime::stats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StorageStats {
+    /// The node store's figures ([`NodeStore::store_stats`]); `None` for a store that keeps
+    /// none.
+    pub store: Option<StoreStats>,
+    /// Entries in the arc cache (live values by type and key), dead ones not yet pruned
+    /// included.
+    pub arc_cache_entries: usize,
+    /// The pager's figures, as [`WithRuntime::paging_stats`] returns them.
+    pub paging: PagingStats,
+}
 
 /// A [`NodeStore`] with pagestore's runtime attached: the [`PagableStorage`] the graph layer
 /// and users work with.
@@ -162,6 +177,17 @@ impl<S: NodeStore> WithRuntime<S> {
             Ok(runtime) => runtime.store,
             Err(_) => unreachable!("only the worker shares the runtime, and it was joined"),
         }
+    }
+
+    /// The store's figures ([`NodeStore::store_stats`]) with the runtime's: arc-cache
+    /// entries and the paging figures. Shadows the store's own `stats` (reached through
+    /// [`node_store`](Self::node_store)); costs what the store's figures cost.
+    pub fn stats(&self) -> anyhow::Result<StorageStats> {
+        Ok(StorageStats {
+            store: self.runtime.store.store_stats()?,
+            arc_cache_entries: self.arc_cache_len(),
+            paging: self.paging_stats(),
+        })
     }
 
     /// The number of entries in the arc cache, dead ones not yet pruned included.

@@ -8,7 +8,7 @@ use dashmap::DashMap;
 use crate::data::PagableData;
 use crate::error::Error;
 use crate::key::{DataKey, KeyHasherBuilder};
-use crate::store::NodeStore;
+use crate::store::{NodeStore, StoreStats};
 
 /// A [`NodeStore`] that keeps every node in memory.
 ///
@@ -35,6 +35,25 @@ impl MemoryNodeStore {
     /// Whether no node is stored.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+
+    /// The store's figures: records and their encoded bytes ([`codec`](crate::codec)
+    /// length, computed from each node without encoding it), roots. Nothing is pending and
+    /// there are no files or pages, so those figures are 0 or `None`. O(records): visits
+    /// every entry of the map, one shard's read lock at a time.
+    pub fn stats(&self) -> StoreStats {
+        let mut records = 0u64;
+        let mut data_bytes = 0u64;
+        for entry in self.nodes.iter() {
+            records += 1;
+            data_bytes += crate::codec::encoded_len(entry.value()) as u64;
+        }
+        StoreStats {
+            records,
+            data_bytes,
+            roots: self.roots_map().len() as u64,
+            ..StoreStats::default()
+        }
     }
 
     fn roots_map(&self) -> MutexGuard<'_, BTreeMap<String, DataKey>> {
@@ -85,6 +104,10 @@ impl NodeStore for MemoryNodeStore {
 
     fn remove_root(&self, name: &str) -> anyhow::Result<bool> {
         Ok(self.roots_map().remove(name).is_some())
+    }
+
+    fn store_stats(&self) -> anyhow::Result<Option<StoreStats>> {
+        Ok(Some(self.stats()))
     }
 
     fn scan(

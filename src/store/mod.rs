@@ -13,6 +13,9 @@ use crate::key::DataKey;
 pub(crate) mod memory;
 #[cfg(feature = "sqlite")]
 pub(crate) mod sqlite;
+pub(crate) mod stats;
+
+pub use stats::StoreStats;
 
 /// A content-addressed store of [`PagableData`] nodes: the contract a backend keeps.
 ///
@@ -106,4 +109,12 @@ pub trait NodeStore: Send + Sync + 'static {
     /// Drops memory that can be rebuilt (caches); stored data is unaffected. The default
     /// does nothing.
     fn release_memory(&self) {}
+
+    /// The store's figures, if it keeps any: `Ok(None)` (the default) for a store that does
+    /// not. [`MemoryNodeStore`](crate::MemoryNodeStore) and
+    /// [`SqliteNodeStore`](crate::SqliteNodeStore) return their `stats()`. Meant to be
+    /// cheap: no record is decoded or re-hashed (see each store's `stats` for its cost).
+    fn store_stats(&self) -> anyhow::Result<Option<StoreStats>> {
+        Ok(None)
+    }
 }

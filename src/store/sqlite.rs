@@ -34,12 +34,12 @@ pub use recovery::OpenReport;
 pub use verify::VerifyReport;
 
 use self::pool::ReaderPool;
-use self::writer::WriteBuffer;
+use self::writer::{Maintenance, WriteBuffer};
 use crate::codec;
 use crate::data::PagableData;
 use crate::error::Error;
 use crate::key::DataKey;
-use crate::store::NodeStore;
+use crate::store::{NodeStore, StoreStats};
 
 /// Failure points in the open sequence, for the unit tests of what a failed open leaves
 /// behind; without `cfg(test)`, nothing.
@@ -328,6 +328,87 @@ impl SqliteNodeStore {
         })?)
     }
 
+    /// The store's figures (see [`StoreStats`]). Reads the database in one read
+    /// transaction on its own connection: `count(*)` and `sum(length(value))` over the
+    /// table, which is O(records) reads of the table's pages but decodes and hashes nothing
+    /// (SQLite takes a blob's length from the row header, without reading overflow pages),
+    /// plus the page size and `freelist_count`; the file sizes come from the file system
+    /// and the pending figures from the write buffer. Works on a read-only store.
+    ///
+    /// (SQLite's `dbstat` table could give page counts, but not the records' lengths any
+    /// cheaper: it also visits every page.)
+    pub fn stats(&self) -> anyhow::Result<StoreStats> {
+        let path = &self.inner.path;
+        // Pending first: a batch committed after this is then counted in the table.
+        let pending_records = self.inner.buffer.pending_len() as u64;
+        let pending_bytes = self.inner.buffer.pending_bytes() as u64;
+        let roots = self.roots()?.len() as u64;
+        let mut conn = conn::open_reader(path, &self.options)?;
+        let sql = || Error::sqlite("read the figures of", path);
+        let tx = conn.transaction().map_err(sql())?;
+        let (records, data_bytes): (u64, u64) = tx
+            .query_row(
+                "SELECT count(*), coalesce(sum(length(value)), 0) FROM pagable_data",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(sql())?;
+        let page_size: u64 = tx
+            .query_row("PRAGMA page_size", [], |row| row.get(0))
+            .map_err(sql())?;
+        let free_pages: u64 = tx
+            .query_row("PRAGMA freelist_count", [], |row| row.get(0))
+            .map_err(sql())?;
+        drop(tx);
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let file_bytes = size(path) + size(Path::new(&wal));
+        Ok(StoreStats {
+            records,
+            data_bytes,
+            pending_records,
+            pending_bytes,
+            roots,
+            file_bytes: Some(file_bytes),
+            page_size: Some(page_size),
+            free_pages: Some(free_pages),
+            free_bytes: Some(free_pages * page_size),
+        })
+    }
+
+    /// Gives the database's free pages (left by deleted records) back to the file system,
+    /// so the file shrinks, and returns how many pages it gave back. Runs
+    /// `PRAGMA incremental_vacuum`, which needs `auto_vacuum = INCREMENTAL`: every database
+    /// pagestore creates has it; a database created without it (the reference's, or one
+    /// made by pagestore before it set the mode) keeps its mode, and this returns 0 there
+    /// (use [`compact`](Self::compact)). Cheap: it moves only pages at the end of the file.
+    ///
+    /// Runs on the writer thread between two batches, after every record stored before
+    /// the call is committed, so it never races a commit. [`Error::ReadOnly`] on a
+    /// read-only store.
+    pub fn release_free_pages(&self) -> anyhow::Result<u64> {
+        self.check_writable()?;
+        Ok(self.inner.buffer.maintain(Maintenance::ReleaseFreePages)?)
+    }
+
+    /// Rebuilds the database file with SQLite's `VACUUM`: no free pages and records packed
+    /// together, in any auto-vacuum mode. The database keeps its auto-vacuum mode and page
+    /// size. Every record stays stored under its key.
+    ///
+    /// It needs temporary disk space up to the database's size (SQLite builds the copy in
+    /// a temporary file, and in WAL mode the log grows by as much), and the database to
+    /// itself while it runs: it runs on the writer thread after every record stored before
+    /// the call is committed, so stores wait behind it (reads of this store wait for the
+    /// writer like during a commit), and it fails with `database is locked` if another
+    /// process reads the database meanwhile and does not let go within the busy timeout.
+    /// [`Error::ReadOnly`] on a read-only store.
+    pub fn compact(&self) -> anyhow::Result<()> {
+        self.check_writable()?;
+        self.inner.buffer.maintain(Maintenance::Compact)?;
+        Ok(())
+    }
+
     /// What opening found: a clean previous close, or an unclean one and what was done.
     pub fn open_report(&self) -> &OpenReport {
         &self.open_report
@@ -510,6 +591,10 @@ impl NodeStore for SqliteNodeStore {
             };
             visit(key, node.map_err(anyhow::Error::from))
         })
+    }
+
+    fn store_stats(&self) -> anyhow::Result<Option<StoreStats>> {
+        Ok(Some(self.stats()?))
     }
 
     /// Ends the readers' held transactions and returns their SQLite page caches, asks the

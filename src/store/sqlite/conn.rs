@@ -105,6 +105,22 @@ pub(super) fn record_bytes(value_len: usize) -> u64 {
     2 + varint + 16 + value_len
 }
 
+/// Runs `PRAGMA incremental_vacuum` to the end (each step frees pages; a statement not
+/// stepped to completion frees fewer) and returns how many free pages it returned to the
+/// file system. Does nothing (returns 0) in a database without `auto_vacuum = INCREMENTAL`.
+pub(super) fn release_free_pages(conn: &Connection) -> rusqlite::Result<u64> {
+    let free = |conn: &Connection| -> rusqlite::Result<u64> {
+        conn.query_row("PRAGMA freelist_count", [], |row| row.get(0))
+    };
+    let before = free(conn)?;
+    {
+        let mut stmt = conn.prepare("PRAGMA incremental_vacuum")?;
+        let mut rows = stmt.query([])?;
+        while rows.next()?.is_some() {}
+    }
+    Ok(before.saturating_sub(free(conn)?))
+}
+
 /// Sets the page-cache size of `conn` (`PRAGMA cache_size`).
 pub(super) fn set_cache_size(conn: &Connection, cache_bytes: u64) -> rusqlite::Result<()> {
     let cache_kib = (cache_bytes / 1024).max(1);
@@ -138,9 +154,20 @@ pub(super) fn open_writer(
     }
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(Error::sqlite("set the busy timeout of", path))?;
-    // Only takes effect before the first table exists (and before WAL is chosen).
-    conn.execute_batch(&format!("PRAGMA page_size = {NEW_PAGE_SIZE};"))
+    // Both only take effect before the first table exists (and the page size before WAL is
+    // chosen); set only in a new database, so that a later VACUUM (`compact`) keeps an
+    // existing database's page size and auto-vacuum mode.
+    let new: bool = conn
+        .query_row("SELECT count(*) = 0 FROM sqlite_master", [], |row| {
+            row.get(0)
+        })
+        .map_err(Error::sqlite("read the schema of", path))?;
+    if new {
+        conn.execute_batch(&format!(
+            "PRAGMA page_size = {NEW_PAGE_SIZE}; PRAGMA auto_vacuum = INCREMENTAL;"
+        ))
         .map_err(Error::sqlite("set the page size of", path))?;
+    }
     conn.execute_batch(create_table(new_layout))
         .map_err(Error::sqlite("create the table in", path))?;
     // Another program's table of the same name: refuse it rather than fail every read.

@@ -308,6 +308,16 @@ fn repair(db: &Path) -> Result<OpenReport, String> {
         }
     }
     tx.commit().map_err(sql)?;
+    if removed_corrupt + removed_dangling > 0 {
+        // Give the deleted records' pages back (a no-op without incremental auto-vacuum);
+        // only space, so a failure is logged, not fatal.
+        if let Err(err) = super::conn::release_free_pages(&conn) {
+            log::warn!(
+                "pagestore: {}: could not release the free pages after the repair: {err}",
+                db.display()
+            );
+        }
+    }
     Ok(OpenReport::Repaired {
         records: (graph.keys.len() - corrupt.len() - dangling.len()) as u64,
         removed_corrupt,

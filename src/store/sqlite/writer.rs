@@ -120,7 +120,19 @@ struct State {
     /// The first commit failure, sticky until reopen.
     error: Option<String>,
     release_memory: bool,
+    /// Maintenance the writer runs between batches, each with where to send its result.
+    maintenance: VecDeque<(Maintenance, std::sync::mpsc::Sender<Result<u64, Error>>)>,
     shutdown: bool,
+}
+
+/// Work on the whole file that must not race a commit: the writer thread runs it on its
+/// own connection, between two batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Maintenance {
+    /// `PRAGMA incremental_vacuum`: return the free pages to the file system.
+    ReleaseFreePages,
+    /// `VACUUM`: rebuild the file.
+    Compact,
 }
 
 /// What callers and the writer thread share.
@@ -332,6 +344,33 @@ impl WriteBuffer {
         self.work.notify_all();
     }
 
+    /// Runs `op` on the writer thread after every batch sealed before this call is
+    /// committed, and returns its result (for [`Maintenance::ReleaseFreePages`], the pages
+    /// released). Fails with the sticky error if a commit failed.
+    pub(super) fn maintain(&self, op: Maintenance) -> Result<u64, Error> {
+        let (send, receive) = std::sync::mpsc::channel();
+        {
+            let mut state = self.lock();
+            if let Some(err) = Self::poisoned_error(&state) {
+                return Err(err);
+            }
+            // Queued after what is filling, so it runs after those records are committed.
+            self.seal(&mut state);
+            state.maintenance.push_back((op, send));
+            self.work.notify_all();
+        }
+        match receive.recv() {
+            Ok(result) => result,
+            // The writer dropped the request: it stopped (a panic, already latched).
+            Err(_) => {
+                self.check()?;
+                Err(Error::Poisoned {
+                    cause: "the writer thread stopped before running the maintenance".into(),
+                })
+            }
+        }
+    }
+
     /// Whether a commit failed.
     pub(super) fn is_poisoned(&self) -> bool {
         self.poisoned.load(Ordering::Acquire)
@@ -340,6 +379,11 @@ impl WriteBuffer {
     /// Number of records waiting for their commit.
     pub(super) fn pending_len(&self) -> usize {
         self.pending_len.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the records waiting for their commit.
+    pub(super) fn pending_bytes(&self) -> usize {
+        self.lock().in_flight_bytes
     }
 
     /// The pending records, for a verification scan to count as present.
@@ -497,6 +541,18 @@ fn run_loop(
                     if let Some(batch) = state.sealed.pop_front() {
                         break batch;
                     }
+                    // Only once no batch is sealed: every batch sealed before the request
+                    // is committed by now.
+                    if let Some((op, reply)) = state.maintenance.pop_front() {
+                        drop(state);
+                        let result = committer.maintain(pool, op);
+                        let _ = reply.send(result);
+                        state = buffer.lock();
+                        continue;
+                    }
+                } else {
+                    // Refused: the store is poisoned (the requester reads the sticky error).
+                    state.maintenance.clear();
                 }
                 if state.shutdown {
                     return;
@@ -527,6 +583,33 @@ fn run_loop(
 }
 
 impl Committer<'_> {
+    /// Runs `op` on the writer's connection, with the readers released as for a commit.
+    fn maintain(&mut self, pool: &ReaderPool, op: Maintenance) -> Result<u64, Error> {
+        pool.begin_write();
+        let result = match op {
+            Maintenance::ReleaseFreePages => conn::release_free_pages(&self.conn)
+                .map_err(Error::sqlite("release the free pages of", self.path)),
+            Maintenance::Compact => self
+                .conn
+                .execute_batch("VACUUM;")
+                .map(|()| 0)
+                .map_err(Error::sqlite("compact (VACUUM)", self.path)),
+        };
+        if result.is_ok() {
+            // In WAL mode the file shrinks only when the log is checkpointed: do it now if
+            // no other process reads (our readers were released above), without waiting
+            // for one that does (then the next checkpoint shrinks it). Nothing in other
+            // journal modes.
+            let _ = self.conn.busy_timeout(Duration::ZERO);
+            let _ = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            let _ = self.conn.busy_timeout(conn::BUSY_TIMEOUT);
+        }
+        pool.end_write();
+        result
+    }
+
     /// Commits `batch` and hands it to [`WriteBuffer::after_commit`] (taking it out of the
     /// `Option` only then).
     fn commit_and_settle(
