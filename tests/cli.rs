@@ -164,6 +164,29 @@ fn verify_reports_a_corrupt_record_and_a_missing_child() {
 }
 
 #[test]
+fn stats_shows_the_store_s_figures() {
+    let (dir, _) = diamond_dir();
+    let output = run(&["stats", path(dir.path())]);
+    assert_eq!(exit_code(&output), 0, "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("records: 4\n"), "{text}");
+    assert!(text.contains("roots: 2\n"), "{text}");
+    assert!(text.contains("page size: "), "{text}");
+
+    let (code, json) = run_json(&["stats", path(dir.path())]);
+    assert_eq!(code, 0);
+    assert_eq!(json["records"], 4);
+    assert_eq!(json["roots"], 2);
+    // Four records: a 16-byte header each, the data, and 16 bytes per child key.
+    let data = 4 * 16 + (15 + 4 + 3 + 3) + 4 * 16;
+    assert_eq!(json["data_bytes"], data);
+    assert!(json["file_bytes"].as_u64().unwrap() > 0);
+
+    let output = run(&["stats", "/nonexistent/store"]);
+    assert_eq!(exit_code(&output), 2);
+}
+
+#[test]
 fn roots_lists_name_and_key() {
     let (dir, diamond) = diamond_dir();
     let output = run(&["roots", path(dir.path())]);

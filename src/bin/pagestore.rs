@@ -38,6 +38,11 @@ enum Command {
         /// The store's directory (the one holding pagable.db).
         dir: PathBuf,
     },
+    /// Show the store's figures: records, bytes, free pages, roots (no record is decoded).
+    Stats {
+        /// The store's directory (the one holding pagable.db).
+        dir: PathBuf,
+    },
     /// List the named roots: name and key, one per line, sorted by name.
     Roots {
         /// The store's directory (the one holding pagable.db).
@@ -87,6 +92,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Verify { dir } => verify(dir),
+        Command::Stats { dir } => stats(dir),
         Command::Roots { dir } => roots(dir),
         Command::Cat { dir, key } => cat(dir, key),
         Command::Tree {
@@ -240,6 +246,39 @@ fn verify(dir: &Path) -> Result<Output, Failure> {
         text,
         json,
         damaged: !ok,
+    })
+}
+
+fn stats(dir: &Path) -> Result<Output, Failure> {
+    let store = open(dir)?;
+    let stats = store.stats().map_err(operational)?;
+    let optional = |value: Option<u64>| value.map_or("unknown".to_string(), |v| v.to_string());
+    let mut text = String::new();
+    let _ = writeln!(text, "store: {}", store.path().display());
+    let _ = writeln!(text, "records: {}", stats.records);
+    let _ = writeln!(text, "data bytes: {}", stats.data_bytes);
+    let _ = writeln!(text, "roots: {}", stats.roots);
+    let _ = writeln!(text, "file bytes: {}", optional(stats.file_bytes));
+    let _ = writeln!(text, "page size: {}", optional(stats.page_size));
+    let _ = writeln!(text, "free pages: {}", optional(stats.free_pages));
+    let _ = writeln!(text, "free bytes: {}", optional(stats.free_bytes));
+    if let Some(note) = open_note(&store) {
+        let _ = writeln!(text, "note: {note}");
+    }
+    let json = json!({
+        "store": store.path().display().to_string(),
+        "records": stats.records,
+        "data_bytes": stats.data_bytes,
+        "roots": stats.roots,
+        "file_bytes": stats.file_bytes,
+        "page_size": stats.page_size,
+        "free_pages": stats.free_pages,
+        "free_bytes": stats.free_bytes,
+    });
+    Ok(Output {
+        text,
+        json,
+        damaged: false,
     })
 }
 
