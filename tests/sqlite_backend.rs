@@ -859,3 +859,20 @@ fn a_root_is_never_committed_before_the_nodes_stored_before_it() {
     }
     assert_eq!(walked, CHAIN, "the root reaches the whole chain");
 }
+
+#[test]
+fn verify_reports_its_progress_up_to_the_record_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    let model = store_dag(&storage, 77, 10_000);
+    storage.flush().unwrap();
+    let mut seen = Vec::new();
+    let report = storage
+        .verify_with_progress(|checked| seen.push(checked))
+        .unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.records, model.len() as u64);
+    assert!(seen.len() > 1, "several steps for 10,000 records: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert_eq!(seen.last().copied(), Some(model.len() as u64));
+}

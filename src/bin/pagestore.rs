@@ -195,15 +195,33 @@ fn open_note(store: &SqliteNodeStore) -> Option<&'static str> {
 
 fn verify(dir: &Path) -> Result<Output, Failure> {
     let store = open(dir)?;
-    let spinner = std::io::stderr().is_terminal().then(|| {
-        let spinner = indicatif::ProgressBar::new_spinner();
-        spinner.set_message(format!("verifying {}", store.path().display()));
-        spinner.enable_steady_tick(Duration::from_millis(100));
-        spinner
+    // A bar over the record count when stderr is a terminal (a spinner if the count cannot
+    // be read); nothing when it is piped or redirected.
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = match store.stats() {
+            Ok(stats) => {
+                let bar = indicatif::ProgressBar::new(stats.records);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg} {wide_bar} {pos}/{len} records ({eta})",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                bar
+            }
+            Err(_) => indicatif::ProgressBar::new_spinner(),
+        };
+        bar.set_message(format!("verifying {}", store.path().display()));
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar
     });
-    let report = store.verify();
-    if let Some(spinner) = spinner {
-        spinner.finish_and_clear();
+    let report = store.verify_with_progress(|checked| {
+        if let Some(bar) = &bar {
+            bar.set_position(checked);
+        }
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
     let report = report.map_err(operational)?;
 

@@ -321,11 +321,23 @@ impl SqliteNodeStore {
     /// names is stored (committed or pending). Runs on its own connection in short read
     /// transactions, so reads and writes carry on meanwhile.
     pub fn verify(&self) -> anyhow::Result<VerifyReport> {
+        self.verify_with_progress(|_| {})
+    }
+
+    /// [`verify`](Self::verify), calling `progress` with the number of records checked so far
+    /// after every few thousand (for a progress bar; [`stats`](Self::stats) gives the total).
+    pub fn verify_with_progress(
+        &self,
+        mut progress: impl FnMut(u64),
+    ) -> anyhow::Result<VerifyReport> {
         let mut conn = conn::open_reader(&self.inner.path, &self.options)?;
         let buffer = &self.inner.buffer;
-        Ok(verify::scan(&mut conn, &self.inner.path, &|key| {
-            buffer.is_pending(key)
-        })?)
+        Ok(verify::scan(
+            &mut conn,
+            &self.inner.path,
+            &|key| buffer.is_pending(key),
+            &mut progress,
+        )?)
     }
 
     /// The store's figures (see [`StoreStats`]). Reads the database in one read

@@ -41,6 +41,7 @@ pub(super) fn scan(
     conn: &mut Connection,
     path: &Path,
     is_pending: &dyn Fn(&DataKey) -> bool,
+    progress: &mut dyn FnMut(u64),
 ) -> Result<VerifyReport, Error> {
     let malformed_keys = conn
         .query_row(
@@ -59,6 +60,7 @@ pub(super) fn scan(
     loop {
         let rows = scan_chunk(conn, &mut after, &mut report, is_pending)
             .map_err(Error::sqlite("scan the records of", path))?;
+        progress(report.records);
         if rows < CHUNK {
             break;
         }
