@@ -14,10 +14,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
 
-use common::{Rng, effective_uid, output_with_timeout, permissions_are_bypassed};
+use common::Rng;
 use pagestore::{
     Durability, Error, PagableData, PagableStorage, SqliteBackedPagableStorage, SqliteOptions,
 };
@@ -187,65 +185,19 @@ fn another_programs_database_named_pagable_db_is_refused_at_open() {
 
 #[test]
 fn a_read_only_database_file() {
-    let scratch = tempfile::tempdir().unwrap();
-    if !permissions_are_bypassed(scratch.path()) {
-        read_only_checks(scratch.path());
-        return;
-    }
-    // Root ignores file permissions (CI runs as root): run the checks in a child process
-    // that has dropped to the unprivileged uid 65534 ("nobody").
-    let why_not = if effective_uid() != Some(0) {
-        "this process bypasses permissions (CAP_DAC_OVERRIDE) but is not root".to_string()
-    } else {
-        let exe = std::env::current_exe().unwrap();
-        let mut command = Command::new("setpriv");
-        command
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(&exe)
-            .args(["--exact", "read_only_child", "--nocapture"])
-            .env(READ_ONLY_CHILD_ENV, "1");
-        let setpriv = Command::new("setpriv").arg("--version").output();
-        match setpriv.map(|_| output_with_timeout(&mut command, Duration::from_secs(120))) {
-            Ok(output) => {
-                let stdout = String::from_utf8_lossy(&output.stdout);
-                let stderr = String::from_utf8_lossy(&output.stderr);
-                if stdout.contains("CHILD-OK") {
-                    eprintln!("read-only database file, checked as uid 65534:\n{stderr}");
-                    return;
-                }
-                assert!(
-                    !stdout.contains("CHILD-STARTED"),
-                    "the unprivileged child failed ({}):\n{stdout}\n{stderr}",
-                    output.status
-                );
-                format!("setpriv could not start the child as uid 65534: {stderr}")
-            }
-            Err(e) => format!("cannot run setpriv: {e}"),
-        }
-    };
-    eprintln!(
-        "\n!!! SKIPPED a_read_only_database_file: this process (euid {:?}) ignores file \
-         permissions and {why_not}, so a read-only file cannot be simulated. Run the tests as \
-         an ordinary user to cover it. !!!\n",
-        effective_uid()
+    common::with_permissions_in_force(
+        "a_read_only_database_file",
+        "read_only_child",
+        READ_ONLY_CHILD_ENV,
+        "a read-only database file",
+        read_only_checks,
     );
 }
 
 /// Child of `a_read_only_database_file` when the tests run as root: runs unprivileged.
 #[test]
 fn read_only_child() {
-    if std::env::var(READ_ONLY_CHILD_ENV).is_err() {
-        return; // Only meaningful as a child process.
-    }
-    println!("CHILD-STARTED");
-    let scratch = tempfile::tempdir().expect("child: tempdir");
-    assert!(
-        !permissions_are_bypassed(scratch.path()),
-        "the child still bypasses permissions (euid {:?})",
-        effective_uid()
-    );
-    read_only_checks(scratch.path());
-    println!("CHILD-OK");
+    common::unprivileged_child(READ_ONLY_CHILD_ENV, read_only_checks);
 }
 
 /// A database file without write permission: opening either fails with a typed error naming

@@ -9,9 +9,7 @@ mod contract;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
-use common::{effective_uid, output_with_timeout, permissions_are_bypassed};
 use pagestore::{
     DataKey, Durability, Error, NodeStore, OpenReport, PagableData, PagableStorage, SqliteOptions,
     TableLayout,
@@ -281,58 +279,19 @@ const READ_ONLY_DIR_CHILD_ENV: &str = "PAGESTORE_READ_ONLY_DIR_CHILD";
 /// permission bits) the checks run in a child dropped to uid 65534, or are skipped loudly.
 #[test]
 fn a_read_only_directory() {
-    let scratch = tempfile::tempdir().unwrap();
-    if !permissions_are_bypassed(scratch.path()) {
-        read_only_dir_checks(scratch.path());
-        return;
-    }
-    let why_not = if effective_uid() != Some(0) {
-        "this process bypasses permissions (CAP_DAC_OVERRIDE) but is not root".to_string()
-    } else {
-        let mut command = Command::new("setpriv");
-        command
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(std::env::current_exe().unwrap())
-            .args(["--exact", "read_only_dir_child", "--nocapture"])
-            .env(READ_ONLY_DIR_CHILD_ENV, "1");
-        match Command::new("setpriv").arg("--version").output() {
-            Ok(_) => {
-                let output = output_with_timeout(&mut command, Duration::from_secs(120));
-                let stdout = String::from_utf8_lossy(&output.stdout);
-                let stderr = String::from_utf8_lossy(&output.stderr);
-                if stdout.contains("CHILD-OK") {
-                    eprintln!("read-only directory, checked as uid 65534:\n{stderr}");
-                    return;
-                }
-                assert!(
-                    !stdout.contains("CHILD-STARTED"),
-                    "the unprivileged child failed ({}):\n{stdout}\n{stderr}",
-                    output.status
-                );
-                format!("setpriv could not start the child as uid 65534: {stderr}")
-            }
-            Err(e) => format!("cannot run setpriv: {e}"),
-        }
-    };
-    eprintln!(
-        "\n!!! SKIPPED a_read_only_directory: this process (euid {:?}) ignores permission \
-         bits and {why_not}, so a read-only directory cannot be simulated. Run the tests as an \
-         ordinary user to cover it. !!!\n",
-        effective_uid()
+    common::with_permissions_in_force(
+        "a_read_only_directory",
+        "read_only_dir_child",
+        READ_ONLY_DIR_CHILD_ENV,
+        "a read-only directory",
+        read_only_dir_checks,
     );
 }
 
 /// Child of `a_read_only_directory` when the tests run as root: runs unprivileged.
 #[test]
 fn read_only_dir_child() {
-    if std::env::var(READ_ONLY_DIR_CHILD_ENV).is_err() {
-        return; // Only meaningful as a child process.
-    }
-    println!("CHILD-STARTED");
-    let scratch = tempfile::tempdir().expect("child: tempdir");
-    assert!(!permissions_are_bypassed(scratch.path()));
-    read_only_dir_checks(scratch.path());
-    println!("CHILD-OK");
+    common::unprivileged_child(READ_ONLY_DIR_CHILD_ENV, read_only_dir_checks);
 }
 
 fn read_only_dir_checks(scratch: &Path) {

@@ -269,3 +269,75 @@ pub fn damage_stored_record(
     )
     .unwrap();
 }
+
+/// Runs `check` on a scratch directory with permission bits in force. Root ignores them (CI
+/// runs as root), so then the test `child` of this test binary is run as uid 65534 with `env`
+/// set; it must call [`unprivileged_child`] with the same `check`. When neither is possible
+/// the test is skipped loudly (naming `test` and `what` cannot be simulated).
+pub fn with_permissions_in_force(
+    test: &str,
+    child: &str,
+    env: &str,
+    what: &str,
+    check: impl FnOnce(&Path),
+) {
+    let scratch = tempfile::tempdir().unwrap();
+    if !permissions_are_bypassed(scratch.path()) {
+        check(scratch.path());
+        return;
+    }
+    let why_not = if effective_uid() != Some(0) {
+        "this process bypasses permissions (CAP_DAC_OVERRIDE) but is not root".to_string()
+    } else {
+        let mut command = std::process::Command::new("setpriv");
+        command
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", child, "--nocapture"])
+            .env(env, "1");
+        let setpriv = std::process::Command::new("setpriv")
+            .arg("--version")
+            .output();
+        match setpriv
+            .map(|_| output_with_timeout(&mut command, std::time::Duration::from_secs(120)))
+        {
+            Ok(output) => {
+                let stdout = String::from_utf8_lossy(&output.stdout);
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                if stdout.contains("CHILD-OK") {
+                    eprintln!("{what}, checked as uid 65534:\n{stderr}");
+                    return;
+                }
+                assert!(
+                    !stdout.contains("CHILD-STARTED"),
+                    "the unprivileged child failed ({}):\n{stdout}\n{stderr}",
+                    output.status
+                );
+                format!("setpriv could not start the child as uid 65534: {stderr}")
+            }
+            Err(e) => format!("cannot run setpriv: {e}"),
+        }
+    };
+    eprintln!(
+        "\n!!! SKIPPED {test}: this process (euid {:?}) ignores permission bits and {why_not}, \
+         so {what} cannot be simulated. Run the tests as an ordinary user to cover it. !!!\n",
+        effective_uid()
+    );
+}
+
+/// The child side of [`with_permissions_in_force`]: runs `check` if this process is that
+/// child (`env` is set), unprivileged.
+pub fn unprivileged_child(env: &str, check: impl FnOnce(&Path)) {
+    if std::env::var(env).is_err() {
+        return; // Only meaningful as a child process.
+    }
+    println!("CHILD-STARTED");
+    let scratch = tempfile::tempdir().expect("child: tempdir");
+    assert!(
+        !permissions_are_bypassed(scratch.path()),
+        "the child still bypasses permissions (euid {:?})",
+        effective_uid()
+    );
+    check(scratch.path());
+    println!("CHILD-OK");
+}
