@@ -448,3 +448,67 @@ fn handles_are_send_and_sync_when_the_value_is() {
     send_sync::<PagableArc<dyn Shape>>();
     send_sync::<PagableArc<[u8]>>();
 }
+
+/// Was a defect: a handle of storage A written into storage B took B's key as its own, and A
+/// then dropped its value without storing it; a handle with A's key wrote that key into B.
+#[test]
+fn a_handle_written_into_another_storage_keeps_its_own_key_and_value() {
+    let a = Arc::new(InMemoryPagableStorage::new());
+    let b = Arc::new(InMemoryPagableStorage::new());
+    let fresh = PagableArc::new(blob(21, 300), &a);
+    let in_b = page_out(&b, &vec![fresh.clone()]).unwrap();
+    assert_eq!(fresh.key(), None, "B's key is not the handle's");
+    let report = a.page_out_unpinned().unwrap();
+    assert_eq!(
+        (report.evicted, report.serialized),
+        (1, 1),
+        "stored in A before dropped"
+    );
+    assert_eq!(*fresh.pin().unwrap(), blob(21, 300));
+
+    let keyed = PagableArc::new(blob(22, 300), &a);
+    a.page_out_unpinned().unwrap();
+    assert!(!keyed.is_resident());
+    let in_b2 = page_out(&b, &vec![keyed.clone()]).unwrap();
+    for key in [in_b, in_b2] {
+        let back: Vec<PagableArc<Blob>> = page_in(&b, key).unwrap();
+        let value = back[0].pin().expect("B holds the value, not a key of A's");
+        assert!(*value == blob(21, 300) || *value == blob(22, 300));
+    }
+}
+
+/// Handles that live only while a `Serialize` impl runs: each is written under its own key,
+/// even when a later one reuses a freed one's address.
+#[test]
+fn temporary_handles_in_one_page_out_keep_their_own_keys() {
+    struct Temporaries {
+        keys: Vec<pagestore::DataKey>,
+        storage: Arc<dyn PagableStorage>,
+    }
+    impl Serialize for Temporaries {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeSeq;
+            let mut seq = serializer.serialize_seq(Some(self.keys.len()))?;
+            for key in &self.keys {
+                // Created and dropped at once: the next one may get the same address.
+                seq.serialize_element(&PagableArc::<Blob>::from_key(*key, &self.storage))?;
+            }
+            seq.end()
+        }
+    }
+    let storage: Arc<dyn PagableStorage> = Arc::new(InMemoryPagableStorage::new());
+    let keys: Vec<_> = (0..8)
+        .map(|n| page_out(&storage, &blob(30 + n, 50)).unwrap())
+        .collect();
+    let root = page_out(
+        &storage,
+        &Temporaries {
+            keys: keys.clone(),
+            storage: storage.clone(),
+        },
+    )
+    .unwrap();
+    let back: Vec<PagableArc<Blob>> = page_in(&storage, root).unwrap();
+    let got: Vec<_> = back.iter().map(|handle| handle.key().unwrap()).collect();
+    assert_eq!(got, keys);
+}

@@ -162,6 +162,15 @@ enum Met {
     Stored(DataKey),
 }
 
+/// The [`storage_identity`](PagableStorage::storage_identity) of the storage the page-out
+/// running on this thread writes into, if one runs and stores anything.
+pub(crate) fn target_storage() -> Option<usize> {
+    OUT.with(|cell| {
+        let guard = cell.try_borrow().ok()?;
+        Some(guard.as_ref()?.storage.as_ref()?.storage_identity())
+    })
+}
+
 /// Records the node `identity` as the next child of the node being serialized on this
 /// thread; `make` gives the node to serialize the first time the identity is met. With
 /// `remembered`, a value the storage remembers the key of is written by that key instead.

@@ -66,6 +66,9 @@ struct Slot<T: ?Sized + 'static> {
     referenced: AtomicBool,
     /// Held weakly: a handle must never keep a store (and its directory) alive.
     storage: Weak<dyn PagableStorage>,
+    /// The storage's [`storage_identity`](PagableStorage::storage_identity): a key this
+    /// slot holds is a key in that storage only.
+    storage_identity: usize,
 }
 
 struct State<T: ?Sized> {
@@ -170,7 +173,7 @@ where
     pub fn from_arc(value: Arc<T>, storage: &impl StorageHandle) -> Self {
         let storage = storage.to_dyn();
         let handle = Self::with_state(
-            Arc::downgrade(&storage),
+            &storage,
             State {
                 value: Some(value),
                 key: None,
@@ -186,10 +189,10 @@ where
     /// A paged-out handle to the value stored under `key` in `storage`: nothing is read until
     /// it is pinned (then a key that is not stored is [`Error::NotFound`]).
     pub fn from_key(key: DataKey, storage: &impl StorageHandle) -> Self {
-        Self::paged_out(key, Arc::downgrade(&storage.to_dyn()))
+        Self::paged_out(key, &storage.to_dyn())
     }
 
-    pub(crate) fn paged_out(key: DataKey, storage: Weak<dyn PagableStorage>) -> Self {
+    pub(crate) fn paged_out(key: DataKey, storage: &Arc<dyn PagableStorage>) -> Self {
         Self::with_state(
             storage,
             State {
@@ -202,7 +205,7 @@ where
         )
     }
 
-    fn with_state(storage: Weak<dyn PagableStorage>, state: State<T>) -> Self {
+    fn with_state(storage: &Arc<dyn PagableStorage>, state: State<T>) -> Self {
         if let Some(value) = &state.value {
             holders::adopt(value);
         }
@@ -210,7 +213,8 @@ where
             slot: Arc::new(Slot {
                 state: Mutex::new(state),
                 referenced: AtomicBool::new(true),
-                storage,
+                storage: Arc::downgrade(storage),
+                storage_identity: storage.storage_identity(),
             }),
         }
     }
@@ -250,7 +254,8 @@ where
             return self.pin();
         };
         let records = page_in::prefetch(&*storage, key, page_in::ASYNC_FETCH_CONCURRENCY).await?;
-        self.fault_in(storage, Some(records))
+        // An async caller must not wait for another thread's eviction.
+        crate::runtime::pager::without_waiting(|| self.fault_in(storage, Some(records)))
     }
 
     /// Makes the value resident (loading it, from `records` if given, unless another thread
@@ -347,7 +352,11 @@ where
         if state.weight == 0 {
             // Never serialized: weigh it by its record's length, measured without storing.
             let value = state.value.as_deref().expect("checked above");
-            state.weight = out::record_len(value).unwrap_or(std::mem::size_of_val(value));
+            // The user's `Serialize` runs under this slot's lock: it must not wait for the
+            // pager's ring (an eviction holding it may be waiting for this slot).
+            state.weight = crate::runtime::pager::without_waiting(|| {
+                out::record_len(value).unwrap_or(std::mem::size_of_val(value))
+            });
         }
         if state.key.is_some() {
             // Resident again with a key: it was paged out and faulted back in.
@@ -430,7 +439,11 @@ impl<T: ?Sized + Serialize + Send + Sync + 'static> OutNode for UnstoredChild<T>
 }
 
 /// A `PagableArc` that already has a key: written by key.
-struct StoredChild(DataKey);
+struct StoredChild {
+    key: DataKey,
+    /// Keeps the slot's address this handle's for the walk (see `serialize`).
+    _slot: Arc<dyn std::any::Any + Send + Sync>,
+}
 
 impl OutNode for StoredChild {
     fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
@@ -446,13 +459,14 @@ impl OutNode for StoredChild {
     }
 
     fn known_key(&self) -> Option<DataKey> {
-        Some(self.0)
+        Some(self.key)
     }
 }
 
 impl<T> Serialize for PagableArc<T>
 where
     T: ?Sized + Serialize + Send + Sync + 'static,
+    Box<T>: DeserializeOwned,
 {
     /// Inside [`page_out`](crate::page_out): a child reference, by key if the value has one
     /// (its value is not touched), else to the value, which is stored once and keeps the key.
@@ -465,15 +479,34 @@ where
             TypeId::of::<Slot<T>>(),
             Arc::as_ptr(&self.slot) as *const u8 as usize,
         );
+        let home = out::target_storage().is_none_or(|target| target == self.slot.storage_identity);
         let recorded = match (key, value) {
-            (Some(key), _) => out::record_node(identity, false, || Box::new(StoredChild(key))),
-            (None, Some(value)) => out::record_node(identity, false, || {
+            // The slot is held by the entry for the whole walk, so its address cannot be
+            // reused by another (temporary) handle and alias this entry.
+            (Some(key), _) if home => out::record_node(identity, false, || {
+                Box::new(StoredChild {
+                    key,
+                    _slot: self.slot.clone(),
+                })
+            }),
+            (None, Some(value)) if home => out::record_node(identity, false, || {
                 Box::new(UnstoredChild {
                     value,
                     slot: Arc::clone(&self.slot),
                 })
             }),
-            (None, None) => unreachable!("a paged-out value has a key"),
+            // Written into another storage: its key (if any) means nothing there, and a key
+            // the walk finds there must not become this slot's. Its value is serialized as a
+            // plain shared value (faulted in from its own storage first if it is paged out).
+            (_, value) => {
+                let value = match value {
+                    Some(value) => value,
+                    None => self
+                        .pin()
+                        .map_err(|err| serde::ser::Error::custom(format!("{err:#}")))?,
+                };
+                out::record_child(&value)
+            }
         };
         recorded.map_err(serde::ser::Error::custom)?;
         serializer.serialize_unit()
@@ -489,7 +522,7 @@ where
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         <()>::deserialize(deserializer)?;
         let (key, storage) = page_in::next_child_key().map_err(serde::de::Error::custom)?;
-        Ok(Self::paged_out(key, storage))
+        Ok(Self::paged_out(key, &storage))
     }
 }
 

@@ -724,7 +724,7 @@ where
 /// Takes the next child key of the node being deserialized, for a lazy child (a
 /// [`PagableArc`](crate::PagableArc)): nothing is loaded. Returns the key and the storage the
 /// child lives in.
-pub(crate) fn next_child_key() -> Result<(DataKey, std::sync::Weak<dyn PagableStorage>), String> {
+pub(crate) fn next_child_key() -> Result<(DataKey, Arc<dyn PagableStorage>), String> {
     let step = with_state(|state| {
         let Some(frame) = state.frames.last_mut() else {
             return Err(None);
@@ -737,7 +737,7 @@ pub(crate) fn next_child_key() -> Result<(DataKey, std::sync::Weak<dyn PagableSt
             )));
         };
         frame.next += 1;
-        Ok((key, Arc::downgrade(&state.storage)))
+        Ok((key, Arc::clone(&state.storage)))
     });
     match step {
         Some(Ok(found)) => Ok(found),

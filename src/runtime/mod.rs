@@ -357,6 +357,11 @@ impl<S: NodeStore> PagableStorage for WithRuntime<S> {
         self.runtime.key_of(type_id, identity)
     }
 
+    /// The runtime's address, which the worker's handle (the runtime itself) shares.
+    fn storage_identity(&self) -> usize {
+        self.runtime.storage_identity()
+    }
+
     fn remember_key(&self, type_id: TypeId, key: DataKey, arc: &dyn ArcEraseDyn) {
         self.runtime.remember_key(type_id, key, arc);
     }

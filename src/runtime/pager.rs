@@ -119,11 +119,16 @@ pub struct PagingStats {
     pub eviction_failures: u64,
 }
 
+/// Inbox entries that make `track` move them into the ring and look for dead ones.
+const INBOX_CLEANUP: usize = 4096;
+
 /// The ring of tracked values and the hand that walks it.
 #[derive(Default)]
 struct Ring {
     slots: Vec<Weak<dyn Evictable>>,
     hand: usize,
+    /// Entries left by the last cleanup of dead ones.
+    live_after_cleanup: usize,
 }
 
 /// Signals for the worker.
@@ -175,7 +180,22 @@ impl Pager {
         if !slot.track(&self.account) {
             return false;
         }
-        lock(&self.inbox).push(Arc::downgrade(&slot));
+        let arrived = {
+            let mut inbox = lock(&self.inbox);
+            inbox.push(Arc::downgrade(&slot));
+            inbox.len()
+        };
+        // Values that were dropped without an eviction leave dead entries; without a budget
+        // nothing walks the ring, so clean it whenever it has doubled since the last time.
+        if arrived >= INBOX_CLEANUP {
+            if let Ok(ring) = self.ring.try_lock() {
+                let mut ring = self.with_arrivals(ring);
+                if ring.slots.len() >= 2 * ring.live_after_cleanup.max(INBOX_CLEANUP / 2) {
+                    ring.slots.retain(|slot| slot.strong_count() > 0);
+                    ring.live_after_cleanup = ring.slots.len();
+                }
+            }
+        }
         if self.over_budget() {
             self.wake();
         }
@@ -249,7 +269,15 @@ impl Pager {
         if !self.far_over_budget() || EVICTING.get() {
             return;
         }
-        let ring = lock(&self.ring);
+        let ring = if NO_WAIT.get() {
+            // An async caller (or code under a slot's lock): help only if nobody evicts.
+            match self.ring.try_lock() {
+                Ok(ring) => ring,
+                Err(_) => return,
+            }
+        } else {
+            lock(&self.ring)
+        };
         self.evict_to(self.low_watermark(), storage, ring);
     }
 
@@ -403,6 +431,18 @@ fn run_worker(pager: Weak<Pager>) {
 thread_local! {
     /// Whether this thread is evicting (holds a pager's ring).
     static EVICTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Whether this thread must not wait for a pager's ring (see [`without_waiting`]).
+    static NO_WAIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` on a thread that does not wait for another thread's eviction in it: a value made
+/// resident inside `f` helps evict only if the ring is free. For async callers (who must not
+/// block) and for user code run under a slot's lock (which an eviction may be waiting for).
+pub(crate) fn without_waiting<R>(f: impl FnOnce() -> R) -> R {
+    let was = NO_WAIT.replace(true);
+    let result = f();
+    NO_WAIT.set(was);
+    result
 }
 
 /// Marks this thread as evicting until dropped.

@@ -132,6 +132,15 @@ pub trait PagableStorage: Send + Sync + 'static {
     /// value a page-in of `key` returns: another allocation with equal content may be that.
     fn remember_key(&self, _type_id: TypeId, _key: DataKey, _arc: &dyn ArcEraseDyn) {}
 
+    /// A number that identifies this storage's state: equal for every handle to one storage,
+    /// different for two storages alive at the same time. A [`PagableArc`](crate::PagableArc)
+    /// uses it to tell its own storage from another one it is written into. The default is
+    /// the address of `self`; a wrapper that forwards to an inner storage should forward this
+    /// too.
+    fn storage_identity(&self) -> usize {
+        self as *const Self as *const u8 as usize
+    }
+
     /// Queues `arc`, which no caller pins any more, for paging out. Never blocks on I/O and
     /// never panics. The queue holds the value weakly and is bounded.
     fn schedule_for_paging(&self, arc: Box<dyn ArcEraseDyn>);
