@@ -154,7 +154,7 @@ pub enum Error {
     /// [`source`](std::error::Error::source).
     #[error(
         "the store directory {} is not writable ({}); open it with \
-         SqliteOptions::read_only(true) to read it",
+         SqliteOptions::read_only() to read it",
         path.display(),
         source.kind()
     )]

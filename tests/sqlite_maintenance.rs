@@ -107,7 +107,7 @@ fn sqlite_stats_before_and_after_flush() {
     assert_eq!(all.paging, storage.paging_stats());
     drop(storage);
     let reader = SqliteOptions::default()
-        .read_only(true)
+        .read_only()
         .open_node_store(dir.path())
         .unwrap();
     let stats = reader.stats().unwrap();
@@ -250,7 +250,7 @@ fn a_read_only_store_refuses_maintenance() {
             .unwrap(),
     );
     let reader = SqliteOptions::default()
-        .read_only(true)
+        .read_only()
         .open_node_store(dir.path())
         .unwrap();
     for err in [

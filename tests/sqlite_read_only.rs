@@ -23,7 +23,7 @@ fn node(i: u32, arcs: Vec<DataKey>) -> PagableData {
 }
 
 fn read_only() -> SqliteOptions {
-    SqliteOptions::default().read_only(true).readers(2)
+    SqliteOptions::default().read_only().readers(2)
 }
 
 /// Every file of `dir` with its bytes.
@@ -334,7 +334,7 @@ fn read_only_dir_checks(scratch: &Path) {
             other => panic!("not Error::NotWritable: {other:?} ({err:#})"),
         }
         let msg = err.to_string();
-        for part in ["not writable", "permission denied", "read_only(true)"] {
+        for part in ["not writable", "permission denied", "read_only()"] {
             assert!(msg.contains(part), "{part:?} missing: {msg}");
         }
 

@@ -156,7 +156,7 @@ fn open(dir: &Path) -> Result<SqliteNodeStore, Failure> {
         )));
     }
     SqliteOptions::default()
-        .read_only(true)
+        .read_only()
         .readers(1)
         .open_node_store(dir)
         .map_err(|err| {

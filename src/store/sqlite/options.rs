@@ -262,10 +262,10 @@ impl SqliteOptions {
     ///
     /// Errors at open: [`Error::Io`](crate::Error::Io) (`NotFound`) when `dir/pagable.db`
     /// does not exist; [`Error::Sqlite`](crate::Error::Sqlite) when it is not a pagestore
-    /// database. Default = `false`.
+    /// database. Default: read-write (a store without this call takes the directory lock).
     #[must_use]
-    pub fn read_only(mut self, read_only: bool) -> Self {
-        self.read_only = read_only;
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
         self
     }
 
