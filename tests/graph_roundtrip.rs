@@ -280,20 +280,25 @@ fn works_through_a_dyn_storage_handle() {
     assert_eq!(*back, 1);
 }
 
-#[tokio::test]
-async fn page_in_async_matches_page_in() {
-    let storage = storage();
+/// A root whose two kids are one shared node, which shares the root's shape.
+fn one_kid_twice() -> Node {
     let shape = circle(1.0);
     let kid = Shared::new(Node {
         label: "kid".into(),
         shape: shape.clone(),
         kids: vec![],
     });
-    let root = Node {
+    Node {
         label: "root".into(),
         shape,
         kids: vec![kid.clone(), kid],
-    };
+    }
+}
+
+#[tokio::test]
+async fn page_in_async_matches_page_in() {
+    let storage = storage();
+    let root = one_kid_twice();
     let key = page_out(&storage, &root).unwrap();
     let back: Node = pagestore::page_in_async(&storage, key).await.unwrap();
     assert!(Shared::ptr_eq(&back.kids[0], &back.kids[1]));
@@ -404,17 +409,7 @@ fn children_are_stored_before_parents_and_each_content_once() {
 fn page_in_goes_through_the_storage_s_own_arc_hooks() {
     use std::sync::atomic::Ordering::Relaxed;
     let storage = Arc::new(Recording::default());
-    let shape = circle(1.0);
-    let kid = Shared::new(Node {
-        label: "kid".into(),
-        shape: shape.clone(),
-        kids: vec![],
-    });
-    let root = Node {
-        label: "root".into(),
-        shape,
-        kids: vec![kid.clone(), kid],
-    };
+    let root = one_kid_twice();
     let key = page_out(&storage, &root).unwrap();
     let back: Node = page_in(&storage, key).unwrap();
     assert!(Shared::ptr_eq(&back.kids[0], &back.kids[1]));

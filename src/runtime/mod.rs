@@ -371,8 +371,7 @@ impl<S: NodeStore> PagableStorage for WithRuntime<S> {
     fn schedule_for_paging(&self, arc: Box<dyn ArcEraseDyn>) {
         self.runtime.schedule_for_paging(arc);
         self.ensure_worker();
-        let storage: Arc<dyn PagableStorage> = self.runtime.clone();
-        self.runtime.pager.help(&storage);
+        self.runtime.pager.help(|| self.runtime.clone());
     }
 
     fn session_context(&self) -> &SessionContext {

@@ -265,7 +265,8 @@ impl Pager {
     /// the budget (waiting for an eviction in progress on another thread first). Does nothing
     /// on a thread that is evicting already: a `Serialize` impl run by an eviction that creates
     /// values would otherwise wait for itself.
-    pub(crate) fn help(&self, storage: &Arc<dyn PagableStorage>) {
+    /// `storage` is called only when the thread does help (the common case costs nothing).
+    pub(crate) fn help(&self, storage: impl FnOnce() -> Arc<dyn PagableStorage>) {
         if !self.far_over_budget() || EVICTING.get() {
             return;
         }
@@ -278,7 +279,7 @@ impl Pager {
         } else {
             lock(&self.ring)
         };
-        self.evict_to(self.low_watermark(), storage, ring);
+        self.evict_to(self.low_watermark(), &storage(), ring);
     }
 
     /// The worker's pass: evicts down to the low watermark.

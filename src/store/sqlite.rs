@@ -120,7 +120,6 @@ struct Inner {
     /// Taken by root changes, so that `remove_root` reads whether a root exists and queues
     /// its removal with no other change of roots in between.
     roots_lock: std::sync::Mutex<()>,
-    options: SqliteOptions,
 }
 
 impl Inner {
@@ -130,11 +129,10 @@ impl Inner {
             return Ok(pending);
         }
         // Read after the pending map: a change committed meanwhile is in the database.
-        let conn = conn::open_reader(&self.path, &self.options)?;
-        Ok(conn::read_roots(&conn, Some(name), &self.path)?
-            .into_iter()
-            .next()
-            .map(|(_, key)| key))
+        let found = self
+            .pool
+            .query(|conn| conn::read_roots(conn, Some(name), &self.path))?;
+        Ok(found.into_iter().next().map(|(_, key)| key))
     }
 
     fn lock_roots(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -222,7 +220,6 @@ impl SqliteNodeStore {
             buffer: WriteBuffer::new(2, 2, 0),
             verify_on_read: options.verify_on_read,
             roots_lock: std::sync::Mutex::new(()),
-            options: options.clone(),
         });
         Ok(Self {
             inner,
@@ -285,7 +282,6 @@ impl SqliteNodeStore {
             buffer,
             verify_on_read: options.verify_on_read,
             roots_lock: std::sync::Mutex::new(()),
-            options: options.clone(),
         });
         let cache_bytes = options.cache_size_bytes;
         failpoint::check("start the writer")?;
@@ -565,11 +561,12 @@ impl NodeStore for SqliteNodeStore {
         // The pending changes first: one committed after this snapshot is in the database
         // read below.
         let pending = self.inner.buffer.pending_roots();
-        let conn = conn::open_reader(&self.inner.path, &self.options)?;
+        let committed = self
+            .inner
+            .pool
+            .query(|conn| conn::read_roots(conn, None, &self.inner.path))?;
         let mut roots: std::collections::BTreeMap<String, DataKey> =
-            conn::read_roots(&conn, None, &self.inner.path)?
-                .into_iter()
-                .collect();
+            committed.into_iter().collect();
         for (name, key) in pending {
             match key {
                 Some(key) => roots.insert(name, key),

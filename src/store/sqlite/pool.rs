@@ -172,6 +172,38 @@ impl ReaderPool {
         key: &[u8; 16],
         on_row: impl FnOnce(Result<&[u8], Type>) -> R,
     ) -> Result<Option<R>, Error> {
+        let mut reader = self.ready_reader()?;
+        let mut len = None;
+        let result = Self::select(&reader.conn, key, |value| {
+            len = Some(value.map_or(0, <[u8]>::len));
+            on_row(value)
+        });
+        match (&result, len) {
+            // Leave the connection clean for the next read.
+            (Err(_), _) => reader.end_transaction(),
+            (Ok(_), Some(len)) => reader.note_record(len, self.mmap_bytes),
+            (Ok(_), None) => {}
+        }
+        result.map_err(Error::sqlite("read a record from", &self.path))
+    }
+
+    /// Runs `query` on a reader connection, under the same protocol as [`read`](Self::read)
+    /// (it sees every commit that finished before the call).
+    pub(super) fn query<R>(
+        &self,
+        query: impl FnOnce(&Connection) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let mut reader = self.ready_reader()?;
+        let result = query(&reader.conn);
+        if result.is_err() {
+            // Leave the connection clean for the next read.
+            reader.end_transaction();
+        }
+        result
+    }
+
+    /// A free reader whose held transaction (if any) sees every finished commit.
+    fn ready_reader(&self) -> Result<MutexGuard<'_, Reader>, Error> {
         let mut reader = self.acquire();
         reader.used = true;
         let writing = self.writing.load(Ordering::Acquire);
@@ -186,18 +218,7 @@ impl ReaderPool {
                 .map_err(Error::sqlite("begin a read transaction on", &self.path))?;
             reader.held = Some(epoch);
         }
-        let mut len = None;
-        let result = Self::select(&reader.conn, key, |value| {
-            len = Some(value.map_or(0, <[u8]>::len));
-            on_row(value)
-        });
-        match (&result, len) {
-            // Leave the connection clean for the next read.
-            (Err(_), _) => reader.end_transaction(),
-            (Ok(_), Some(len)) => reader.note_record(len, self.mmap_bytes),
-            (Ok(_), None) => {}
-        }
-        result.map_err(Error::sqlite("read a record from", &self.path))
+        Ok(reader)
     }
 
     /// Whether a record is stored under `key` (committed; the caller checks what is pending).

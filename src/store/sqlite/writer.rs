@@ -480,9 +480,14 @@ pub(super) fn run(
     path: &Path,
     cache_bytes: u64,
 ) {
-    let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
-        run_loop(buffer, pool, conn, layout, path, cache_bytes)
-    }));
+    let committer = Committer {
+        conn,
+        layout,
+        path,
+        cache_bytes,
+        current_cache: cache_bytes,
+    };
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| run_loop(buffer, pool, committer)));
     if let Err(payload) = outcome {
         report_panic(buffer, None, &*payload);
     }
@@ -515,21 +520,7 @@ struct Committer<'a> {
     current_cache: u64,
 }
 
-fn run_loop(
-    buffer: &WriteBuffer,
-    pool: &ReaderPool,
-    conn: Connection,
-    layout: TableLayout,
-    path: &Path,
-    cache_bytes: u64,
-) {
-    let mut committer = Committer {
-        conn,
-        layout,
-        path,
-        cache_bytes,
-        current_cache: cache_bytes,
-    };
+fn run_loop(buffer: &WriteBuffer, pool: &ReaderPool, mut committer: Committer<'_>) {
     loop {
         let batch = {
             let mut state = buffer.lock();
