@@ -146,6 +146,14 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// The store does not support this operation (for example garbage collection on a
+    /// [`NodeStore`](crate::NodeStore) that does not implement it).
+    #[error("this store does not support {operation}")]
+    Unsupported {
+        /// What was asked.
+        operation: &'static str,
+    },
+
     /// A normal (read-write) open of a store whose directory this process cannot write in:
     /// a read-only directory or medium, or another user's directory. Opening for writing
     /// needs to create the lock and journal files beside the database; a read-only open

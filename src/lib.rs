@@ -123,7 +123,7 @@ pub use store::memory::MemoryNodeStore;
 pub use store::sqlite::{
     Durability, OpenReport, SqliteNodeStore, SqliteOptions, TableLayout, VerifyReport,
 };
-pub use store::{NodeStore, StoreStats};
+pub use store::{GcOptions, GcPhase, GcProgress, GcReport, LiveKeys, NodeStore, StoreStats};
 
 /// The README's examples compile and run as doctests.
 #[cfg(doctest)]

@@ -36,7 +36,9 @@ use std::sync::{Arc, Barrier, mpsc};
 
 use either::Either;
 
-use crate::{DataKey, Error, NodeStore, PagableData, PagableStorage, WithRuntime, downcast_arc};
+use crate::{
+    DataKey, Error, GcOptions, NodeStore, PagableData, PagableStorage, WithRuntime, downcast_arc,
+};
 
 /// How the node-store suite opens, reopens and damages one kind of [`NodeStore`].
 pub trait NodeStoreHarness {
@@ -109,6 +111,12 @@ pub fn node_store_contract<H: NodeStoreHarness>(harness: &H) {
     paged_values_leave_memory_and_come_back(harness);
     roots_are_set_read_listed_and_removed(harness);
     roots_are_read_your_writes_and_survive_reopen(harness);
+    if supports_gc(harness) {
+        gc_deletes_exactly_what_nothing_reaches(harness);
+        gc_forgets_deleted_keys_so_they_can_be_stored_again(harness);
+        gc_racing_writers_leaves_every_root_complete(harness);
+        gc_stops_at_a_damaged_reachable_record(harness);
+    }
 }
 
 /// Runs every check of the [`PagableStorage`] contract against `harness`: the data checks of
@@ -814,4 +822,233 @@ fn paged_values_leave_memory_and_come_back<H: NodeStoreHarness>(harness: &H) {
         let handle = PagableArc::<Vec<u8>>::from_key(*key, &reopened);
         assert_eq!(*handle.pin().unwrap(), *value, "read back after a reopen");
     }
+}
+
+/// Whether the harness's store collects garbage (contract item 9 applies only then).
+fn supports_gc<H: NodeStoreHarness>(harness: &H) -> bool {
+    match harness
+        .open()
+        .collect_garbage(&GcOptions::new().dry_run(true))
+    {
+        Ok(_) => true,
+        Err(err) if matches!(err.downcast_ref(), Some(Error::Unsupported { .. })) => false,
+        Err(err) => panic!("a dry run on an empty store: {err:#}"),
+    }
+}
+
+/// The keys `starts` reach in `model` (a key not in the model reaches nothing).
+pub fn reachable(
+    model: &HashMap<DataKey, PagableData>,
+    starts: impl IntoIterator<Item = DataKey>,
+) -> std::collections::HashSet<DataKey> {
+    let mut seen = std::collections::HashSet::new();
+    let mut stack: Vec<DataKey> = starts.into_iter().collect();
+    while let Some(key) = stack.pop() {
+        if seen.insert(key) {
+            if let Some(node) = model.get(&key) {
+                stack.extend(node.arcs.iter().copied());
+            }
+        }
+    }
+    seen
+}
+
+/// The keys a scan of `store` visits.
+fn stored_keys<S: NodeStore + ?Sized>(store: &S) -> std::collections::HashSet<DataKey> {
+    let mut keys = std::collections::HashSet::new();
+    store
+        .scan(&mut |key, _| {
+            keys.insert(key);
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("scan: {e:#}"));
+    keys
+}
+
+/// Contract item 9: a collection deletes exactly the nodes that no root and no live key
+/// reaches (checked against a model), counts them, and a dry run before it reports the same
+/// and deletes nothing. Some nodes are pending (not flushed) when it runs.
+fn gc_deletes_exactly_what_nothing_reaches<H: NodeStoreHarness>(harness: &H) {
+    let store = harness.open();
+    let mut model = store_dag(&|node| store.put(node), 21, 400);
+    let keys: Vec<DataKey> = {
+        let mut keys: Vec<DataKey> = model.keys().copied().collect();
+        keys.sort();
+        keys
+    };
+    store.set_root("a", keys[10]).unwrap();
+    store.set_root("b", keys[200]).unwrap();
+    store.set_root("gone", keys[300]).unwrap();
+    assert!(store.remove_root("gone").unwrap());
+    store.flush().unwrap();
+    // Not committed when the collection runs, nor is the root that names it.
+    let unflushed = node(21_000, 50, vec![keys[5]]);
+    let unflushed_key = store.put(unflushed.clone()).unwrap();
+    model.insert(unflushed_key, unflushed);
+    store.set_root("late", unflushed_key).unwrap();
+    let live = [keys[7]];
+    let live_keys = |keep: &mut dyn FnMut(DataKey)| live.iter().for_each(|key| keep(*key));
+
+    let stored_before = stored_keys(&store);
+    let dry = store
+        .collect_garbage(&GcOptions::new().dry_run(true).live_keys(&live_keys))
+        .unwrap_or_else(|e| panic!("dry run: {e:#}"));
+    assert!(dry.dry_run);
+    assert_eq!(
+        stored_keys(&store),
+        stored_before,
+        "a dry run deletes nothing"
+    );
+
+    let report = store
+        .collect_garbage(&GcOptions::new().live_keys(&live_keys))
+        .unwrap_or_else(|e| panic!("gc: {e:#}"));
+    let expected = reachable(&model, [keys[10], keys[200], keys[7], unflushed_key]);
+    let after = stored_keys(&store);
+    assert_eq!(after, expected, "exactly the reachable nodes are left");
+    assert_eq!(report.kept, expected.len() as u64, "{report:?}");
+    assert_eq!(
+        report.deleted,
+        (model.len() - expected.len()) as u64,
+        "{report:?}"
+    );
+    assert_eq!(report.missing, 0, "{report:?}");
+    let freed: u64 = model
+        .iter()
+        .filter(|(key, _)| !expected.contains(key))
+        .map(|(_, node)| crate::codec::encoded_len(node) as u64)
+        .sum();
+    assert_eq!(report.bytes_freed, freed, "{report:?}");
+    assert_eq!(
+        (dry.kept, dry.deleted, dry.bytes_freed),
+        (report.kept, report.deleted, report.bytes_freed),
+        "the dry run predicted the collection"
+    );
+    for key in &expected {
+        assert_eq!(&*store.get(key).unwrap(), &model[key], "{key} kept intact");
+    }
+    let again = store
+        .collect_garbage(&GcOptions::new().live_keys(&live_keys))
+        .unwrap();
+    assert_eq!(
+        again.deleted, 0,
+        "a second collection finds nothing: {again:?}"
+    );
+    if let Some(store) = harness.reopen(store) {
+        assert_eq!(stored_keys(&store), expected, "the deletions are durable");
+    }
+}
+
+/// Contract item 9: a node deleted by a collection and stored again is stored (the store
+/// must not remember it as stored), readable, and survives a reopen.
+fn gc_forgets_deleted_keys_so_they_can_be_stored_again<H: NodeStoreHarness>(harness: &H) {
+    let store = harness.open();
+    let data = node(31, 40, vec![]);
+    let key = store.put(data.clone()).unwrap();
+    store.flush().unwrap();
+    let report = store.collect_garbage(&GcOptions::new()).unwrap();
+    assert_eq!(report.deleted, 1, "{report:?}");
+    assert!(!store.contains(&key).unwrap(), "deleted");
+    assert_eq!(store.put(data.clone()).unwrap(), key);
+    assert!(store.contains(&key).unwrap(), "stored again");
+    assert_eq!(*store.get(&key).unwrap(), data);
+    store.flush().unwrap();
+    if let Some(store) = harness.reopen(store) {
+        assert_eq!(*store.get(&key).unwrap(), data, "stored again, durably");
+    }
+}
+
+/// Contract item 9: threads store graphs and name them as roots while collections run;
+/// afterwards (and after a reopen) every root's graph is complete, and a node a thread
+/// stored and then found deleted was only ever garbage.
+fn gc_racing_writers_leaves_every_root_complete<H: NodeStoreHarness>(harness: &H) {
+    const WRITERS: u64 = 3;
+    const GRAPHS: u64 = 40;
+    let store = harness.open();
+    // Garbage to sweep, so the sweep has work while the writers run.
+    store_dag(&|node| store.put(node), 41, 600);
+    store.flush().unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let collections = std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let store = &store;
+                scope.spawn(move || {
+                    for g in 0..GRAPHS {
+                        // Shares nodes with the garbage above (same seeds), so some of its
+                        // nodes are stored again while being swept.
+                        let graph = store_dag(&|node| store.put(node), 41 + (w + g) % 2, 30);
+                        let top = store
+                            .put(node(
+                                50_000 + w * 1000 + g,
+                                20,
+                                graph.keys().copied().collect(),
+                            ))
+                            .unwrap();
+                        store.set_root(&format!("w{w}"), top).unwrap();
+                        if g % 8 == 0 {
+                            store.flush().unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        let collector = scope.spawn(|| {
+            let mut runs = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) || runs < 2 {
+                store
+                    .collect_garbage(&GcOptions::new())
+                    .unwrap_or_else(|e| panic!("gc while writers run: {e:#}"));
+                runs += 1;
+            }
+            runs
+        });
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        collector.join().unwrap()
+    });
+    assert!(collections >= 2);
+    store.collect_garbage(&GcOptions::new()).unwrap();
+    let check = |store: &H::Store, when: &str| {
+        let roots = store.roots().unwrap();
+        assert_eq!(roots.len(), WRITERS as usize, "{when}: {roots:?}");
+        for (name, key) in roots {
+            let mut stack = vec![key];
+            while let Some(key) = stack.pop() {
+                let node = store
+                    .get(&key)
+                    .unwrap_or_else(|e| panic!("{when}: root {name} reaches {key}: {e:#}"));
+                stack.extend(node.arcs.iter().copied());
+            }
+        }
+    };
+    check(&store, "after the collections");
+    store.flush().unwrap();
+    if let Some(store) = harness.reopen(store) {
+        check(&store, "after a reopen");
+    }
+}
+
+/// Contract item 9: a collection that meets a damaged record among the reachable ones
+/// stops with [`Error::Corrupt`] naming it (it cannot know what the record reaches), and
+/// deletes nothing that the record's children could be.
+fn gc_stops_at_a_damaged_reachable_record<H: NodeStoreHarness>(harness: &H) {
+    let store = harness.open();
+    let child = store.put(node(61, 30, vec![])).unwrap();
+    let parent = store.put(node(62, 30, vec![child])).unwrap();
+    store.set_root("damaged", parent).unwrap();
+    store.flush().unwrap();
+    if !harness.corrupt(&store, parent) {
+        return;
+    }
+    let err = store
+        .collect_garbage(&GcOptions::new())
+        .expect_err("a collection through a damaged record");
+    match err.downcast_ref::<Error>() {
+        Some(Error::Corrupt { key, .. }) => assert_eq!(*key, parent),
+        _ => panic!("expected Corrupt, got {err:#}"),
+    }
+    assert!(store.contains(&child).unwrap(), "the child was not swept");
 }

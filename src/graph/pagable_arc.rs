@@ -99,8 +99,12 @@ impl<T: ?Sized> Drop for Slot<T> {
         if let Some(value) = &value {
             holders::release(value);
         }
+        let key = state.key;
         drop(state);
         drop(value);
+        if let Some(key) = key {
+            crate::runtime::held_keys::release(self.storage_identity, key);
+        }
     }
 }
 
@@ -193,6 +197,9 @@ where
     }
 
     pub(crate) fn paged_out(key: DataKey, storage: &Arc<dyn PagableStorage>) -> Self {
+        // Garbage collection keeps what a handle names. Whether the key is still stored
+        // shows when the handle is pinned.
+        storage.hold_key(key);
         Self::with_state(
             storage,
             State {
@@ -385,6 +392,14 @@ where
         if serialized {
             let value = Arc::clone(value);
             match out::page_out_sized(storage, &*value) {
+                Ok((key, _)) if !storage.hold_key(key) => {
+                    // A garbage collection deleted it right after it was stored: keep the
+                    // value (the next eviction stores it again).
+                    crate::runtime::held_keys::release(self.storage_identity, key);
+                    return Eviction::Failed(anyhow::anyhow!(
+                        "{key} was deleted by a garbage collection while it was paged out"
+                    ));
+                }
                 Ok((key, len)) => {
                     state.key = Some(key);
                     state.weight = len;
@@ -430,6 +445,10 @@ impl<T: ?Sized + Serialize + Send + Sync + 'static> OutNode for UnstoredChild<T>
     fn stored(&self, key: DataKey) {
         let mut state = self.slot.lock();
         if state.key.is_none() {
+            if let Some(storage) = self.slot.storage.upgrade() {
+                // Stored by the walk that is storing the parent: protected by that store.
+                storage.hold_key(key);
+            }
             state.key = Some(key);
             if let Some(account) = &state.account {
                 account.serializations.fetch_add(1, Ordering::Relaxed);

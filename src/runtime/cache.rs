@@ -266,6 +266,24 @@ impl ArcCache {
         self.inner.slots.len()
     }
 
+    /// Hands the key of every entry whose value is alive to `keep`.
+    pub(crate) fn for_each_live_key(&self, keep: &mut dyn FnMut(DataKey)) {
+        for entry in self.inner.slots.iter() {
+            if entry.value.as_ref().is_some_and(|weak| !weak.is_expired()) {
+                keep(entry.key().1);
+            }
+        }
+    }
+
+    /// Forgets that the value of view `type_id` at `address` was loaded from `key` (the key
+    /// is no longer stored): [`key_of`](Self::key_of) no longer names it, so the value is
+    /// serialized again the next time it is paged out.
+    pub(crate) fn forget_key(&self, type_id: TypeId, address: usize, key: DataKey) {
+        self.inner
+            .keys
+            .remove_if(&(type_id, address), |_, known| *known == key);
+    }
+
     /// Removes every entry whose value has been dropped; returns how many it removed.
     pub(crate) fn prune(&self) -> usize {
         let slots = &self.inner.slots;

@@ -61,6 +61,21 @@ impl KeyMemo {
         (!entry.0.is_expired()).then_some(entry.1)
     }
 
+    /// Hands the key of every entry whose value is alive to `keep`.
+    pub(crate) fn for_each_live_key(&self, keep: &mut dyn FnMut(DataKey)) {
+        for entry in self.entries.iter() {
+            if !entry.0.is_expired() {
+                keep(entry.1);
+            }
+        }
+    }
+
+    /// Forgets the entry of the value of view `type_id` at `address` if it names `key`.
+    pub(crate) fn forget(&self, type_id: TypeId, address: usize, key: DataKey) {
+        self.entries
+            .remove_if(&(type_id, address), |_, (_, known)| *known == key);
+    }
+
     /// Drops the entries whose value is gone.
     pub(crate) fn prune(&self) {
         self.entries.retain(|_, (weak, _)| !weak.is_expired());

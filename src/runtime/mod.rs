@@ -7,6 +7,7 @@
 
 mod builtin;
 mod cache;
+pub(crate) mod held_keys;
 mod memo;
 pub(crate) mod pager;
 mod session;
@@ -31,7 +32,7 @@ pub use storage::PagableStorage;
 use crate::data::PagableData;
 use crate::erase::ArcEraseDyn;
 use crate::key::DataKey;
-use crate::store::{NodeStore, StoreStats};
+use crate::store::{GcOptions, GcReport, NodeStore, StoreStats};
 
 /// A snapshot of a [`WithRuntime`]'s figures: its store's and its runtime's, from
 /// [`WithRuntime::stats`].
@@ -83,6 +84,43 @@ struct Runtime<S> {
     memo: KeyMemo,
     session: SessionContext,
     store: S,
+}
+
+thread_local! {
+    /// The runtime (its address) and the store's garbage-collection epoch read just before
+    /// this thread's latest `store_data`: `remember_key`, which follows it, checks that no
+    /// collection began since.
+    static PUT_EPOCH: std::cell::Cell<(usize, u64)> = const { std::cell::Cell::new((0, u64::MAX)) };
+}
+
+impl<S: NodeStore> Runtime<S> {
+    /// Called after recording (in the memo, the arc cache or the held keys) that `key` is
+    /// stored, knowing it was stored at garbage-collection epoch `before`: whether it still
+    /// is. Free unless a collection began since `before` or runs now; then the key is
+    /// protected from the running one and looked up (a key deleted meanwhile is `false`,
+    /// and the caller forgets it).
+    ///
+    /// The record comes first and the epoch is read after it, while a collection moves the
+    /// epoch before it lists the live keys: either the collection sees the record, or this
+    /// sees the collection.
+    fn still_stored(&self, key: &DataKey, before: u64) -> bool {
+        let now = self.store.gc_epoch();
+        if now == 0 || (now == before && now % 2 == 0) {
+            return true;
+        }
+        if now % 2 == 1 {
+            self.store.protect(key);
+        }
+        self.store.contains(key).unwrap_or(false)
+    }
+
+    /// Hands every key the runtime relies on to `keep`: live arc-cache values, remembered
+    /// keys of live values, keys of paged-out `PagableArc`s.
+    fn live_keys(&self, keep: &mut dyn FnMut(DataKey)) {
+        self.arc_cache.for_each_live_key(keep);
+        self.memo.for_each_live_key(keep);
+        held_keys::for_each(self.storage_identity(), keep);
+    }
 }
 
 /// The pager's worker thread, started the first time resident values exceed the budget and
@@ -190,6 +228,54 @@ impl<S: NodeStore> WithRuntime<S> {
         })
     }
 
+    /// Deletes every stored node that neither a root nor this process needs, and gives the
+    /// space back: [`NodeStore::collect_garbage`] with the runtime's live keys (values alive
+    /// in the arc cache, keys remembered for live values, paged-out
+    /// [`PagableArc`](crate::PagableArc)s). Safe while other threads page out, page in,
+    /// store and set roots (see the store's contract, item 9).
+    ///
+    /// A value whose key a collection deleted while this process loaded or stored it is not
+    /// lost: the runtime forgets that key, so the next page-out stores the value again.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use pagestore::{page_out, InMemoryPagableStorage, NodeStore, Shared};
+    ///
+    /// let storage = Arc::new(InMemoryPagableStorage::new());
+    /// let kept = page_out(&storage, &Shared::new(String::from("named")))?;
+    /// storage.set_root("latest", kept)?;
+    /// page_out(&storage, &String::from("temporary"))?;
+    ///
+    /// let report = storage.gc()?;
+    /// assert_eq!(report.deleted, 1);
+    /// assert!(storage.contains(&kept)?);
+    /// # anyhow::Ok(())
+    /// ```
+    pub fn gc(&self) -> anyhow::Result<GcReport> {
+        self.gc_with(&GcOptions::new())
+    }
+
+    /// What [`gc`](Self::gc) would delete, deleting nothing.
+    pub fn gc_dry_run(&self) -> anyhow::Result<GcReport> {
+        self.gc_with(&GcOptions::new().dry_run(true))
+    }
+
+    /// [`gc`](Self::gc) with options: a dry run, more live keys (added to the runtime's),
+    /// progress reports.
+    pub fn gc_with(&self, options: &GcOptions<'_>) -> anyhow::Result<GcReport> {
+        let runtime = &*self.runtime;
+        let extra = options.live;
+        let live = |keep: &mut dyn FnMut(DataKey)| {
+            runtime.live_keys(keep);
+            if let Some(extra) = extra {
+                extra(keep);
+            }
+        };
+        let mut with_runtime = *options;
+        with_runtime.live = Some(&live);
+        runtime.store.collect_garbage(&with_runtime)
+    }
+
     /// The number of entries in the arc cache, dead ones not yet pruned included.
     pub fn arc_cache_len(&self) -> usize {
         self.runtime.arc_cache.len()
@@ -225,6 +311,8 @@ impl<S> std::ops::Deref for WithRuntime<S> {
 #[async_trait::async_trait]
 impl<S: NodeStore> PagableStorage for Runtime<S> {
     fn store_data(&self, data: PagableData) -> anyhow::Result<DataKey> {
+        let before = self.store.gc_epoch();
+        PUT_EPOCH.set((self.storage_identity(), before));
         self.store.put(data)
     }
 
@@ -267,13 +355,22 @@ impl<S: NodeStore> PagableStorage for Runtime<S> {
         prefetched: Option<Arc<PagableData>>,
         deserialize: &mut dyn FnMut(Arc<PagableData>) -> anyhow::Result<Box<dyn ArcEraseDyn>>,
     ) -> anyhow::Result<Box<dyn ArcEraseDyn>> {
-        self.arc_cache.get_or_load(type_id, key, || {
+        // A prefetched record was read at an unknown epoch: checked if any collection ran.
+        let before = match prefetched {
+            Some(_) => u64::MAX,
+            None => self.store.gc_epoch(),
+        };
+        let value = self.arc_cache.get_or_load(type_id, key, || {
             let node = match prefetched {
                 Some(node) => node,
                 None => self.store.get(&key)?,
             };
             deserialize(node)
-        })
+        })?;
+        if !self.still_stored(&key, before) {
+            self.arc_cache.forget_key(type_id, value.identity(), key);
+        }
+        Ok(value)
     }
 
     fn key_of(&self, type_id: &TypeId, identity: usize) -> Option<DataKey> {
@@ -284,6 +381,18 @@ impl<S: NodeStore> PagableStorage for Runtime<S> {
 
     fn remember_key(&self, type_id: TypeId, key: DataKey, arc: &dyn ArcEraseDyn) {
         self.memo.remember(type_id, key, arc);
+        let before = match PUT_EPOCH.get() {
+            (runtime, epoch) if runtime == self.storage_identity() => epoch,
+            _ => u64::MAX,
+        };
+        if !self.still_stored(&key, before) {
+            self.memo.forget(type_id, arc.identity(), key);
+        }
+    }
+
+    fn hold_key(&self, key: DataKey) -> bool {
+        held_keys::hold(self.storage_identity(), key);
+        self.still_stored(&key, u64::MAX)
     }
 
     fn schedule_for_paging(&self, arc: Box<dyn ArcEraseDyn>) {
@@ -364,6 +473,10 @@ impl<S: NodeStore> PagableStorage for WithRuntime<S> {
 
     fn remember_key(&self, type_id: TypeId, key: DataKey, arc: &dyn ArcEraseDyn) {
         self.runtime.remember_key(type_id, key, arc);
+    }
+
+    fn hold_key(&self, key: DataKey) -> bool {
+        self.runtime.hold_key(key)
     }
 
     /// Tracks a [`PagableArc`](crate::PagableArc)'s value against the memory budget; other

@@ -151,4 +151,14 @@ pub trait PagableStorage: Send + Sync + 'static {
     /// Drops memory that can be rebuilt (dead cache entries, backend caches). Stored data and
     /// live values are unaffected. The default does nothing.
     fn release_memory(&self) {}
+
+    /// Tells the storage that a [`PagableArc`](crate::PagableArc) of it now holds `key`
+    /// (it may be paged out, with only the key in memory): garbage collection keeps the key,
+    /// and what it reaches, until that handle drops. Returns whether the key is still
+    /// stored as far as a garbage collection could have changed that (`true` when none ran;
+    /// then nothing is read). The default holds nothing and returns `true`.
+    fn hold_key(&self, key: DataKey) -> bool {
+        let _ = key;
+        true
+    }
 }

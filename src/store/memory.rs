@@ -8,7 +8,8 @@ use dashmap::DashMap;
 use crate::data::PagableData;
 use crate::error::Error;
 use crate::key::{DataKey, KeyHasherBuilder};
-use crate::store::{NodeStore, StoreStats};
+use crate::store::gc::{self, Collectable, GcGate, StoredKey};
+use crate::store::{GcOptions, GcReport, NodeStore, StoreStats};
 
 /// A [`NodeStore`] that keeps every node in memory.
 ///
@@ -19,6 +20,7 @@ use crate::store::{NodeStore, StoreStats};
 pub struct MemoryNodeStore {
     nodes: DashMap<DataKey, Arc<PagableData>, KeyHasherBuilder>,
     roots: Mutex<BTreeMap<String, DataKey>>,
+    gc: GcGate,
 }
 
 impl MemoryNodeStore {
@@ -56,6 +58,18 @@ impl MemoryNodeStore {
         }
     }
 
+    /// Deletes every node no root reaches (see [`NodeStore::collect_garbage`]; for a store
+    /// with a runtime attached, call [`WithRuntime::gc`](crate::WithRuntime::gc), which also
+    /// keeps the values the runtime holds).
+    pub fn gc(&self) -> anyhow::Result<GcReport> {
+        self.collect_garbage(&GcOptions::new())
+    }
+
+    /// What [`gc`](Self::gc) would delete, deleting nothing.
+    pub fn gc_dry_run(&self) -> anyhow::Result<GcReport> {
+        self.collect_garbage(&GcOptions::new().dry_run(true))
+    }
+
     fn roots_map(&self) -> MutexGuard<'_, BTreeMap<String, DataKey>> {
         // Every critical section leaves the map consistent.
         self.roots.lock().unwrap_or_else(|p| p.into_inner())
@@ -66,8 +80,17 @@ impl MemoryNodeStore {
 impl NodeStore for MemoryNodeStore {
     fn put(&self, node: PagableData) -> anyhow::Result<DataKey> {
         let key = node.compute_key();
-        self.nodes.entry(key).or_insert_with(|| Arc::new(node));
-        Ok(key)
+        let node = Arc::new(node);
+        loop {
+            self.nodes.entry(key).or_insert_with(|| Arc::clone(&node));
+            // During a collection: kept from now on, or deleted just before (then again).
+            let vouched = self
+                .gc
+                .vouch(std::iter::once(key).chain(node.arcs.iter().copied()));
+            if !vouched || self.nodes.contains_key(&key) {
+                return Ok(key);
+            }
+        }
     }
 
     fn get(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
@@ -110,6 +133,18 @@ impl NodeStore for MemoryNodeStore {
         Ok(Some(self.stats()))
     }
 
+    fn collect_garbage(&self, options: &GcOptions<'_>) -> anyhow::Result<GcReport> {
+        gc::collect(self, options)
+    }
+
+    fn gc_epoch(&self) -> u64 {
+        self.gc.epoch()
+    }
+
+    fn protect(&self, key: &DataKey) {
+        self.gc.vouch([*key]);
+    }
+
     fn scan(
         &self,
         visit: &mut dyn FnMut(DataKey, anyhow::Result<PagableData>) -> anyhow::Result<()>,
@@ -123,6 +158,65 @@ impl NodeStore for MemoryNodeStore {
             }
         }
         Ok(())
+    }
+}
+
+/// Keys swept per deletion.
+const SWEEP_CHUNK: usize = 4096;
+
+impl Collectable for MemoryNodeStore {
+    fn gate(&self) -> &GcGate {
+        &self.gc
+    }
+
+    fn root_keys(&self) -> anyhow::Result<Vec<DataKey>> {
+        Ok(self.roots_map().values().copied().collect())
+    }
+
+    fn pending_keys(&self, _keep: &mut dyn FnMut(DataKey)) {}
+
+    fn children(
+        &self,
+        keys: &[DataKey],
+        found: &mut dyn FnMut(Option<&mut dyn Iterator<Item = DataKey>>),
+    ) -> anyhow::Result<()> {
+        for key in keys {
+            match self.nodes.get(key).map(|node| Arc::clone(&node)) {
+                Some(node) => found(Some(&mut node.arcs.iter().copied())),
+                None => found(None),
+            }
+        }
+        Ok(())
+    }
+
+    fn stored_keys(
+        &self,
+        visit: &mut dyn FnMut(&[StoredKey]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        // A snapshot: `visit` deletes, which a shard's read lock held across it would block.
+        let keys: Vec<StoredKey> = self
+            .nodes
+            .iter()
+            .map(|entry| {
+                (
+                    *entry.key(),
+                    crate::codec::encoded_len(entry.value()) as u64,
+                )
+            })
+            .collect();
+        keys.chunks(SWEEP_CHUNK).try_for_each(visit)
+    }
+
+    fn delete(&self, keys: &[DataKey]) -> anyhow::Result<()> {
+        for key in keys {
+            self.nodes.remove(key);
+        }
+        Ok(())
+    }
+
+    fn release_space(&self) -> anyhow::Result<u64> {
+        self.nodes.shrink_to_fit();
+        Ok(0)
     }
 }
 

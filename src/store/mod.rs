@@ -10,11 +10,13 @@ use std::sync::Arc;
 use crate::data::PagableData;
 use crate::key::DataKey;
 
+pub(crate) mod gc;
 pub(crate) mod memory;
 #[cfg(feature = "sqlite")]
 pub(crate) mod sqlite;
 pub(crate) mod stats;
 
+pub use gc::{GcOptions, GcPhase, GcProgress, GcReport, LiveKeys};
 pub use stats::StoreStats;
 
 /// A content-addressed store of [`PagableData`] nodes: the contract a backend keeps.
@@ -58,6 +60,11 @@ pub use stats::StoreStats;
 ///    `put` returned before the change was made, so a root that survives a crash names a
 ///    complete graph when its nodes were stored before it: `set_root` right after storing a
 ///    graph, with no flush in between, is safe.
+/// 9. **Garbage collection** (for a store that supports it,
+///    [`collect_garbage`](Self::collect_garbage)): deletes exactly the stored nodes that no
+///    root, no live key given to it, no node stored while it runs and no key
+///    [`protect`](Self::protect)ed while it runs reaches. A `put` that returns during a
+///    collection has left its node stored, and a root set during one keeps its graph.
 #[async_trait::async_trait]
 pub trait NodeStore: Send + Sync + 'static {
     /// Stores `node` and returns its key, `node.compute_key()`. Idempotent; may buffer the
@@ -109,6 +116,41 @@ pub trait NodeStore: Send + Sync + 'static {
     /// Drops memory that can be rebuilt (caches); stored data is unaffected. The default
     /// does nothing.
     fn release_memory(&self) {}
+
+    /// Deletes every stored node that nothing needs (contract item 9) and reports what it
+    /// did; with [`GcOptions::dry_run`], only reports. Other threads may store, set roots
+    /// and read meanwhile.
+    ///
+    /// What is kept: everything reachable from the roots, from the keys
+    /// [`GcOptions::live_keys`] hands over, from the nodes not yet committed, and from every
+    /// key stored or [`protect`](Self::protect)ed while the collection runs. A node stored
+    /// *before* the collection began and reachable from none of those is garbage, even if a
+    /// thread is about to store a parent naming it: such a thread protects (or stores again)
+    /// the children it relies on. [`WithRuntime`](crate::WithRuntime)'s `gc` does that for
+    /// every value this process holds.
+    ///
+    /// The default returns [`Error::Unsupported`](crate::Error::Unsupported).
+    fn collect_garbage(&self, options: &GcOptions<'_>) -> anyhow::Result<GcReport> {
+        let _ = options;
+        Err(gc::unsupported())
+    }
+
+    /// A counter of garbage collections: 0 if none ever began on this store, odd while one
+    /// runs, even otherwise (it goes up at each start and end). A layer that remembers keys
+    /// reads it after recording one: if it changed since before the key was stored or
+    /// read, a collection may have deleted the key meanwhile. The default is 0 (a store
+    /// that never collects).
+    fn gc_epoch(&self) -> u64 {
+        0
+    }
+
+    /// Tells a garbage collection running now (if any) that the caller relies on `key` from
+    /// now on: the collection keeps it and what it reaches, unless it had deleted it already
+    /// (then [`contains`](Self::contains) says so afterwards). Cheap when none runs: one
+    /// atomic read. The default does nothing.
+    fn protect(&self, key: &DataKey) {
+        let _ = key;
+    }
 
     /// The store's figures, if it keeps any: `Ok(None)` (the default) for a store that does
     /// not. [`MemoryNodeStore`](crate::MemoryNodeStore) and

@@ -39,7 +39,8 @@ use crate::codec;
 use crate::data::PagableData;
 use crate::error::Error;
 use crate::key::DataKey;
-use crate::store::{NodeStore, StoreStats};
+use crate::store::gc::{self, Collectable, GcGate, StoredKey};
+use crate::store::{GcOptions, GcReport, NodeStore, StoreStats};
 
 /// Failure points in the open sequence, for the unit tests of what a failed open leaves
 /// behind; without `cfg(test)`, nothing.
@@ -120,6 +121,7 @@ struct Inner {
     /// Taken by root changes, so that `remove_root` reads whether a root exists and queues
     /// its removal with no other change of roots in between.
     roots_lock: std::sync::Mutex<()>,
+    gc: GcGate,
 }
 
 impl Inner {
@@ -220,6 +222,7 @@ impl SqliteNodeStore {
             buffer: WriteBuffer::new(2, 2, 0),
             verify_on_read: options.verify_on_read,
             roots_lock: std::sync::Mutex::new(()),
+            gc: GcGate::default(),
         });
         Ok(Self {
             inner,
@@ -282,6 +285,7 @@ impl SqliteNodeStore {
             buffer,
             verify_on_read: options.verify_on_read,
             roots_lock: std::sync::Mutex::new(()),
+            gc: GcGate::default(),
         });
         let cache_bytes = options.cache_size_bytes;
         failpoint::check("start the writer")?;
@@ -417,6 +421,20 @@ impl SqliteNodeStore {
         Ok(())
     }
 
+    /// Deletes every record no root reaches, then gives the freed pages back (see
+    /// [`NodeStore::collect_garbage`] for what is kept and why it is safe while other threads
+    /// store and read). With a runtime attached, call
+    /// [`WithRuntime::gc`](crate::WithRuntime::gc) instead: it also keeps what the runtime's
+    /// live values need. [`Error::ReadOnly`] on a read-only store.
+    pub fn gc(&self) -> anyhow::Result<GcReport> {
+        self.collect_garbage(&GcOptions::new())
+    }
+
+    /// What [`gc`](Self::gc) would delete, deleting nothing (works on a read-only store).
+    pub fn gc_dry_run(&self) -> anyhow::Result<GcReport> {
+        self.collect_garbage(&GcOptions::new().dry_run(true))
+    }
+
     /// What opening found: a clean previous close, or an unclean one and what was done.
     pub fn open_report(&self) -> &OpenReport {
         &self.open_report
@@ -503,10 +521,20 @@ impl NodeStore for SqliteNodeStore {
         }
         let buffer = &self.inner.buffer;
         buffer.check()?;
-        if !buffer.contains(&key) {
-            buffer.push(key, codec::encode(&node))?;
+        loop {
+            if !buffer.contains(&key) {
+                buffer.push(key, codec::encode(&node))?;
+            }
+            // During a garbage collection: kept from now on, or deleted (and forgotten) just
+            // before, and then stored again.
+            let vouched = self
+                .inner
+                .gc
+                .vouch(std::iter::once(key).chain(node.arcs.iter().copied()));
+            if !vouched || self.contains(&key)? {
+                return Ok(key);
+            }
         }
-        Ok(key)
     }
 
     fn get(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
@@ -606,12 +634,219 @@ impl NodeStore for SqliteNodeStore {
         Ok(Some(self.stats()?))
     }
 
+    /// Marks on a connection of its own, in short read transactions; deletes on the writer
+    /// thread, one transaction per chunk of keys, between batches; then
+    /// [`release_free_pages`](SqliteNodeStore::release_free_pages). A dry run works on a
+    /// read-only store; a collection there is [`Error::ReadOnly`].
+    fn collect_garbage(&self, options: &GcOptions<'_>) -> anyhow::Result<GcReport> {
+        if !options.dry_run {
+            self.check_writable()?;
+            self.inner.buffer.check()?;
+        }
+        let collector = Collector {
+            store: self,
+            conn: std::cell::RefCell::new(conn::open_reader(&self.inner.path, &self.options)?),
+        };
+        gc::collect(&collector, options)
+    }
+
+    fn gc_epoch(&self) -> u64 {
+        self.inner.gc.epoch()
+    }
+
+    fn protect(&self, key: &DataKey) {
+        self.inner.gc.vouch([*key]);
+    }
+
     /// Ends the readers' held transactions and returns their SQLite page caches, asks the
     /// writer to do the same, and forgets the remembered committed keys (later repeats are
     /// then deduplicated by SQLite).
     fn release_memory(&self) {
         self.inner.pool.release_memory();
         self.inner.buffer.release_memory();
+    }
+}
+
+/// Keys walked (and at most deleted) per sweep step: one short write transaction each, during
+/// which a `put` of this store waits.
+const SWEEP_CHUNK: u32 = 2048;
+
+/// A garbage collection's view of the store: its own read connection.
+struct Collector<'a> {
+    store: &'a SqliteNodeStore,
+    conn: std::cell::RefCell<rusqlite::Connection>,
+}
+
+impl Collector<'_> {
+    fn sql(&self, what: &'static str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
+        Error::sqlite(what, &self.store.inner.path)
+    }
+
+    /// Hands the children of the record of `key` to `found`; `found(None)` if none is stored.
+    fn visit_record(
+        key: &DataKey,
+        record: Option<&[u8]>,
+        found: &mut dyn FnMut(Option<&mut dyn Iterator<Item = DataKey>>),
+    ) -> Result<(), Error> {
+        let Some(record) = record else {
+            found(None);
+            return Ok(());
+        };
+        let corrupt = |reason: String| Error::Corrupt { key: *key, reason };
+        let view = codec::parse(record).map_err(|e| corrupt(e.to_string()))?;
+        // A damaged record could name the wrong children, whose real ones would then be
+        // swept: check it, and stop the collection if it is damaged.
+        let actual = view.compute_key();
+        if actual != *key {
+            return Err(corrupt(format!("its content hashes to {actual}")));
+        }
+        found(Some(&mut view.arcs()));
+        Ok(())
+    }
+}
+
+impl Collectable for Collector<'_> {
+    fn gate(&self) -> &GcGate {
+        &self.store.inner.gc
+    }
+
+    fn root_keys(&self) -> anyhow::Result<Vec<DataKey>> {
+        Ok(self
+            .store
+            .roots()?
+            .into_iter()
+            .map(|(_, key)| key)
+            .collect())
+    }
+
+    fn pending_keys(&self, keep: &mut dyn FnMut(DataKey)) {
+        self.store.inner.buffer.pending_keys(keep);
+    }
+
+    fn children(
+        &self,
+        keys: &[DataKey],
+        found: &mut dyn FnMut(Option<&mut dyn Iterator<Item = DataKey>>),
+    ) -> anyhow::Result<()> {
+        let buffer = &self.store.inner.buffer;
+        let mut conn = self.conn.borrow_mut();
+        let mut misses = Vec::new();
+        {
+            let tx = conn.transaction().map_err(self.sql("read records of"))?;
+            {
+                let mut stmt = tx
+                    .prepare_cached("SELECT value FROM pagable_data WHERE key = ?1")
+                    .map_err(self.sql("read records of"))?;
+                for key in keys {
+                    if let Some(record) = buffer.pending(key) {
+                        Self::visit_record(key, Some(&record), found)?;
+                        continue;
+                    }
+                    let mut rows = stmt
+                        .query([&key.as_bytes()[..]])
+                        .map_err(self.sql("read records of"))?;
+                    match rows.next().map_err(self.sql("read records of"))? {
+                        Some(row) => {
+                            let record = row.get_ref(0).map_err(self.sql("read records of"))?;
+                            let bytes = record.as_blob().map_err(|_| Error::Corrupt {
+                                key: *key,
+                                reason: format!(
+                                    "the stored value is {}, not a BLOB",
+                                    record.data_type()
+                                ),
+                            })?;
+                            Self::visit_record(key, Some(bytes), found)?;
+                        }
+                        None => misses.push(*key),
+                    }
+                }
+            }
+            tx.finish().map_err(self.sql("read records of"))?;
+        }
+        // Not in the transaction's snapshot: pending, committed since it began, or missing.
+        for key in misses {
+            if let Some(record) = buffer.pending(&key) {
+                Self::visit_record(&key, Some(&record), found)?;
+                continue;
+            }
+            let record: Option<Vec<u8>> = conn
+                .query_row(
+                    "SELECT value FROM pagable_data WHERE key = ?1",
+                    [&key.as_bytes()[..]],
+                    |row| row.get(0),
+                )
+                .map(Some)
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                    e => Err(e),
+                })
+                .map_err(self.sql("read records of"))?;
+            Self::visit_record(&key, record.as_deref(), found)?;
+        }
+        Ok(())
+    }
+
+    fn stored_keys(
+        &self,
+        visit: &mut dyn FnMut(&[StoredKey]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        // In the table's own order, one short query per chunk: by rowid (the rows in file
+        // order, not the key index's) or, without rowids, by key.
+        let by_rowid = self.store.table_layout == TableLayout::Rowid;
+        let sql = if by_rowid {
+            "SELECT rowid, key, length(value) FROM pagable_data WHERE rowid > ?1 \
+             ORDER BY rowid LIMIT ?2"
+        } else {
+            "SELECT 0, key, length(value) FROM pagable_data WHERE key > ?1 \
+             ORDER BY key LIMIT ?2"
+        };
+        let mut after_rowid: i64 = i64::MIN;
+        let mut after_key: Vec<u8> = Vec::new();
+        loop {
+            let mut chunk: Vec<StoredKey> = Vec::with_capacity(SWEEP_CHUNK as usize);
+            let mut rows_read = 0;
+            {
+                let conn = self.conn.borrow();
+                let mut stmt = conn
+                    .prepare_cached(sql)
+                    .map_err(self.sql("list the records of"))?;
+                let after: &dyn rusqlite::ToSql = if by_rowid { &after_rowid } else { &after_key };
+                let mut rows = stmt
+                    .query(rusqlite::params![after, SWEEP_CHUNK])
+                    .map_err(self.sql("list the records of"))?;
+                while let Some(row) = rows.next().map_err(self.sql("list the records of"))? {
+                    rows_read += 1;
+                    after_rowid = row.get(0).map_err(self.sql("list the records of"))?;
+                    let key_ref = row.get_ref(1).map_err(self.sql("list the records of"))?;
+                    if let rusqlite::types::ValueRef::Blob(bytes) = key_ref {
+                        after_key = bytes.to_vec();
+                        // A key column that is not a key is not ours to judge: left alone.
+                        if let Some(key) = DataKey::from_slice(bytes) {
+                            let len: i64 = row.get(2).map_err(self.sql("list the records of"))?;
+                            chunk.push((key, len.max(0) as u64));
+                        }
+                    }
+                }
+            }
+            if !chunk.is_empty() {
+                visit(&chunk)?;
+            }
+            if rows_read < SWEEP_CHUNK {
+                return Ok(());
+            }
+        }
+    }
+
+    fn delete(&self, keys: &[DataKey]) -> anyhow::Result<()> {
+        self.store
+            .inner
+            .buffer
+            .maintain(Maintenance::Delete(keys.to_vec()))?;
+        Ok(())
+    }
+
+    fn release_space(&self) -> anyhow::Result<u64> {
+        self.store.release_free_pages()
     }
 }
 

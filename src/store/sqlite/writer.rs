@@ -46,6 +46,13 @@ pub(super) type Record = Arc<Vec<u8>>;
 struct PackedKey([u64; 2]);
 
 impl PackedKey {
+    fn key(&self) -> DataKey {
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&self.0[0].to_le_bytes());
+        bytes[8..].copy_from_slice(&self.0[1].to_le_bytes());
+        DataKey::from_bytes(bytes).expect("packed from a key")
+    }
+
     fn new(key: &DataKey) -> Self {
         let bytes = key.as_bytes();
         let (lo, hi) = bytes.split_at(8);
@@ -127,12 +134,15 @@ struct State {
 
 /// Work on the whole file that must not race a commit: the writer thread runs it on its
 /// own connection, between two batches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub(super) enum Maintenance {
     /// `PRAGMA incremental_vacuum`: return the free pages to the file system.
     ReleaseFreePages,
     /// `VACUUM`: rebuild the file.
     Compact,
+    /// Delete these (committed, unreachable) records in one transaction, and forget that
+    /// they were stored (garbage collection). Returns the rows deleted.
+    Delete(Vec<DataKey>),
 }
 
 /// What callers and the writer thread share.
@@ -391,6 +401,27 @@ impl WriteBuffer {
         self.pending(key).is_some()
     }
 
+    /// Hands every key stored but not yet committed to `keep`.
+    pub(super) fn pending_keys(&self, keep: &mut dyn FnMut(DataKey)) {
+        if self.pending_len.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        for entry in self.known.iter() {
+            if entry.value().strong_count() > 0 {
+                keep(entry.key().key());
+            }
+        }
+    }
+
+    /// Forgets that `keys` were committed (they were just deleted), so that storing one of
+    /// them again stores it.
+    fn forget_deleted(&self, keys: &[DataKey]) {
+        for key in keys {
+            self.known
+                .remove_if(&PackedKey::new(key), |_, record| record.strong_count() == 0);
+        }
+    }
+
     /// Drops the dead (committed) entries of the key map.
     fn forget_committed(&self) {
         self.known.retain(|_, record| record.strong_count() > 0);
@@ -536,7 +567,7 @@ fn run_loop(buffer: &WriteBuffer, pool: &ReaderPool, mut committer: Committer<'_
                     // is committed by now.
                     if let Some((op, reply)) = state.maintenance.pop_front() {
                         drop(state);
-                        let result = committer.maintain(pool, op);
+                        let result = committer.maintain(buffer, pool, op);
                         let _ = reply.send(result);
                         state = buffer.lock();
                         continue;
@@ -575,7 +606,22 @@ fn run_loop(buffer: &WriteBuffer, pool: &ReaderPool, mut committer: Committer<'_
 
 impl Committer<'_> {
     /// Runs `op` on the writer's connection, with the readers released as for a commit.
-    fn maintain(&mut self, pool: &ReaderPool, op: Maintenance) -> Result<u64, Error> {
+    fn maintain(
+        &mut self,
+        buffer: &WriteBuffer,
+        pool: &ReaderPool,
+        op: Maintenance,
+    ) -> Result<u64, Error> {
+        if let Maintenance::Delete(keys) = &op {
+            pool.begin_write();
+            let result = delete(&mut self.conn, keys)
+                .map_err(Error::sqlite("delete unreachable records from", self.path));
+            if result.is_ok() {
+                buffer.forget_deleted(keys);
+            }
+            pool.end_write();
+            return result;
+        }
         pool.begin_write();
         let result = match op {
             Maintenance::ReleaseFreePages => conn::release_free_pages(&self.conn)
@@ -585,6 +631,7 @@ impl Committer<'_> {
                 .execute_batch("VACUUM;")
                 .map(|()| 0)
                 .map_err(Error::sqlite("compact (VACUUM)", self.path)),
+            Maintenance::Delete(_) => unreachable!("handled above"),
         };
         if result.is_ok() {
             // In WAL mode the file shrinks only when the log is checkpointed: do it now if
@@ -671,6 +718,20 @@ fn commit(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<()> {
         }
     }
     tx.commit()
+}
+
+/// Deletes the records of `keys` in one transaction; returns how many rows went.
+fn delete(conn: &mut Connection, keys: &[DataKey]) -> rusqlite::Result<u64> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut deleted = 0;
+    {
+        let mut stmt = tx.prepare_cached("DELETE FROM pagable_data WHERE key = ?1")?;
+        for key in keys {
+            deleted += stmt.execute([&key.as_bytes()[..]])? as u64;
+        }
+    }
+    tx.commit()?;
+    Ok(deleted)
 }
 
 /// Inserts the sorted `rows` in the open transaction.

@@ -1,0 +1,420 @@
+//! Garbage collection: keep what the roots and the caller's live keys reach, delete the rest,
+//! while other threads go on storing, setting roots and reading.
+//!
+//! # The algorithm
+//!
+//! 1. **Begin.** The store's [`GcGate`] turns on: from now on every `put` (a new record or a
+//!    repeat of a stored one) and every [`NodeStore::protect`](crate::NodeStore::protect)
+//!    *vouches* for its key (and a new record for its children) by adding them to the gate's
+//!    grey list.
+//! 2. **Mark.** Starting from the roots, the records not yet committed, the caller's live keys
+//!    and the grey list, read each reached record and mark its children, level by level, in
+//!    key order (reads close together in the B-tree). Marks are 8-byte key prefixes in one
+//!    hash set: a million reachable nodes take about 16 MiB. A prefix shared by two keys only
+//!    keeps a node that could go; nothing is ever deleted by mistake.
+//! 3. **Sweep.** Walk the stored keys in chunks. For each chunk with unmarked keys, take the
+//!    gate's lock, mark whatever was vouched for meanwhile, and delete the chunk's keys that
+//!    are still unmarked, in one transaction, before letting go. A `put` or `protect` that
+//!    waited for the lock then finds its key either marked (kept) or deleted (and the store's
+//!    memory of it forgotten), so a `put` that returns has always left its key stored.
+//! 4. **End.** The gate turns off; the store gives the freed pages back.
+//!
+//! Readers never wait for the collection: a chunk's deletion is one short write transaction.
+//! A writer waits at most for one chunk's deletion.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::error::Error;
+use crate::key::{DataKey, KeyHasherBuilder};
+
+/// What one garbage collection did (or, for a dry run, would do).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GcReport {
+    /// Whether this was a dry run: nothing was deleted, `deleted` and `bytes_freed` say what
+    /// a collection would have deleted.
+    pub dry_run: bool,
+    /// Records found stored and kept: reachable from a root, from a live key, or stored
+    /// while the collection ran.
+    pub kept: u64,
+    /// Records deleted: stored, and reachable from none of those.
+    pub deleted: u64,
+    /// The deleted records' bytes (their encoded length, as `StoreStats::data_bytes` counts).
+    pub bytes_freed: u64,
+    /// Keys a root or a kept record names that are not stored: damage (or a root named
+    /// before its graph was stored). Nothing is deleted because of them.
+    pub missing: u64,
+    /// Database pages given back to the file system after the sweep (0 for a store without
+    /// pages, and for a dry run).
+    pub pages_released: u64,
+    /// How long the collection took.
+    pub duration: Duration,
+}
+
+/// The phase a garbage collection is in, for progress reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GcPhase {
+    /// Reading the records the roots and live keys reach.
+    Mark,
+    /// Walking the stored records, deleting the unreached ones.
+    Sweep,
+}
+
+/// A progress report: the phase and how many records it has handled so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcProgress {
+    /// The current phase.
+    pub phase: GcPhase,
+    /// Records read (mark) or walked (sweep) so far in this phase.
+    pub done: u64,
+}
+
+/// A function that hands every key the caller still needs to `keep`.
+pub type LiveKeys<'a> = dyn Fn(&mut dyn FnMut(DataKey)) + Sync + 'a;
+
+/// How a garbage collection runs: [`NodeStore::collect_garbage`](crate::NodeStore::collect_garbage)
+/// takes it. The default deletes, keeps only what the roots reach, and reports no progress.
+///
+/// ```
+/// use pagestore::{GcOptions, MemoryNodeStore, NodeStore, PagableData};
+///
+/// let store = MemoryNodeStore::new();
+/// let kept = store.put(PagableData { data: b"kept".to_vec(), arcs: vec![] })?;
+/// store.put(PagableData { data: b"garbage".to_vec(), arcs: vec![] })?;
+/// let live = |keep: &mut dyn FnMut(pagestore::DataKey)| keep(kept);
+/// let report = store.collect_garbage(&GcOptions::new().live_keys(&live))?;
+/// assert_eq!((report.kept, report.deleted), (1, 1));
+/// # anyhow::Ok(())
+/// ```
+#[derive(Clone, Copy, Default)]
+pub struct GcOptions<'a> {
+    pub(crate) dry_run: bool,
+    pub(crate) live: Option<&'a LiveKeys<'a>>,
+    pub(crate) progress: Option<&'a (dyn Fn(GcProgress) + Sync + 'a)>,
+}
+
+impl<'a> GcOptions<'a> {
+    /// Delete what no root reaches; no live keys; no progress reports.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// With `true`, mark and count but delete nothing (default `false`).
+    #[must_use]
+    pub fn dry_run(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
+        self
+    }
+
+    /// Keys to keep besides the roots (with everything they reach): `live` is called once,
+    /// after the collection began, and hands each key to its argument. Default: none.
+    #[must_use]
+    pub fn live_keys(mut self, live: &'a LiveKeys<'a>) -> Self {
+        self.live = Some(live);
+        self
+    }
+
+    /// Called every few thousand records with the phase and the count so far (for a
+    /// progress bar). Default: none.
+    #[must_use]
+    pub fn progress(mut self, progress: &'a (dyn Fn(GcProgress) + Sync + 'a)) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+}
+
+impl std::fmt::Debug for GcOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcOptions")
+            .field("dry_run", &self.dry_run)
+            .field("live_keys", &self.live.is_some())
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+/// The store's side of a running collection: the epoch and the grey list.
+///
+/// `epoch` counts collection starts and ends (odd while one runs). Both sides of the
+/// begin/vouch handshake put a `SeqCst` fence between their write and their read: a thread
+/// that stored or recorded a key and then reads an even epoch did so before the collection
+/// began, so the collection's snapshot (taken after its fence) sees the key.
+#[derive(Default)]
+pub(crate) struct GcGate {
+    epoch: AtomicU64,
+    grey: Mutex<Vec<DataKey>>,
+    /// Held for a whole collection: one at a time.
+    running: Mutex<()>,
+}
+
+impl GcGate {
+    /// The epoch after a fence: 0 if no collection ever began, odd while one runs.
+    pub(crate) fn epoch(&self) -> u64 {
+        fence(Ordering::SeqCst);
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Whether a collection runs now (after a fence: see the type's docs).
+    pub(crate) fn is_running(&self) -> bool {
+        self.epoch() % 2 == 1
+    }
+
+    /// If a collection runs, vouches for `keys`: it will keep them and what they reach,
+    /// unless it already deleted them. Waits while a chunk is being deleted. Returns whether
+    /// a collection runs.
+    pub(crate) fn vouch(&self, keys: impl IntoIterator<Item = DataKey>) -> bool {
+        if !self.is_running() {
+            return false;
+        }
+        let mut grey = self.grey();
+        // Checked again under the lock: `end` empties the list under it.
+        if self.epoch.load(Ordering::SeqCst) % 2 == 1 {
+            grey.extend(keys);
+            return true;
+        }
+        false
+    }
+
+    fn grey(&self) -> MutexGuard<'_, Vec<DataKey>> {
+        self.grey.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Begins a collection (waiting for one already running to end); it ends when the guard
+    /// drops.
+    fn begin(&self) -> GateGuard<'_> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        GateGuard {
+            gate: self,
+            _running: running,
+        }
+    }
+}
+
+/// A running collection; dropping it ends the collection (also on an error or a panic).
+struct GateGuard<'a> {
+    gate: &'a GcGate,
+    _running: MutexGuard<'a, ()>,
+}
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        let mut grey = self.gate.grey();
+        grey.clear();
+        grey.shrink_to_fit();
+        self.gate.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A stored key and its record's length in bytes.
+pub(crate) type StoredKey = (DataKey, u64);
+
+/// What a store provides for [`collect`]: its gate and five primitives.
+pub(crate) trait Collectable {
+    fn gate(&self) -> &GcGate;
+
+    /// The keys of the named roots, pending changes included.
+    fn root_keys(&self) -> anyhow::Result<Vec<DataKey>>;
+
+    /// Hands every key stored but not yet committed to `keep`.
+    fn pending_keys(&self, keep: &mut dyn FnMut(DataKey));
+
+    /// For each of `keys` (sorted by their bytes), calls `found` with its children, or
+    /// `None` if it is not stored. A damaged record is an error (the collection stops: it
+    /// cannot know what the record reaches).
+    fn children(
+        &self,
+        keys: &[DataKey],
+        found: &mut dyn FnMut(Option<&mut dyn Iterator<Item = DataKey>>),
+    ) -> anyhow::Result<()>;
+
+    /// Calls `visit` with every committed key, in chunks. Keys committed while this runs
+    /// may or may not be visited.
+    fn stored_keys(
+        &self,
+        visit: &mut dyn FnMut(&[StoredKey]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()>;
+
+    /// Deletes `keys` (committed, unreached) in one transaction and forgets that they were
+    /// stored. Called with the gate's lock held.
+    fn delete(&self, keys: &[DataKey]) -> anyhow::Result<()>;
+
+    /// Gives free space back after a sweep that deleted something; returns the pages given
+    /// back.
+    fn release_space(&self) -> anyhow::Result<u64>;
+}
+
+/// Records read per [`Collectable::children`] call while marking.
+const MARK_CHUNK: usize = 1024;
+/// Progress is reported every this many records.
+const PROGRESS_EVERY: u64 = 8192;
+/// How many times a sweep step traces what was vouched for without the gate's lock before
+/// it traces under it (so that a steady stream of writers cannot starve the sweep).
+const UNLOCKED_TRACES: usize = 3;
+
+/// The mark set: 8-byte key prefixes (keys are uniform hashes).
+#[derive(Default)]
+struct Marks(HashSet<u64, KeyHasherBuilder>);
+
+impl Marks {
+    fn prefix(key: &DataKey) -> u64 {
+        u64::from_le_bytes(key.as_bytes()[..8].try_into().expect("8 bytes"))
+    }
+
+    fn insert(&mut self, key: &DataKey) -> bool {
+        self.0.insert(Self::prefix(key))
+    }
+
+    fn contains(&self, key: &DataKey) -> bool {
+        self.0.contains(&Self::prefix(key))
+    }
+}
+
+/// One collection's state while it marks.
+struct Marker<'a> {
+    target: &'a dyn Collectable,
+    marks: Marks,
+    missing: u64,
+    read: u64,
+    progress: Option<&'a (dyn Fn(GcProgress) + Sync + 'a)>,
+}
+
+impl Marker<'_> {
+    /// Marks `start` and everything it reaches that is not marked yet.
+    fn trace(&mut self, start: Vec<DataKey>) -> anyhow::Result<()> {
+        let mut frontier = start;
+        while !frontier.is_empty() {
+            frontier.retain(|key| self.marks.insert(key));
+            frontier.sort_unstable_by_key(|key| key.as_bytes());
+            let mut next = Vec::new();
+            for chunk in frontier.chunks(MARK_CHUNK) {
+                let missing = &mut self.missing;
+                self.target
+                    .children(chunk, &mut |children| match children {
+                        Some(children) => next.extend(children),
+                        None => *missing += 1,
+                    })?;
+                let before = self.read;
+                self.read += chunk.len() as u64;
+                if let Some(progress) = self.progress {
+                    if before / PROGRESS_EVERY != self.read / PROGRESS_EVERY {
+                        progress(GcProgress {
+                            phase: GcPhase::Mark,
+                            done: self.read,
+                        });
+                    }
+                }
+            }
+            frontier = next;
+        }
+        Ok(())
+    }
+}
+
+/// Runs one garbage collection on `target` (see the module docs).
+pub(crate) fn collect(
+    target: &dyn Collectable,
+    options: &GcOptions<'_>,
+) -> anyhow::Result<GcReport> {
+    let started = Instant::now();
+    let gate = target.gate();
+    let _running = gate.begin();
+
+    // Mark: everything that must stay, and what it reaches.
+    let mut start = target.root_keys()?;
+    target.pending_keys(&mut |key| start.push(key));
+    if let Some(live) = options.live {
+        live(&mut |key| start.push(key));
+    }
+    start.append(&mut gate.grey());
+    let mut marker = Marker {
+        target,
+        marks: Marks::default(),
+        missing: 0,
+        read: 0,
+        progress: options.progress,
+    };
+    marker.trace(start)?;
+
+    // Sweep: chunk by chunk, deleting under the gate's lock what is still unmarked.
+    let mut report = GcReport {
+        dry_run: options.dry_run,
+        ..GcReport::default()
+    };
+    let mut walked = 0u64;
+    target.stored_keys(&mut |chunk| {
+        walked += chunk.len() as u64;
+        if let Some(progress) = options.progress {
+            progress(GcProgress {
+                phase: GcPhase::Sweep,
+                done: walked,
+            });
+        }
+        let unmarked = |marker: &Marker<'_>| -> Vec<StoredKey> {
+            chunk
+                .iter()
+                .filter(|(key, _)| !marker.marks.contains(key))
+                .copied()
+                .collect()
+        };
+        let candidates = unmarked(&marker);
+        report.kept += (chunk.len() - candidates.len()) as u64;
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        if options.dry_run {
+            report.deleted += candidates.len() as u64;
+            report.bytes_freed += candidates.iter().map(|(_, len)| len).sum::<u64>();
+            return Ok(());
+        }
+        let mut unlocked_traces = 0;
+        loop {
+            let mut grey = gate.grey();
+            if !grey.is_empty() && unlocked_traces < UNLOCKED_TRACES {
+                let vouched = std::mem::take(&mut *grey);
+                drop(grey);
+                marker.trace(vouched)?;
+                unlocked_traces += 1;
+                continue;
+            }
+            // Under the lock: nothing can be vouched for until the chunk is deleted.
+            let vouched = std::mem::take(&mut *grey);
+            marker.trace(vouched)?;
+            let doomed: Vec<StoredKey> = candidates
+                .iter()
+                .filter(|(key, _)| !marker.marks.contains(key))
+                .copied()
+                .collect();
+            let keys: Vec<DataKey> = doomed.iter().map(|(key, _)| *key).collect();
+            if !keys.is_empty() {
+                target.delete(&keys)?;
+            }
+            drop(grey);
+            report.kept += (candidates.len() - doomed.len()) as u64;
+            report.deleted += doomed.len() as u64;
+            report.bytes_freed += doomed.iter().map(|(_, len)| len).sum::<u64>();
+            return Ok(());
+        }
+    })?;
+    report.missing = marker.missing;
+    drop(marker);
+    drop(_running);
+    if report.deleted > 0 && !options.dry_run {
+        report.pages_released = target.release_space()?;
+    }
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+/// The error of a store that does not collect garbage.
+pub(crate) fn unsupported() -> anyhow::Error {
+    Error::Unsupported {
+        operation: "garbage collection",
+    }
+    .into()
+}
