@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering, fence};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::codec::{self, RecordRef};
 use crate::error::Error;
 use crate::key::{DataKey, KeyHasherBuilder};
 
@@ -233,6 +234,21 @@ pub(crate) trait Collectable {
         found: &mut dyn FnMut(Option<&mut dyn Iterator<Item = DataKey>>),
     ) -> anyhow::Result<()>;
 
+    /// Whether `key` is stored but not yet committed (its record is in memory).
+    fn is_pending(&self, key: &DataKey) -> bool;
+
+    /// Calls `visit` with every committed record (key and encoded bytes), parents before
+    /// the children they name as far as the store's order goes, and returns `true`; or
+    /// returns `false` at once if the store has no such order (then marking reads record
+    /// by record). Records committed while this runs need not be visited.
+    fn records_parents_first(
+        &self,
+        visit: &mut dyn FnMut(DataKey, &[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<bool> {
+        let _ = visit;
+        Ok(false)
+    }
+
     /// Calls `visit` with every committed key, in chunks. Keys committed while this runs
     /// may or may not be visited.
     fn stored_keys(
@@ -286,34 +302,123 @@ struct Marker<'a> {
 
 impl Marker<'_> {
     /// Marks `start` and everything it reaches that is not marked yet.
-    fn trace(&mut self, start: Vec<DataKey>) -> anyhow::Result<()> {
-        let mut frontier = start;
-        while !frontier.is_empty() {
-            frontier.retain(|key| self.marks.insert(key));
-            frontier.sort_unstable_by_key(|key| key.as_bytes());
-            let mut next = Vec::new();
-            for chunk in frontier.chunks(MARK_CHUNK) {
-                let missing = &mut self.missing;
-                self.target
-                    .children(chunk, &mut |children| match children {
-                        Some(children) => next.extend(children),
-                        None => *missing += 1,
-                    })?;
-                let before = self.read;
-                self.read += chunk.len() as u64;
-                if let Some(progress) = self.progress {
-                    if before / PROGRESS_EVERY != self.read / PROGRESS_EVERY {
+    ///
+    /// Where the store can list its records parents first (a rowid table, newest first:
+    /// a node is always committed after its children), one pass over the file marks nearly
+    /// everything: a record is expanded when the pass reaches it if it was marked by then.
+    /// What the pass could not expand (a child committed after its parent, a pending record's
+    /// pending child, a missing key) is then read key by key.
+    fn mark(&mut self, start: Vec<DataKey>) -> anyhow::Result<()> {
+        let start: Vec<DataKey> = start
+            .into_iter()
+            .filter(|key| self.marks.insert(key))
+            .collect();
+        let mut to_expand: HashSet<DataKey, KeyHasherBuilder> = start.iter().copied().collect();
+        // Records not committed yet are in memory, and the pass will not see them.
+        loop {
+            let pending: Vec<DataKey> = to_expand
+                .iter()
+                .filter(|key| self.target.is_pending(key))
+                .copied()
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
+            for key in &pending {
+                to_expand.remove(key);
+            }
+            let marks = &mut self.marks;
+            self.target.children(&pending, &mut |children| {
+                for child in children.into_iter().flatten() {
+                    if marks.insert(&child) {
+                        to_expand.insert(child);
+                    }
+                }
+            })?;
+        }
+        let (target, progress) = (self.target, self.progress);
+        let (marks, read) = (&mut self.marks, &mut self.read);
+        let scanned = !to_expand.is_empty()
+            && target.records_parents_first(&mut |key, record| {
+                if !to_expand.remove(&key) {
+                    return Ok(());
+                }
+                let view = checked(&key, record)?;
+                for child in view.arcs() {
+                    if marks.insert(&child) {
+                        to_expand.insert(child);
+                    }
+                }
+                *read += 1;
+                if let Some(progress) = progress {
+                    if *read % PROGRESS_EVERY == 0 {
                         progress(GcProgress {
                             phase: GcPhase::Mark,
-                            done: self.read,
+                            done: *read,
                         });
                     }
                 }
+                Ok(())
+            })?;
+        if scanned {
+            self.expand(to_expand.into_iter().collect())
+        } else {
+            self.expand(start)
+        }
+    }
+
+    /// Reads the records of `keys` (marked already) and marks what they reach, record by
+    /// record: a stack of keys taken a chunk at a time (sorted, so that one chunk's reads
+    /// fall close together in the B-tree), depth-first, so the stack stays as small as the
+    /// graph is wide.
+    fn expand(&mut self, keys: Vec<DataKey>) -> anyhow::Result<()> {
+        let mut stack = keys;
+        let mut chunk = Vec::with_capacity(MARK_CHUNK);
+        while !stack.is_empty() {
+            chunk.clear();
+            let split = stack.len().saturating_sub(MARK_CHUNK);
+            chunk.extend(stack.drain(split..));
+            chunk.sort_unstable_by_key(|key| key.as_bytes());
+            let (marks, missing) = (&mut self.marks, &mut self.missing);
+            self.target
+                .children(&chunk, &mut |children| match children {
+                    Some(children) => stack.extend(children.filter(|child| marks.insert(child))),
+                    None => *missing += 1,
+                })?;
+            let before = self.read;
+            self.read += chunk.len() as u64;
+            if let Some(progress) = self.progress {
+                if before / PROGRESS_EVERY != self.read / PROGRESS_EVERY {
+                    progress(GcProgress {
+                        phase: GcPhase::Mark,
+                        done: self.read,
+                    });
+                }
             }
-            frontier = next;
         }
         Ok(())
     }
+
+    /// Marks keys vouched for while the collection runs, and what they reach.
+    fn trace(&mut self, keys: Vec<DataKey>) -> anyhow::Result<()> {
+        let fresh = keys
+            .into_iter()
+            .filter(|key| self.marks.insert(key))
+            .collect();
+        self.expand(fresh)
+    }
+}
+
+/// Parses the record stored under `key` and checks that it hashes to `key`: a damaged
+/// record could name the wrong children, and its real ones would then be swept.
+pub(crate) fn checked<'r>(key: &DataKey, record: &'r [u8]) -> Result<RecordRef<'r>, Error> {
+    let corrupt = |reason: String| Error::Corrupt { key: *key, reason };
+    let view = codec::parse(record).map_err(|e| corrupt(e.to_string()))?;
+    let actual = view.compute_key();
+    if actual != *key {
+        return Err(corrupt(format!("its content hashes to {actual}")));
+    }
+    Ok(view)
 }
 
 /// Runs one garbage collection on `target` (see the module docs).
@@ -339,7 +444,8 @@ pub(crate) fn collect(
         read: 0,
         progress: options.progress,
     };
-    marker.trace(start)?;
+    marker.mark(start)?;
+    let marked_at = started.elapsed();
 
     // Sweep: chunk by chunk, deleting under the gate's lock what is still unmarked.
     let mut report = GcReport {
@@ -408,6 +514,11 @@ pub(crate) fn collect(
         report.pages_released = target.release_space()?;
     }
     report.duration = started.elapsed();
+    log::debug!(
+        "pagestore: garbage collection marked {} records in {marked_at:?}, then swept in {:?}",
+        report.kept,
+        report.duration - marked_at
+    );
     Ok(report)
 }
 

@@ -175,6 +175,10 @@ impl Collectable for MemoryNodeStore {
 
     fn pending_keys(&self, _keep: &mut dyn FnMut(DataKey)) {}
 
+    fn is_pending(&self, _key: &DataKey) -> bool {
+        false
+    }
+
     fn children(
         &self,
         keys: &[DataKey],

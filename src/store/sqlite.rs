@@ -33,6 +33,8 @@ pub use options::{Durability, SqliteOptions, TableLayout};
 pub use recovery::OpenReport;
 pub use verify::VerifyReport;
 
+use rusqlite::types::ValueRef;
+
 use self::pool::ReaderPool;
 use self::writer::{Maintenance, WriteBuffer};
 use crate::codec;
@@ -643,9 +645,11 @@ impl NodeStore for SqliteNodeStore {
             self.check_writable()?;
             self.inner.buffer.check()?;
         }
+        let conn = conn::open_reader(&self.inner.path, &self.options)?;
         let collector = Collector {
             store: self,
-            conn: std::cell::RefCell::new(conn::open_reader(&self.inner.path, &self.options)?),
+            conn: std::cell::RefCell::new(conn),
+            reads: std::cell::Cell::new(0),
         };
         gc::collect(&collector, options)
     }
@@ -671,10 +675,27 @@ impl NodeStore for SqliteNodeStore {
 /// which a `put` of this store waits.
 const SWEEP_CHUNK: u32 = 2048;
 
+/// Records read in one read transaction while marking, at most.
+const READS_PER_SNAPSHOT: usize = 16_384;
+
 /// A garbage collection's view of the store: its own read connection.
 struct Collector<'a> {
     store: &'a SqliteNodeStore,
     conn: std::cell::RefCell<rusqlite::Connection>,
+    /// Reads in the current read transaction.
+    reads: std::cell::Cell<usize>,
+}
+
+impl Collector<'_> {
+    /// Ends the marking's read transaction, if one is open.
+    fn end_snapshot(&self) -> Result<(), Error> {
+        let conn = self.conn.borrow();
+        if !conn.is_autocommit() {
+            conn.execute_batch("COMMIT")
+                .map_err(Error::sqlite("read records of", &self.store.inner.path))?;
+        }
+        Ok(())
+    }
 }
 
 impl Collector<'_> {
@@ -692,14 +713,7 @@ impl Collector<'_> {
             found(None);
             return Ok(());
         };
-        let corrupt = |reason: String| Error::Corrupt { key: *key, reason };
-        let view = codec::parse(record).map_err(|e| corrupt(e.to_string()))?;
-        // A damaged record could name the wrong children, whose real ones would then be
-        // swept: check it, and stop the collection if it is damaged.
-        let actual = view.compute_key();
-        if actual != *key {
-            return Err(corrupt(format!("its content hashes to {actual}")));
-        }
+        let view = gc::checked(key, record)?;
         found(Some(&mut view.arcs()));
         Ok(())
     }
@@ -723,47 +737,101 @@ impl Collectable for Collector<'_> {
         self.store.inner.buffer.pending_keys(keep);
     }
 
+    fn is_pending(&self, key: &DataKey) -> bool {
+        self.store.inner.buffer.is_pending(key)
+    }
+
+    /// A rowid table, newest row first: a node is committed after the children it names
+    /// (and in a later or the same batch, whose rows get higher rowids), so its row comes
+    /// before theirs. Without rowids the table is in key order: `false`.
+    fn records_parents_first(
+        &self,
+        visit: &mut dyn FnMut(DataKey, &[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<bool> {
+        if self.store.table_layout != TableLayout::Rowid {
+            return Ok(false);
+        }
+        self.end_snapshot()?;
+        let sql = || self.sql("read the records of");
+        let conn = self.conn.borrow();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT rowid, key, value FROM pagable_data WHERE rowid < ?1 \
+                 ORDER BY rowid DESC LIMIT ?2",
+            )
+            .map_err(sql())?;
+        let mut before = i64::MAX;
+        loop {
+            // One short read transaction per chunk: writers and checkpoints carry on.
+            let mut rows = stmt
+                .query(rusqlite::params![before, SWEEP_CHUNK])
+                .map_err(sql())?;
+            let mut read = 0;
+            while let Some(row) = rows.next().map_err(sql())? {
+                read += 1;
+                before = row.get(0).map_err(sql())?;
+                let key = row.get_ref(1).map_err(sql())?;
+                let value = row.get_ref(2).map_err(sql())?;
+                if let (ValueRef::Blob(key), ValueRef::Blob(value)) = (key, value) {
+                    if let Some(key) = DataKey::from_slice(key) {
+                        visit(key, value)?;
+                    }
+                }
+            }
+            if read < SWEEP_CHUNK {
+                return Ok(true);
+            }
+        }
+    }
+
     fn children(
         &self,
         keys: &[DataKey],
         found: &mut dyn FnMut(Option<&mut dyn Iterator<Item = DataKey>>),
     ) -> anyhow::Result<()> {
         let buffer = &self.store.inner.buffer;
-        let mut conn = self.conn.borrow_mut();
+        let conn = self.conn.borrow();
+        let sql = || self.sql("read records of");
+        // One read transaction spans many calls (a chain of nodes is one call per node);
+        // it is ended every `READS_PER_SNAPSHOT` reads and on a miss.
+        if conn.is_autocommit() {
+            conn.execute_batch("BEGIN").map_err(sql())?;
+            self.reads.set(0);
+        }
         let mut misses = Vec::new();
         {
-            let tx = conn.transaction().map_err(self.sql("read records of"))?;
-            {
-                let mut stmt = tx
-                    .prepare_cached("SELECT value FROM pagable_data WHERE key = ?1")
-                    .map_err(self.sql("read records of"))?;
-                for key in keys {
-                    if let Some(record) = buffer.pending(key) {
-                        Self::visit_record(key, Some(&record), found)?;
-                        continue;
+            let mut stmt = conn
+                .prepare_cached("SELECT value FROM pagable_data WHERE key = ?1")
+                .map_err(sql())?;
+            for key in keys {
+                if let Some(record) = buffer.pending(key) {
+                    Self::visit_record(key, Some(&record), found)?;
+                    continue;
+                }
+                let mut rows = stmt.query([&key.as_bytes()[..]]).map_err(sql())?;
+                match rows.next().map_err(sql())? {
+                    Some(row) => {
+                        let record = row.get_ref(0).map_err(sql())?;
+                        let bytes = record.as_blob().map_err(|_| Error::Corrupt {
+                            key: *key,
+                            reason: format!(
+                                "the stored value is {}, not a BLOB",
+                                record.data_type()
+                            ),
+                        })?;
+                        Self::visit_record(key, Some(bytes), found)?;
                     }
-                    let mut rows = stmt
-                        .query([&key.as_bytes()[..]])
-                        .map_err(self.sql("read records of"))?;
-                    match rows.next().map_err(self.sql("read records of"))? {
-                        Some(row) => {
-                            let record = row.get_ref(0).map_err(self.sql("read records of"))?;
-                            let bytes = record.as_blob().map_err(|_| Error::Corrupt {
-                                key: *key,
-                                reason: format!(
-                                    "the stored value is {}, not a BLOB",
-                                    record.data_type()
-                                ),
-                            })?;
-                            Self::visit_record(key, Some(bytes), found)?;
-                        }
-                        None => misses.push(*key),
-                    }
+                    None => misses.push(*key),
                 }
             }
-            tx.finish().map_err(self.sql("read records of"))?;
         }
-        // Not in the transaction's snapshot: pending, committed since it began, or missing.
+        self.reads.set(self.reads.get() + keys.len());
+        if self.reads.get() >= READS_PER_SNAPSHOT || !misses.is_empty() {
+            conn.execute_batch("COMMIT").map_err(sql())?;
+        }
+        // Not in the snapshot: pending, committed since it began, or missing. Looked up
+        // outside any transaction, after the pending map (a record leaves it only once it
+        // is committed).
         for key in misses {
             if let Some(record) = buffer.pending(&key) {
                 Self::visit_record(&key, Some(&record), found)?;
@@ -780,7 +848,7 @@ impl Collectable for Collector<'_> {
                     rusqlite::Error::QueryReturnedNoRows => Ok(None),
                     e => Err(e),
                 })
-                .map_err(self.sql("read records of"))?;
+                .map_err(sql())?;
             Self::visit_record(&key, record.as_deref(), found)?;
         }
         Ok(())
@@ -792,6 +860,7 @@ impl Collectable for Collector<'_> {
     ) -> anyhow::Result<()> {
         // In the table's own order, one short query per chunk: by rowid (the rows in file
         // order, not the key index's) or, without rowids, by key.
+        self.end_snapshot()?;
         let by_rowid = self.store.table_layout == TableLayout::Rowid;
         let sql = if by_rowid {
             "SELECT rowid, key, length(value) FROM pagable_data WHERE rowid > ?1 \
@@ -838,6 +907,9 @@ impl Collectable for Collector<'_> {
     }
 
     fn delete(&self, keys: &[DataKey]) -> anyhow::Result<()> {
+        // Without a write-ahead log, a read transaction would keep the writer from
+        // committing the deletion.
+        self.end_snapshot()?;
         self.store
             .inner
             .buffer
