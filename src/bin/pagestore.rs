@@ -770,19 +770,18 @@ fn gc(dir: &Path, dry_run: bool) -> Result<Output, Failure> {
         };
         match progress.phase {
             GcPhase::Mark => bar.set_message("marking"),
-            GcPhase::Sweep => {
-                if bar.length().is_none() {
-                    if let Some(records) = records {
-                        bar.set_length(records);
-                        bar.set_style(
-                            indicatif::ProgressStyle::with_template(
-                                "{msg} {wide_bar} {pos}/{len} records ({eta})",
-                            )
-                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                        );
-                    }
-                    bar.set_message("sweeping");
+            // The first sweep report: the bar gets the record count as its length.
+            GcPhase::Sweep if bar.length().is_none() => {
+                if let Some(records) = records {
+                    bar.set_length(records);
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{msg} {wide_bar} {pos}/{len} records ({eta})",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
                 }
+                bar.set_message("sweeping");
             }
             _ => {}
         }
