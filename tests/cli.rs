@@ -462,3 +462,287 @@ fn reads_a_store_open_for_writing() {
         assert_eq!(writer.verify().unwrap().records, 6);
     }
 }
+
+/// A closed store holding a rooted diamond and three records no root reaches.
+fn diamond_and_garbage_dir() -> (tempfile::TempDir, Diamond, Vec<DataKey>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteOptions::default()
+        .open_node_store(dir.path())
+        .unwrap();
+    let diamond = store_diamond(&store);
+    let lone = store.put(node(b"unreachable", vec![])).unwrap();
+    let parent = store.put(node(b"unreachable parent", vec![lone])).unwrap();
+    // Names a rooted node, but no root names it.
+    let above = store
+        .put(node(b"above the root", vec![diamond.top]))
+        .unwrap();
+    store.flush().unwrap();
+    drop(store);
+    (dir, diamond, vec![lone, parent, above])
+}
+
+fn open_read_only(dir: &Path) -> SqliteNodeStore {
+    SqliteOptions::default()
+        .read_only()
+        .open_node_store(dir)
+        .unwrap()
+}
+
+#[test]
+fn gc_dry_run_counts_and_gc_deletes_the_unreachable_records() {
+    let (dir, d, garbage) = diamond_and_garbage_dir();
+
+    let (code, json) = run_json(&["gc", path(dir.path()), "--dry-run"]);
+    assert_eq!(code, 0, "{json}");
+    assert_eq!(json["dry_run"], true);
+    assert_eq!(json["deleted"], 3);
+    assert_eq!(json["kept"], 4);
+    assert_eq!(json["missing"], 0);
+    assert!(json["bytes_freed"].as_u64().unwrap() > 0);
+    assert!(json["duration_secs"].as_f64().unwrap() >= 0.0);
+    let store = open_read_only(dir.path());
+    assert_eq!(store.stats().unwrap().records, 7);
+    for key in &garbage {
+        assert!(store.contains(key).unwrap());
+    }
+    drop(store);
+
+    let output = run(&["gc", path(dir.path()), "--dry-run"]);
+    assert_eq!(exit_code(&output), 0, "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("dry run:"), "{text}");
+    assert!(
+        text.contains("deleted:        3 records would be deleted\n"),
+        "{text}"
+    );
+    // Not a terminal: no progress bar.
+    assert_eq!(stderr(&output), "");
+
+    let (code, json) = run_json(&["gc", path(dir.path())]);
+    assert_eq!(code, 0, "{json}");
+    assert_eq!(json["dry_run"], false);
+    assert_eq!(json["deleted"], 3);
+    assert_eq!(json["kept"], 4);
+    assert_eq!(json["missing"], 0);
+    let store = open_read_only(dir.path());
+    assert_eq!(store.stats().unwrap().records, 4);
+    for key in &garbage {
+        assert!(!store.contains(key).unwrap(), "{key} survived");
+    }
+    for key in [d.top, d.left, d.right, d.leaf] {
+        store.get(&key).unwrap();
+    }
+    assert!(store.verify().unwrap().is_ok());
+    drop(store);
+
+    // Nothing left to collect.
+    let output = run(&["gc", path(dir.path())]);
+    assert_eq!(exit_code(&output), 0, "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("kept:           4 records\n"), "{text}");
+    assert!(
+        text.contains("deleted:        0 records deleted\n"),
+        "{text}"
+    );
+    assert_eq!(stderr(&output), "");
+}
+
+#[test]
+fn gc_and_compact_need_the_store_closed_but_a_dry_run_does_not() {
+    let (dir, _, _) = diamond_and_garbage_dir();
+    let writer = SqliteOptions::default()
+        .durability(Durability::Durable)
+        .open_node_store(dir.path())
+        .unwrap();
+    for args in [
+        vec!["gc", path(dir.path())],
+        vec!["compact", path(dir.path())],
+        vec!["--json", "gc", path(dir.path())],
+    ] {
+        let output = run(&args);
+        assert_eq!(exit_code(&output), 2, "{args:?}: {}", stderr(&output));
+        let err = stderr(&output);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("pagestore: ")
+                && err.contains("open in another process")
+                && err.contains("needs it closed"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(stdout(&output), "", "{args:?}");
+    }
+    let (code, json) = run_json(&["gc", path(dir.path()), "--dry-run"]);
+    assert_eq!(code, 0, "{json}");
+    assert_eq!(json["deleted"], 3);
+    // The writer carries on, and nothing was deleted.
+    assert_eq!(writer.stats().unwrap().records, 7);
+    writer.put(node(b"after", vec![])).unwrap();
+    writer.flush().unwrap();
+    drop(writer);
+
+    let (code, json) = run_json(&["gc", path(dir.path())]);
+    assert_eq!(code, 0, "{json}");
+    assert_eq!(json["deleted"], 4);
+}
+
+#[test]
+fn gc_and_compact_refuse_a_missing_dir_or_one_that_is_not_a_store() {
+    let empty = tempfile::tempdir().unwrap();
+    let gone = empty.path().join("gone");
+    let garbage = tempfile::tempdir().unwrap();
+    std::fs::write(garbage.path().join("pagable.db"), vec![7u8; 4096]).unwrap();
+    for command in [&["gc"][..], &["gc", "--dry-run"], &["compact"]] {
+        for (dir, message) in [
+            (gone.as_path(), "not a directory"),
+            (empty.path(), "not a pagestore store"),
+            (garbage.path(), "cannot open the store"),
+        ] {
+            let mut args = command.to_vec();
+            args.push(path(dir));
+            let output = run(&args);
+            assert_eq!(exit_code(&output), 2, "{args:?}: {}", stderr(&output));
+            let err = stderr(&output);
+            assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+            assert!(
+                err.starts_with("pagestore: ") && err.contains(message),
+                "{args:?}: {err}"
+            );
+            assert_eq!(stdout(&output), "", "{args:?}");
+        }
+        // No store was created.
+        assert!(!gone.exists());
+        assert_eq!(std::fs::read_dir(empty.path()).unwrap().count(), 0);
+    }
+    // The damaged file was left as it was.
+    assert_eq!(
+        std::fs::read(garbage.path().join("pagable.db")).unwrap(),
+        vec![7u8; 4096]
+    );
+}
+
+#[test]
+fn gc_exits_1_when_a_root_names_a_key_not_stored() {
+    let (dir, d, _) = diamond_and_garbage_dir();
+    delete_record(dir.path(), d.left);
+
+    let (code, json) = run_json(&["gc", path(dir.path()), "--dry-run"]);
+    assert_eq!(code, 1, "{json}");
+    assert_eq!(json["missing"], 1);
+
+    let output = run(&["gc", path(dir.path())]);
+    assert_eq!(exit_code(&output), 1, "{}", stderr(&output));
+    assert!(stdout(&output).contains("missing keys:   1\n"));
+    let err = stderr(&output);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("pagestore: ")
+            && err.contains("not stored")
+            && err.contains(&format!("pagestore verify {}", path(dir.path()))),
+        "{err}"
+    );
+    // What the roots still reach was kept.
+    let store = open_read_only(dir.path());
+    for key in [d.top, d.right, d.leaf] {
+        store.get(&key).unwrap();
+    }
+}
+
+/// Stores `count` records of 4 KiB that no root names, and closes the store.
+fn store_unrooted(dir: &Path, count: u32, salt: u8) {
+    let store = SqliteOptions::default().open_node_store(dir).unwrap();
+    for i in 0..count {
+        let mut data = vec![salt; 4096];
+        data[..4].copy_from_slice(&i.to_le_bytes());
+        store.put(node(&data, vec![])).unwrap();
+    }
+    store.flush().unwrap();
+}
+
+#[test]
+fn compact_shrinks_the_file_after_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("pagable.db");
+    let store = SqliteOptions::default()
+        .open_node_store(dir.path())
+        .unwrap();
+    let kept = store.put(node(b"kept", vec![])).unwrap();
+    store.set_root("kept", kept).unwrap();
+    drop(store);
+    store_unrooted(dir.path(), 2_000, 0);
+    let full = std::fs::metadata(&db).unwrap().len();
+    assert!(full > 2_000 * 4096, "{full}");
+
+    let (code, json) = run_json(&["gc", path(dir.path())]);
+    assert_eq!(code, 0, "{json}");
+    assert_eq!(json["deleted"], 2_000);
+    assert_eq!(json["kept"], 1);
+    assert!(
+        json["bytes_freed"].as_u64().unwrap() > 2_000 * 4096,
+        "{json}"
+    );
+
+    let (code, json) = run_json(&["compact", path(dir.path())]);
+    assert_eq!(code, 0, "{json}");
+    let compacted = std::fs::metadata(&db).unwrap().len();
+    assert!(compacted < full / 10, "{full} -> {compacted}");
+    let reported_before = json["file_bytes_before"].as_u64().unwrap();
+    let reported_after = json["file_bytes_after"].as_u64().unwrap();
+    assert!(reported_after <= reported_before, "{json}");
+    assert_eq!(json["free_pages_after"], 0, "{json}");
+
+    // Records deleted without giving their pages back (behind the store's back, by SQL):
+    // only compact shrinks the file.
+    store_unrooted(dir.path(), 2_000, 1);
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        let deleted = conn
+            .execute(
+                "DELETE FROM pagable_data WHERE key != ?1",
+                [&kept.as_bytes()[..]],
+            )
+            .unwrap();
+        assert_eq!(deleted, 2_000);
+    }
+    let before = std::fs::metadata(&db).unwrap().len();
+    let output = run(&["compact", path(dir.path())]);
+    assert_eq!(exit_code(&output), 0, "{}", stderr(&output));
+    let after = std::fs::metadata(&db).unwrap().len();
+    assert!(after < before / 10, "{before} -> {after}");
+    let text = stdout(&output);
+    assert!(
+        text.contains(&format!("file bytes before: {before}\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("file bytes after:  {after}\n")),
+        "{text}"
+    );
+    assert!(text.contains("free pages after:  0\n"), "{text}");
+    // Not a terminal: no spinner.
+    assert_eq!(stderr(&output), "");
+
+    let store = open_read_only(dir.path());
+    assert_eq!(store.get(&kept).unwrap().data, b"kept");
+    assert_eq!(store.stats().unwrap().records, 1);
+}
+
+#[test]
+fn gc_and_compact_usage_errors_exit_2() {
+    for args in [
+        &["gc"][..],
+        &["compact"],
+        &["gc", "--bogus", "x"],
+        &["compact", "x", "--dry-run"],
+        &["gc", "a", "b"],
+    ] {
+        let output = run(args);
+        assert_eq!(exit_code(&output), 2, "{args:?}");
+        assert_eq!(stdout(&output), "", "{args:?}");
+    }
+    for command in ["gc", "compact"] {
+        let output = run(&[command, "--help"]);
+        assert_eq!(exit_code(&output), 0);
+        assert!(stdout(&output).contains("closed"), "{}", stdout(&output));
+    }
+    assert!(stdout(&run(&["compact", "--help"])).contains("temporary disk space"));
+}

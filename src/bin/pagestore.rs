@@ -1,11 +1,16 @@
-//! `pagestore`: inspect a pagestore SQLite store (`DIR/pagable.db`) without changing it.
+//! `pagestore`: inspect a pagestore SQLite store (`DIR/pagable.db`), collect its garbage and
+//! compact it.
 //!
-//! Every subcommand opens the store read-only (`SqliteOptions::read_only`), so it runs
-//! beside a process that has the store open for writing (Durable or Sync mode).
+//! The inspection subcommands (`stats`, `verify`, `roots`, `cat`, `tree`) and `gc --dry-run`
+//! open the store read-only (`SqliteOptions::read_only`), so they run beside a process that
+//! has the store open for writing (Durable or Sync mode). `gc` and `compact` change the store:
+//! they open it read-write, which needs the store closed (no other process may have it open).
 //!
-//! Exit codes: 0 when all is well; 1 when damage was found (verify not clean, or a missing or
-//! corrupt record met by `cat` or `tree`); 2 when the command could not run (bad arguments,
-//! a bad KEY, a DIR that is not a store, an I/O or SQLite error).
+//! Exit codes: 0 when all is well; 1 when damage was found (verify not clean, a missing or
+//! corrupt record met by `cat` or `tree`, keys that `gc` found named but not stored); 2 when
+//! the command could not run (bad arguments, a bad KEY, a DIR that is not a store, a store
+//! that another process has open when `gc` or `compact` needs it closed, an I/O or SQLite
+//! error).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -15,11 +20,17 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use pagestore::{DataKey, Error, NodeStore, OpenReport, SqliteNodeStore, SqliteOptions};
+use pagestore::{
+    DataKey, Error, GcOptions, GcPhase, GcProgress, NodeStore, OpenReport, SqliteNodeStore,
+    SqliteOptions,
+};
 use serde_json::{Value, json};
 
 /// Inspect a pagestore SQLite store (DIR/pagable.db) read-only, even while another process
-/// has it open for writing.
+/// has it open for writing; collect its garbage and compact it while it is closed.
+///
+/// Exit codes: 0 ok; 1 damage found; 2 the command could not run (bad arguments, a DIR that
+/// is not a store, a store open in another process for gc/compact, an I/O or SQLite error).
 #[derive(Debug, Parser)]
 #[command(name = "pagestore", version)]
 struct Cli {
@@ -68,6 +79,29 @@ enum Command {
         #[arg(long)]
         dot: bool,
     },
+    /// Delete every record no root reaches, then give the freed pages back.
+    ///
+    /// Needs the store closed: it opens the store read-write and exits 2 if another process
+    /// has it open. With --dry-run it opens the store read-only (so it runs while the store is
+    /// open elsewhere), deletes nothing and reports what a collection would delete. Exits 1
+    /// if roots or kept records name keys that are not stored (run `pagestore verify DIR`).
+    Gc {
+        /// The store's directory (the one holding pagable.db).
+        dir: PathBuf,
+        /// Count what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Rebuild the database file without its free pages (SQLite VACUUM) and show its size
+    /// before and after.
+    ///
+    /// Needs temporary disk space up to the database's size. Needs the store closed: it opens
+    /// the store read-write and exits 2 if another process has it open. Run `gc` first to
+    /// delete what no root reaches.
+    Compact {
+        /// The store's directory (the one holding pagable.db).
+        dir: PathBuf,
+    },
 }
 
 /// Bytes of data that `cat` previews.
@@ -86,6 +120,8 @@ struct Output {
     text: String,
     json: Value,
     damaged: bool,
+    /// A line for stderr (in both modes), saying what damage was found and what to do.
+    warning: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -109,9 +145,14 @@ fn main() -> ExitCode {
                 tree(dir, key, *depth, *dot)
             }
         }
+        Command::Gc { dir, dry_run } => gc(dir, *dry_run),
+        Command::Compact { dir } => compact(dir),
     };
     match result {
         Ok(output) => {
+            if let Some(warning) = &output.warning {
+                eprintln!("pagestore: {warning}");
+            }
             let mut stdout = std::io::stdout().lock();
             let written = if cli.json {
                 serde_json::to_writer_pretty(&mut stdout, &output.json)
@@ -143,6 +184,58 @@ fn main() -> ExitCode {
 
 /// Opens the store in `dir` read-only; a DIR that is not a store is a usage error.
 fn open(dir: &Path) -> Result<SqliteNodeStore, Failure> {
+    check_store_dir(dir)?;
+    SqliteOptions::default()
+        .read_only()
+        .readers(1)
+        .open_node_store(dir)
+        .map_err(|err| cannot_open(dir, &err))
+}
+
+/// Opens the store in `dir` read-write, for `gc` and `compact`: a DIR that is not a store is a
+/// usage error (and no new store is created), a store another process has open too.
+fn open_for_writing(dir: &Path, command: &str) -> Result<SqliteNodeStore, Failure> {
+    check_store_dir(dir)?;
+    SqliteOptions::default()
+        .readers(1)
+        .open_node_store(dir)
+        .map_err(|err| {
+            if held_by_another(&err) {
+                Failure::Usage(format!(
+                    "the store in {} is open in another process; `{command}` needs it closed \
+                     (close that process first{})",
+                    dir.display(),
+                    if command == "gc" {
+                        ", or run `gc --dry-run`, which reads it while it is open"
+                    } else {
+                        ""
+                    }
+                ))
+            } else {
+                cannot_open(dir, &err)
+            }
+        })
+}
+
+/// Whether opening failed because another store holds the directory's lock.
+fn held_by_another(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::WouldBlock)
+    })
+}
+
+fn cannot_open(dir: &Path, err: &anyhow::Error) -> Failure {
+    Failure::Usage(format!(
+        "cannot open the store in {}: {}",
+        dir.display(),
+        one_line(err)
+    ))
+}
+
+/// Checks that `dir` is a directory holding `pagable.db` (so that no open creates a store).
+fn check_store_dir(dir: &Path) -> Result<(), Failure> {
     if !dir.is_dir() {
         return Err(Failure::Usage(format!(
             "{} is not a directory (DIR is a store's directory, the one holding pagable.db)",
@@ -155,17 +248,7 @@ fn open(dir: &Path) -> Result<SqliteNodeStore, Failure> {
             dir.display()
         )));
     }
-    SqliteOptions::default()
-        .read_only()
-        .readers(1)
-        .open_node_store(dir)
-        .map_err(|err| {
-            Failure::Usage(format!(
-                "cannot open the store in {}: {}",
-                dir.display(),
-                one_line(&err)
-            ))
-        })
+    Ok(())
 }
 
 /// An error and its causes on one line.
@@ -264,6 +347,7 @@ fn verify(dir: &Path) -> Result<Output, Failure> {
         text,
         json,
         damaged: !ok,
+        warning: None,
     })
 }
 
@@ -297,6 +381,7 @@ fn stats(dir: &Path) -> Result<Output, Failure> {
         text,
         json,
         damaged: false,
+        warning: None,
     })
 }
 
@@ -317,6 +402,7 @@ fn roots(dir: &Path) -> Result<Output, Failure> {
         text,
         json,
         damaged: false,
+        warning: None,
     })
 }
 
@@ -432,6 +518,7 @@ fn cat(dir: &Path, key: &str) -> Result<Output, Failure> {
         text,
         json,
         damaged: !missing.is_empty(),
+        warning: None,
     })
 }
 
@@ -593,6 +680,7 @@ fn tree(dir: &Path, key: &str, max_depth: usize, dot: bool) -> Result<Output, Fa
         text,
         json,
         damaged,
+        warning: None,
     })
 }
 
@@ -651,4 +739,153 @@ fn dot_graph(nodes: &[Visited]) -> String {
     }
     out.push_str("}\n");
     out
+}
+
+fn gc(dir: &Path, dry_run: bool) -> Result<Output, Failure> {
+    let store = if dry_run {
+        open(dir)?
+    } else {
+        open_for_writing(dir, "gc")?
+    };
+    // A counter while marking (how many records it reaches is not known ahead), then a bar
+    // over the record count while sweeping, when stderr is a terminal; nothing when it is
+    // piped or redirected.
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} {pos} records")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.set_message("marking");
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar
+    });
+    let records = bar
+        .as_ref()
+        .and_then(|_| store.stats().ok())
+        .map(|stats| stats.records);
+    let progress = |progress: GcProgress| {
+        let Some(bar) = &bar else {
+            return;
+        };
+        match progress.phase {
+            GcPhase::Mark => bar.set_message("marking"),
+            // The first sweep report: the bar gets the record count as its length.
+            GcPhase::Sweep if bar.length().is_none() => {
+                if let Some(records) = records {
+                    bar.set_length(records);
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{msg} {wide_bar} {pos}/{len} records ({eta})",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                }
+                bar.set_message("sweeping");
+            }
+            _ => {}
+        }
+        bar.set_position(progress.done);
+    };
+    let report = store.collect_garbage(&GcOptions::new().dry_run(dry_run).progress(&progress));
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let report = report.map_err(operational)?;
+    let path = store.path().display().to_string();
+    let note = open_note(&store);
+    if !dry_run {
+        store.flush().map_err(operational)?;
+    }
+    drop(store);
+
+    let would = if report.dry_run { "would be " } else { "" };
+    let mut text = String::new();
+    let _ = writeln!(text, "store:          {path}");
+    if let Some(note) = note {
+        let _ = writeln!(text, "note:           {note}");
+    }
+    if report.dry_run {
+        let _ = writeln!(text, "dry run:        nothing was deleted");
+    }
+    let _ = writeln!(text, "kept:           {} records", report.kept);
+    let _ = writeln!(
+        text,
+        "deleted:        {} records {would}deleted",
+        report.deleted
+    );
+    let _ = writeln!(text, "bytes freed:    {} {would}freed", report.bytes_freed);
+    let _ = writeln!(text, "pages released: {}", report.pages_released);
+    let _ = writeln!(text, "missing keys:   {}", report.missing);
+    let _ = writeln!(
+        text,
+        "duration:       {:.3} s",
+        report.duration.as_secs_f64()
+    );
+
+    let warning = (report.missing > 0).then(|| {
+        format!(
+            "{} keys named by roots or kept records are not stored: the store is damaged \
+             (run `pagestore verify {}`)",
+            report.missing,
+            dir.display()
+        )
+    });
+    let json = json!({
+        "store": path,
+        "dry_run": report.dry_run,
+        "kept": report.kept,
+        "deleted": report.deleted,
+        "bytes_freed": report.bytes_freed,
+        "pages_released": report.pages_released,
+        "missing": report.missing,
+        "duration_secs": report.duration.as_secs_f64(),
+    });
+    Ok(Output {
+        text,
+        json,
+        damaged: report.missing > 0,
+        warning,
+    })
+}
+
+fn compact(dir: &Path) -> Result<Output, Failure> {
+    let store = open_for_writing(dir, "compact")?;
+    let before = store.stats().map_err(operational)?;
+    let spinner = std::io::stderr().is_terminal().then(|| {
+        let spinner = indicatif::ProgressBar::new_spinner();
+        spinner.set_message(format!("compacting {}", store.path().display()));
+        spinner.enable_steady_tick(Duration::from_millis(100));
+        spinner
+    });
+    let result = store.compact();
+    if let Some(spinner) = &spinner {
+        spinner.finish_and_clear();
+    }
+    result.map_err(operational)?;
+    let after = store.stats().map_err(operational)?;
+    let path = store.path().display().to_string();
+    store.flush().map_err(operational)?;
+    drop(store);
+
+    let optional = |value: Option<u64>| value.map_or("unknown".to_string(), |v| v.to_string());
+    let mut text = String::new();
+    let _ = writeln!(text, "store:             {path}");
+    let _ = writeln!(text, "file bytes before: {}", optional(before.file_bytes));
+    let _ = writeln!(text, "file bytes after:  {}", optional(after.file_bytes));
+    let _ = writeln!(text, "free pages before: {}", optional(before.free_pages));
+    let _ = writeln!(text, "free pages after:  {}", optional(after.free_pages));
+    let json = json!({
+        "store": path,
+        "file_bytes_before": before.file_bytes,
+        "file_bytes_after": after.file_bytes,
+        "free_pages_before": before.free_pages,
+        "free_pages_after": after.free_pages,
+    });
+    Ok(Output {
+        text,
+        json,
+        damaged: false,
+        warning: None,
+    })
 }
