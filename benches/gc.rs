@@ -13,7 +13,7 @@
 
 use std::alloc::System;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use pagestore::{Durability, NodeStore, PagableData, SqliteOptions};
@@ -86,39 +86,48 @@ fn build(dir: &std::path::Path, nodes: u64) {
     store.flush().expect("flush");
 }
 
-/// Samples the live heap's maximum every millisecond until dropped.
-struct HeapSampler {
+/// Samples the maxima of the live heap and of the anonymous RSS (the heap, SQLite's page
+/// cache; not the mapped database file) every millisecond until stopped.
+struct Sampler {
     stop: Arc<AtomicBool>,
-    peak: Arc<AtomicIsize>,
+    heap: Arc<AtomicIsize>,
+    anon: Arc<AtomicU64>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
-impl HeapSampler {
+impl Sampler {
     fn start() -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicIsize::new(live_heap()));
+        let heap = Arc::new(AtomicIsize::new(live_heap()));
+        let anon = Arc::new(AtomicU64::new(proc_status_bytes("RssAnon:")));
         let handle = {
-            let (stop, peak) = (stop.clone(), peak.clone());
+            let (stop, heap, anon) = (stop.clone(), heap.clone(), anon.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    peak.fetch_max(live_heap(), Ordering::Relaxed);
+                    heap.fetch_max(live_heap(), Ordering::Relaxed);
+                    anon.fetch_max(proc_status_bytes("RssAnon:"), Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(1));
                 }
             })
         };
         Self {
             stop,
-            peak,
+            heap,
+            anon,
             handle: Some(handle),
         }
     }
 
-    fn peak(mut self) -> isize {
+    /// (peak live heap, peak anonymous RSS).
+    fn peaks(mut self) -> (isize, u64) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(handle) = self.handle.take() {
             handle.join().expect("the sampler ran");
         }
-        self.peak.load(Ordering::Relaxed).max(live_heap())
+        (
+            self.heap.load(Ordering::Relaxed).max(live_heap()),
+            self.anon.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -134,11 +143,12 @@ fn child(dir: &str) {
     let dry = store.gc_dry_run().expect("dry run");
     let dry_time = t.elapsed();
 
-    let sampler = HeapSampler::start();
+    let sampler = Sampler::start();
     let t = Instant::now();
     let report = store.gc().expect("gc");
     let gc_time = t.elapsed();
-    let peak_heap = sampler.peak() - base_heap;
+    let (peak_heap, peak_anon) = sampler.peaks();
+    let peak_heap = peak_heap - base_heap;
     let peak_rss = proc_status_bytes("VmHWM:");
     let after = store.stats().expect("stats");
 
@@ -177,21 +187,26 @@ fn child(dir: &str) {
         format!("{:.1} MiB", peak_heap as f64 / MIB),
     );
     row(
-        "peak RSS of the process (RSS before the dry run)",
+        "peak RSS of the process, mapped database pages included (RSS before the dry run)",
         format!(
             "{:.0} MiB ({:.0} MiB)",
             peak_rss as f64 / MIB,
             rss_before as f64 / MIB
         ),
     );
+    row(
+        "gc peak anonymous RSS (heap and SQLite's caches, not the mapped file)",
+        format!("{:.0} MiB", peak_anon as f64 / MIB),
+    );
     let file = |s: &pagestore::StoreStats| s.file_bytes.unwrap_or(0) as f64 / MIB;
     row(
-        "database file before / after (pages given back)",
+        "database file before / after (pages given back; free pages left)",
         format!(
-            "{:.0} MiB / {:.0} MiB ({} pages)",
+            "{:.0} MiB / {:.0} MiB ({} pages; {})",
             file(&before),
             file(&after),
-            report.pages_released
+            report.pages_released,
+            after.free_pages.unwrap_or(0)
         ),
     );
 }

@@ -22,7 +22,7 @@
 //! Readers never wait for the collection: a chunk's deletion is one short write transaction.
 //! A writer waits at most for one chunk's deletion.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering, fence};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -237,16 +237,35 @@ pub(crate) trait Collectable {
     /// Whether `key` is stored but not yet committed (its record is in memory).
     fn is_pending(&self, key: &DataKey) -> bool;
 
-    /// Calls `visit` with every committed record (key and encoded bytes), parents before
-    /// the children they name as far as the store's order goes, and returns `true`; or
-    /// returns `false` at once if the store has no such order (then marking reads record
-    /// by record). Records committed while this runs need not be visited.
+    /// Calls `visit` with every committed record (its position, key and encoded bytes),
+    /// parents before the children they name as far as the store's order goes, and returns
+    /// `true`; or returns `false` at once if the store has no such order (then marking
+    /// reads record by record). Records committed while this runs need not be visited.
     fn records_parents_first(
         &self,
-        visit: &mut dyn FnMut(DataKey, &[u8]) -> anyhow::Result<()>,
+        visit: &mut dyn FnMut(i64, DataKey, &[u8]) -> anyhow::Result<()>,
     ) -> anyhow::Result<bool> {
         let _ = visit;
         Ok(false)
+    }
+
+    /// How many positions apart a child may come *before* its parent in
+    /// [`records_parents_first`](Self::records_parents_first)'s order (a batch committed
+    /// in key order). The pass remembers that many passed records to go back to.
+    fn disorder_window(&self) -> usize {
+        0
+    }
+
+    /// Calls `found` with the key and record at `position` (from
+    /// [`records_parents_first`](Self::records_parents_first)), if one is there; may be
+    /// called from inside that pass's `visit`.
+    fn record_at(
+        &self,
+        position: i64,
+        found: &mut dyn FnMut(DataKey, &[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let _ = (position, found);
+        Ok(())
     }
 
     /// Calls `visit` with every committed key, in chunks. Keys committed while this runs
@@ -336,30 +355,21 @@ impl Marker<'_> {
                 }
             })?;
         }
-        let (target, progress) = (self.target, self.progress);
-        let (marks, read) = (&mut self.marks, &mut self.read);
-        let scanned = !to_expand.is_empty()
-            && target.records_parents_first(&mut |key, record| {
-                if !to_expand.remove(&key) {
-                    return Ok(());
-                }
-                let view = checked(&key, record)?;
-                for child in view.arcs() {
-                    if marks.insert(&child) {
-                        to_expand.insert(child);
-                    }
-                }
-                *read += 1;
-                if let Some(progress) = progress {
-                    if *read % PROGRESS_EVERY == 0 {
-                        progress(GcProgress {
-                            phase: GcPhase::Mark,
-                            done: *read,
-                        });
-                    }
-                }
-                Ok(())
+        let target = self.target;
+        let mut pass = Pass {
+            marks: &mut self.marks,
+            to_expand,
+            passed: HashMap::default(),
+            prune_at: target.disorder_window().max(1024),
+            window: target.disorder_window() as i64,
+            read: &mut self.read,
+            progress: self.progress,
+        };
+        let scanned = !pass.to_expand.is_empty()
+            && target.records_parents_first(&mut |position, key, record| {
+                pass.visit(target, position, key, record)
             })?;
+        let to_expand = pass.to_expand;
         if scanned {
             self.expand(to_expand.into_iter().collect())
         } else {
@@ -406,6 +416,90 @@ impl Marker<'_> {
             .filter(|key| self.marks.insert(key))
             .collect();
         self.expand(fresh)
+    }
+}
+
+/// One pass over the records, parents first (see [`Marker::mark`]).
+struct Pass<'m> {
+    marks: &'m mut Marks,
+    /// Marked keys whose records the pass has not reached yet.
+    to_expand: HashSet<DataKey, KeyHasherBuilder>,
+    /// Records passed unmarked within the last `window` positions, by key prefix: a child
+    /// committed in the same batch as its parent may come just before it, and is then read
+    /// again at its position.
+    passed: HashMap<u64, i64, KeyHasherBuilder>,
+    prune_at: usize,
+    window: i64,
+    read: &'m mut u64,
+    progress: Option<&'m (dyn Fn(GcProgress) + Sync + 'm)>,
+}
+
+impl Pass<'_> {
+    fn visit(
+        &mut self,
+        target: &dyn Collectable,
+        position: i64,
+        key: DataKey,
+        record: &[u8],
+    ) -> anyhow::Result<()> {
+        if self.to_expand.remove(&key) {
+            let mut again = Vec::new();
+            self.expand(&key, record, &mut again)?;
+            // Children passed already, and theirs: read again where they are.
+            while let Some((position, child)) = again.pop() {
+                let mut found = false;
+                target.record_at(position, &mut |key, record| {
+                    if key == child {
+                        found = true;
+                        self.expand(&key, record, &mut again)?;
+                    }
+                    Ok(())
+                })?;
+                if !found {
+                    // A prefix shared with another key, or deleted meanwhile: read later.
+                    self.to_expand.insert(child);
+                }
+            }
+        } else if self.window > 0 && !self.marks.contains(&key) {
+            self.passed.insert(Marks::prefix(&key), position);
+            if self.passed.len() >= self.prune_at {
+                let oldest = position.saturating_add(self.window);
+                self.passed.retain(|_, passed| *passed <= oldest);
+                self.prune_at = (2 * self.passed.len()).max(self.prune_at);
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the children of `key`'s record: each one is expanded when the pass reaches it,
+    /// or at once (through `again`) if the pass went by it.
+    fn expand(
+        &mut self,
+        key: &DataKey,
+        record: &[u8],
+        again: &mut Vec<(i64, DataKey)>,
+    ) -> anyhow::Result<()> {
+        let view = checked(key, record)?;
+        for child in view.arcs() {
+            if self.marks.insert(&child) {
+                match self.passed.remove(&Marks::prefix(&child)) {
+                    Some(position) => again.push((position, child)),
+                    None => {
+                        self.to_expand.insert(child);
+                    }
+                }
+            }
+        }
+        *self.read += 1;
+        if let Some(progress) = self.progress {
+            if *self.read % PROGRESS_EVERY == 0 {
+                progress(GcProgress {
+                    phase: GcPhase::Mark,
+                    done: *self.read,
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -496,7 +590,9 @@ pub(crate) fn collect(
                 .filter(|(key, _)| !marker.marks.contains(key))
                 .copied()
                 .collect();
-            let keys: Vec<DataKey> = doomed.iter().map(|(key, _)| *key).collect();
+            let mut keys: Vec<DataKey> = doomed.iter().map(|(key, _)| *key).collect();
+            // In key order: the deletions then walk the key index in one direction.
+            keys.sort_unstable_by_key(|key| key.as_bytes());
             if !keys.is_empty() {
                 target.delete(&keys)?;
             }

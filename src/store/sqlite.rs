@@ -646,6 +646,12 @@ impl NodeStore for SqliteNodeStore {
             self.inner.buffer.check()?;
         }
         let conn = conn::open_reader(&self.inner.path, &self.options)?;
+        // The pass over the file goes back to rows it passed (children committed just
+        // before their parent in one batch): mapped, such a read costs no system call.
+        let _ = conn.execute_batch(&format!(
+            "PRAGMA mmap_size = {}",
+            self.options.mmap_size_bytes
+        ));
         let collector = Collector {
             store: self,
             conn: std::cell::RefCell::new(conn),
@@ -746,7 +752,7 @@ impl Collectable for Collector<'_> {
     /// before theirs. Without rowids the table is in key order: `false`.
     fn records_parents_first(
         &self,
-        visit: &mut dyn FnMut(DataKey, &[u8]) -> anyhow::Result<()>,
+        visit: &mut dyn FnMut(i64, DataKey, &[u8]) -> anyhow::Result<()>,
     ) -> anyhow::Result<bool> {
         if self.store.table_layout != TableLayout::Rowid {
             return Ok(false);
@@ -774,7 +780,7 @@ impl Collectable for Collector<'_> {
                 let value = row.get_ref(2).map_err(sql())?;
                 if let (ValueRef::Blob(key), ValueRef::Blob(value)) = (key, value) {
                     if let Some(key) = DataKey::from_slice(key) {
-                        visit(key, value)?;
+                        visit(before, key, value)?;
                     }
                 }
             }
@@ -850,6 +856,35 @@ impl Collectable for Collector<'_> {
                 })
                 .map_err(sql())?;
             Self::visit_record(&key, record.as_deref(), found)?;
+        }
+        Ok(())
+    }
+
+    /// A batch is committed in key order, so within one a child may come just before its
+    /// parent; a batch holds at most half the write buffer's rows.
+    fn disorder_window(&self) -> usize {
+        self.store.options.write_buffer_rows / 2 + SWEEP_CHUNK as usize
+    }
+
+    fn record_at(
+        &self,
+        position: i64,
+        found: &mut dyn FnMut(DataKey, &[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let sql = || self.sql("read the records of");
+        let conn = self.conn.borrow();
+        let mut stmt = conn
+            .prepare_cached("SELECT key, value FROM pagable_data WHERE rowid = ?1")
+            .map_err(sql())?;
+        let mut rows = stmt.query([position]).map_err(sql())?;
+        if let Some(row) = rows.next().map_err(sql())? {
+            let key = row.get_ref(0).map_err(sql())?;
+            let value = row.get_ref(1).map_err(sql())?;
+            if let (ValueRef::Blob(key), ValueRef::Blob(value)) = (key, value) {
+                if let Some(key) = DataKey::from_slice(key) {
+                    found(key, value)?;
+                }
+            }
         }
         Ok(())
     }
