@@ -212,6 +212,9 @@ impl Drop for GateGuard<'_> {
     }
 }
 
+/// What a pass over the records calls with each one: its position, key and bytes.
+pub(crate) type VisitRecord<'a> = dyn FnMut(i64, DataKey, &[u8]) -> anyhow::Result<()> + 'a;
+
 /// A stored key and its record's length in bytes.
 pub(crate) type StoredKey = (DataKey, u64);
 
@@ -243,7 +246,7 @@ pub(crate) trait Collectable {
     /// reads record by record). Records committed while this runs need not be visited.
     fn records_parents_first(
         &self,
-        visit: &mut dyn FnMut(i64, DataKey, &[u8]) -> anyhow::Result<()>,
+        visit: &mut VisitRecord<'_>,
     ) -> anyhow::Result<bool> {
         let _ = visit;
         Ok(false)

@@ -752,7 +752,7 @@ impl Collectable for Collector<'_> {
     /// before theirs. Without rowids the table is in key order: `false`.
     fn records_parents_first(
         &self,
-        visit: &mut dyn FnMut(i64, DataKey, &[u8]) -> anyhow::Result<()>,
+        visit: &mut gc::VisitRecord<'_>,
     ) -> anyhow::Result<bool> {
         if self.store.table_layout != TableLayout::Rowid {
             return Ok(false);
