@@ -244,10 +244,7 @@ pub(crate) trait Collectable {
     /// parents before the children they name as far as the store's order goes, and returns
     /// `true`; or returns `false` at once if the store has no such order (then marking
     /// reads record by record). Records committed while this runs need not be visited.
-    fn records_parents_first(
-        &self,
-        visit: &mut VisitRecord<'_>,
-    ) -> anyhow::Result<bool> {
+    fn records_parents_first(&self, visit: &mut VisitRecord<'_>) -> anyhow::Result<bool> {
         let _ = visit;
         Ok(false)
     }

@@ -750,10 +750,7 @@ impl Collectable for Collector<'_> {
     /// A rowid table, newest row first: a node is committed after the children it names
     /// (and in a later or the same batch, whose rows get higher rowids), so its row comes
     /// before theirs. Without rowids the table is in key order: `false`.
-    fn records_parents_first(
-        &self,
-        visit: &mut gc::VisitRecord<'_>,
-    ) -> anyhow::Result<bool> {
+    fn records_parents_first(&self, visit: &mut gc::VisitRecord<'_>) -> anyhow::Result<bool> {
         if self.store.table_layout != TableLayout::Rowid {
             return Ok(false);
         }
