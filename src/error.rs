@@ -146,6 +146,20 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// A node names a child that is not stored: nodes are stored children first (a child a
+    /// garbage collection deleted, because nothing reached it, must be stored again before a
+    /// new parent names it). Nothing was stored.
+    #[error(
+        "cannot store {key}: its child {child} is not stored (store children before their \
+         parents; a garbage collection deletes what no root or live value reaches)"
+    )]
+    MissingChild {
+        /// The node that was refused.
+        key: DataKey,
+        /// The child it names that is not stored.
+        child: DataKey,
+    },
+
     /// The store does not support this operation (for example garbage collection on a
     /// [`NodeStore`](crate::NodeStore) that does not implement it).
     #[error("this store does not support {operation}")]

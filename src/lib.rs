@@ -57,9 +57,12 @@
 //!   [`Durability`] mode and sizes.
 //! - **Raw nodes**: [`PagableStorage::store_data`] and
 //!   [`fetch_data_blocking`](PagableStorage::fetch_data_blocking).
-//! - **Named roots**: [`NodeStore::set_root`], [`root`](NodeStore::root),
-//!   [`roots`](NodeStore::roots) and [`remove_root`](NodeStore::remove_root), on a
-//!   [`WithRuntime`] through `Deref` (with [`NodeStore`] in scope).
+//! - **Maintenance**: named roots ([`NodeStore::set_root`], [`root`](NodeStore::root),
+//!   [`roots`](NodeStore::roots), [`remove_root`](NodeStore::remove_root), on a
+//!   [`WithRuntime`] through `Deref` with [`NodeStore`] in scope) say which graphs to keep;
+//!   [`WithRuntime::gc`] deletes what neither they nor this process need, safely while other
+//!   threads work ([`NodeStore::collect_garbage`] for a store alone);
+//!   [`WithRuntime::stats`] gives the figures.
 //! - **Another backend**: implement [`NodeStore`], attach it with [`WithRuntime::attach`],
 //!   and run the contract suite of [`testing`] (feature `testing`) on it.
 //!
@@ -87,7 +90,7 @@
 //! - **`testing`**: the [`testing`] module, the contract suites a node store or a
 //!   `PagableStorage` passes.
 //! - **`cli`**: the `pagestore` command (`src/bin/pagestore.rs`), which inspects a SQLite
-//!   store read-only: `verify`, `roots`, `cat`, `tree`. The library itself does not use its
+//!   store (`stats`, `verify`, `roots`, `cat`, `tree`) and maintains it (`gc`, `compact`). The library itself does not use its
 //!   dependencies (clap, indicatif, serde_json).
 
 #![warn(missing_docs)]
@@ -115,8 +118,8 @@ pub use key::{DataKey, ParseKeyError};
 #[cfg(feature = "sqlite")]
 pub use runtime::SqliteBackedPagableStorage;
 pub use runtime::{
-    InMemoryPagableStorage, PagableStorage, PageOutReport, PagingStats, SessionContext,
-    StorageStats, WithRuntime,
+    DEFAULT_GC_GRACE, InMemoryPagableStorage, PagableStorage, PageOutReport, PagingStats,
+    SessionContext, StorageStats, WithRuntime,
 };
 pub use store::memory::MemoryNodeStore;
 #[cfg(feature = "sqlite")]

@@ -107,6 +107,7 @@ impl<H: NodeStoreHarness> StorageHarness for Runtime<H> {
 pub fn node_store_contract<H: NodeStoreHarness>(harness: &H) {
     run_data_checks(&Nodes(harness));
     contains_sees_pending_and_committed_nodes(harness);
+    put_refuses_a_node_naming_a_child_not_stored(harness);
     scan_visits_every_node_once_before_and_after_flush(harness);
     paged_values_leave_memory_and_come_back(harness);
     roots_are_set_read_listed_and_removed(harness);
@@ -572,10 +573,16 @@ fn roots_are_set_read_listed_and_removed<H: NodeStoreHarness>(harness: &H) {
     assert_eq!(store.roots().unwrap(), expected, "pending over committed");
     store.flush().unwrap();
     assert_eq!(store.roots().unwrap(), expected, "after the second flush");
-    // A root may name a key that is not stored; the store does not check.
+    // A root never names a key that is not stored.
     let missing = node(u64::MAX - 7, 3, vec![]).compute_key();
-    store.set_root("dangling", missing).unwrap();
-    assert_eq!(store.root("dangling").unwrap(), Some(missing));
+    let err = store
+        .set_root("dangling", missing)
+        .expect_err("a root naming a key not stored");
+    assert!(
+        matches!(err.downcast_ref(), Some(Error::NotFound(key)) if *key == missing),
+        "{err:#}"
+    );
+    assert_eq!(store.root("dangling").unwrap(), None);
 }
 
 /// Contract items 7 and 8: a root set right after its graph is seen at once from another
@@ -824,6 +831,37 @@ fn paged_values_leave_memory_and_come_back<H: NodeStoreHarness>(harness: &H) {
     }
 }
 
+/// Contract 4: a node naming a child that is not stored is refused with `MissingChild`
+/// naming both keys, and nothing is stored; once the child is stored, the node is.
+fn put_refuses_a_node_naming_a_child_not_stored<H: NodeStoreHarness>(harness: &H) {
+    let store = harness.open();
+    let child = node(71, 10, vec![]);
+    let parent = node(72, 10, vec![child.compute_key()]);
+    let err = store
+        .put(parent.clone())
+        .expect_err("a parent before its child");
+    match err.downcast_ref::<Error>() {
+        Some(Error::MissingChild {
+            key,
+            child: missing,
+        }) => {
+            assert_eq!(
+                (*key, *missing),
+                (parent.compute_key(), child.compute_key())
+            );
+        }
+        _ => panic!("expected MissingChild, got {err:#}"),
+    }
+    assert!(
+        !store.contains(&parent.compute_key()).unwrap(),
+        "nothing stored"
+    );
+    store.put(child).unwrap();
+    assert_eq!(store.put(parent.clone()).unwrap(), parent.compute_key());
+    store.flush().unwrap();
+    assert_eq!(*store.get(&parent.compute_key()).unwrap(), parent);
+}
+
 /// Whether the harness's store collects garbage (contract item 9 applies only then).
 fn supports_gc<H: NodeStoreHarness>(harness: &H) -> bool {
     match harness
@@ -976,16 +1014,11 @@ fn gc_racing_writers_leaves_every_root_complete<H: NodeStoreHarness>(harness: &H
                 scope.spawn(move || {
                     for g in 0..GRAPHS {
                         // Shares nodes with the garbage above (same seeds), so some of its
-                        // nodes are stored again while being swept.
-                        let graph = store_dag(&|node| store.put(node), 41 + (w + g) % 2, 30);
-                        let top = store
-                            .put(node(
-                                50_000 + w * 1000 + g,
-                                20,
-                                graph.keys().copied().collect(),
-                            ))
-                            .unwrap();
-                        store.set_root(&format!("w{w}"), top).unwrap();
+                        // nodes are stored again while being swept. A node stored before a
+                        // collection began and reached by nothing may be deleted before its
+                        // parent is stored: the parent is refused (`MissingChild`), and the
+                        // writer stores the graph again, as the contract asks of it.
+                        while !store_graph_and_root(store, w, g) {}
                         if g % 8 == 0 {
                             store.flush().unwrap();
                         }
@@ -1003,11 +1036,16 @@ fn gc_racing_writers_leaves_every_root_complete<H: NodeStoreHarness>(harness: &H
             }
             runs
         });
-        for writer in writers {
-            writer.join().unwrap();
-        }
+        // Joined before any is unwrapped: a writer's panic must stop the collector too.
+        let joined: Vec<_> = writers.into_iter().map(|w| w.join()).collect();
         done.store(true, std::sync::atomic::Ordering::Relaxed);
-        collector.join().unwrap()
+        let runs = collector.join().unwrap();
+        for writer in joined {
+            if let Err(panic) = writer {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        runs
     });
     assert!(collections >= 2);
     store.collect_garbage(&GcOptions::new()).unwrap();
@@ -1031,6 +1069,43 @@ fn gc_racing_writers_leaves_every_root_complete<H: NodeStoreHarness>(harness: &H
     }
 }
 
+/// Stores writer `w`'s graph `g` (the nodes of `store_dag` with seed `41 + (w + g) % 2`,
+/// children first) and names it root `w{w}`; false if a collection deleted one of its nodes
+/// that was stored before the collection began, before its parent was stored (the parent,
+/// or the root, is then refused: the caller stores the graph again).
+fn store_graph_and_root<S: NodeStore>(store: &S, w: u64, g: u64) -> bool {
+    let refused = |e: &anyhow::Error| {
+        matches!(
+            e.downcast_ref(),
+            Some(Error::MissingChild { .. } | Error::NotFound(_))
+        )
+    };
+    let seed = 41 + (w + g) % 2;
+    let mut keys: Vec<DataKey> = Vec::new();
+    for i in 0..30u64 {
+        let n = i + seed * 1_000_003;
+        let arcs = (0..(n % 4) as usize)
+            .filter(|_| !keys.is_empty())
+            .map(|j| keys[(n as usize * 31 + j * 7) % keys.len()])
+            .collect();
+        match store.put(node(n, (n % 300) as usize, arcs)) {
+            Ok(key) => keys.push(key),
+            Err(e) if refused(&e) => return false,
+            Err(e) => panic!("put: {e:#}"),
+        }
+    }
+    let top = match store.put(node(50_000 + w * 1000 + g, 20, keys)) {
+        Ok(top) => top,
+        Err(e) if refused(&e) => return false,
+        Err(e) => panic!("put: {e:#}"),
+    };
+    match store.set_root(&format!("w{w}"), top) {
+        Ok(()) => true,
+        Err(e) if refused(&e) => false,
+        Err(e) => panic!("set_root: {e:#}"),
+    }
+}
+
 /// Contract item 9: a collection that meets a damaged record among the reachable ones
 /// stops with [`Error::Corrupt`] naming it (it cannot know what the record reaches), and
 /// deletes nothing that the record's children could be.
@@ -1051,4 +1126,11 @@ fn gc_stops_at_a_damaged_reachable_record<H: NodeStoreHarness>(harness: &H) {
         _ => panic!("expected Corrupt, got {err:#}"),
     }
     assert!(store.contains(&child).unwrap(), "the child was not swept");
+}
+
+/// Stores `node` in `store` without checking that its children are stored, which `put`
+/// refuses ([`Error::MissingChild`]): for tests that need a damaged graph (a child that
+/// dangles, as a crash of a store without ordering guarantees or a damaged file could leave).
+pub fn store_unchecked(store: &crate::MemoryNodeStore, node: PagableData) -> DataKey {
+    store.put_unchecked(node)
 }

@@ -6,6 +6,7 @@ use std::any::TypeId;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use pagestore::testing::{node, reachable};
 use pagestore::{
@@ -28,13 +29,18 @@ fn leaf(name: &str) -> Shared<Item> {
     })
 }
 
-/// Runs `check` on the in-memory runtime and on SQLite in every durability mode.
-fn on_every_store(check: impl Fn(&str, Arc<dyn Collecting>)) {
-    check("memory", Arc::new(InMemoryPagableStorage::new()));
+/// Runs `check` on the in-memory runtime and on SQLite in every durability mode, each with
+/// `grace` for the roots `page_out` returns.
+fn on_every_store(grace: Duration, check: impl Fn(&str, Arc<dyn Collecting>)) {
+    check(
+        "memory",
+        Arc::new(InMemoryPagableStorage::new().gc_grace(grace)),
+    );
     for durability in [Durability::Cache, Durability::Durable, Durability::Sync] {
         let dir = tempfile::tempdir().unwrap();
         let storage = SqliteOptions::default()
             .durability(durability)
+            .gc_grace(grace)
             .open(dir.path())
             .unwrap();
         check(&format!("{durability:?}"), Arc::new(storage));
@@ -84,7 +90,8 @@ fn count(storage: &dyn Collecting) -> u64 {
 
 #[test]
 fn live_values_and_paged_out_handles_are_kept_until_dropped() {
-    on_every_store(|name, storage| {
+    // No grace: only what the process holds is kept.
+    on_every_store(Duration::ZERO, |name, storage| {
         let dyn_storage = storage.clone().as_dyn();
         // A graph nothing roots, held in memory as paged in: its shared parts are live.
         let key = page_out(
@@ -180,7 +187,8 @@ fn a_key_collected_between_its_store_and_its_memo_is_forgotten() {
 /// whole, and so does every graph a thread still holds.
 #[test]
 fn collections_racing_page_outs_leave_every_root_and_held_value_whole() {
-    on_every_store(|name, storage| {
+    // The default grace: a root named right after its page-out is never collected first.
+    on_every_store(pagestore::DEFAULT_GC_GRACE, |name, storage| {
         let dyn_storage = storage.clone().as_dyn();
         let done = AtomicBool::new(false);
         std::thread::scope(|scope| {
@@ -229,9 +237,14 @@ fn collections_racing_page_outs_leave_every_root_and_held_value_whole() {
                     })
                 })
                 .collect();
-            let held: Vec<_> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+            // Joined before any is unwrapped: a worker's panic must stop the collector too.
+            let joined: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
             done.store(true, Ordering::Relaxed);
             collector.join().unwrap();
+            let held: Vec<_> = joined
+                .into_iter()
+                .map(|w| w.unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                .collect();
             storage.gc().unwrap();
             storage.page_out_unpinned();
             for handle in held.iter().flatten() {
@@ -419,4 +432,75 @@ fn a_store_without_gc_says_unsupported() {
         matches!(err.downcast_ref(), Some(Error::Unsupported { .. })),
         "{err:#}"
     );
+}
+
+/// Stores nodes naming random earlier ones, names each a root right after it (cycling
+/// through a few names, so older graphs become garbage), collects now and then, closes and
+/// reopens now and then: every root's graph stays whole, and a node naming a collected one
+/// is refused rather than stored dangling.
+#[test]
+fn roots_cycled_while_collecting_and_reopening_stay_whole() {
+    for durability in [Durability::Cache, Durability::Durable] {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            SqliteOptions::default()
+                .durability(durability)
+                .open(dir.path())
+                .unwrap()
+        };
+        let mut storage = open();
+        let mut keys: Vec<DataKey> = Vec::new();
+        let mut state = 0x1234_5678_9abc_def1u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for i in 0..600u64 {
+            let arcs = if !keys.is_empty() && next() % 3 == 0 {
+                (0..1 + next() % 2)
+                    .map(|_| keys[(next() % keys.len() as u64) as usize])
+                    .collect()
+            } else {
+                vec![]
+            };
+            let data = node(i, (next() % 3000) as usize, arcs);
+            let key = match storage.store_data(data) {
+                Ok(key) => key,
+                // It names a node a collection deleted: refused, nothing stored.
+                Err(e) => match e.downcast_ref() {
+                    Some(Error::MissingChild { child, .. }) => {
+                        assert!(!storage.node_store().contains(child).unwrap());
+                        continue;
+                    }
+                    _ => panic!("{durability:?} node {i}: {e:#}"),
+                },
+            };
+            keys.push(key);
+            storage
+                .node_store()
+                .set_root(&format!("r{}", i % 5), key)
+                .unwrap();
+            if next() % 4 == 0 {
+                storage.flush().unwrap();
+                if next() % 3 == 0 {
+                    storage.gc().unwrap();
+                    for (name, root) in storage.node_store().roots().unwrap() {
+                        let mut todo = vec![root];
+                        while let Some(key) = todo.pop() {
+                            let node = storage.fetch_data_blocking(&key).unwrap_or_else(|e| {
+                                panic!("{durability:?} node {i}: root {name} reaches {key}: {e:#}")
+                            });
+                            todo.extend(node.arcs.iter().copied());
+                        }
+                    }
+                }
+                if next() % 7 == 0 {
+                    drop(storage);
+                    storage = open();
+                }
+            }
+        }
+    }
 }

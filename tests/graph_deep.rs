@@ -138,9 +138,7 @@ fn a_lenient_deserializer_keeps_every_link() {
 
 /// A record stored by hand: `data` are the postcard bytes, `arcs` the child keys in order.
 fn store(storage: &InMemoryPagableStorage, data: Vec<u8>, arcs: Vec<DataKey>) -> DataKey {
-    storage
-        .store_data(pagestore::PagableData { data, arcs })
-        .unwrap()
+    store_unchecked(&storage, pagestore::PagableData { data, arcs }).unwrap()
 }
 
 /// A key nothing is stored under.
@@ -352,4 +350,16 @@ fn a_wide_node_deep_down_deserializes_each_node_once() {
         assert!(kids.iter().enumerate().all(|(i, leaf)| leaf.0 == i as u32));
         drop_deep(back).unwrap();
     }
+}
+
+/// Stores a node as is, dangling children included (`put` refuses those): these tests build
+/// damaged graphs on purpose.
+fn store_unchecked(
+    storage: &pagestore::InMemoryPagableStorage,
+    node: pagestore::PagableData,
+) -> anyhow::Result<pagestore::DataKey> {
+    Ok(pagestore::testing::store_unchecked(
+        storage.node_store(),
+        node,
+    ))
 }

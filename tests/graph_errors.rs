@@ -57,12 +57,14 @@ fn storage() -> Arc<InMemoryPagableStorage> {
 /// Stores a `Holder` whose child key points nowhere; returns (its key, the missing key).
 fn holder_with_missing_child(storage: &InMemoryPagableStorage) -> (DataKey, DataKey) {
     let missing: DataKey = "0123456789abcdef0123456789abcdef".parse().unwrap();
-    let root = storage
-        .store_data(PagableData {
+    let root = store_unchecked(
+        &storage,
+        PagableData {
             data: postcard::to_allocvec("name").unwrap(),
             arcs: vec![missing],
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     (root, missing)
 }
 
@@ -89,12 +91,14 @@ fn shared_outside_a_call_is_a_clear_error_not_a_panic() {
 #[test]
 fn a_missing_child_is_not_found_naming_the_child() {
     let storage = storage();
-    let child = storage
-        .store_data(PagableData {
+    let child = store_unchecked(
+        &storage,
+        PagableData {
             data: postcard::to_allocvec("gone").unwrap(),
             arcs: vec![],
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     let (root, missing) = holder_with_missing_child(&storage);
     let err = page_in::<Holder>(&storage, root).unwrap_err();
     assert!(
@@ -143,15 +147,15 @@ fn an_unknown_typetag_name_keeps_typetag_message() {
     // entry, tag "cat", unit content.
     let mut data = postcard::to_allocvec(&1usize).unwrap(); // map length
     data.extend(postcard::to_allocvec("cat").unwrap());
-    let cat = storage
-        .store_data(PagableData { data, arcs: vec![] })
-        .unwrap();
-    let root = storage
-        .store_data(PagableData {
+    let cat = store_unchecked(&storage, PagableData { data, arcs: vec![] }).unwrap();
+    let root = store_unchecked(
+        &storage,
+        PagableData {
             data: vec![],
             arcs: vec![cat],
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     let err = page_in::<Shared<dyn Animal>>(&storage, root).unwrap_err();
     match pagestore_error(&err) {
         Error::Deserialize { key, reason, .. } => {
@@ -198,24 +202,28 @@ fn internally_tagged_traits_work_for_structs_and_fail_cleanly_for_enums() {
 fn a_record_with_too_few_or_too_many_child_keys_is_corrupt() {
     let storage = storage();
     let name = postcard::to_allocvec("n").unwrap();
-    let no_children = storage
-        .store_data(PagableData {
+    let no_children = store_unchecked(
+        &storage,
+        PagableData {
             data: name.clone(),
             arcs: vec![],
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     let err = page_in::<Holder>(&storage, no_children).unwrap_err();
     assert!(
         matches!(pagestore_error(&err), Error::Corrupt { key, .. } if *key == no_children),
         "{err:#}"
     );
     let leaf = page_out(&storage, &String::from("leaf")).unwrap();
-    let extra = storage
-        .store_data(PagableData {
+    let extra = store_unchecked(
+        &storage,
+        PagableData {
             data: name,
             arcs: vec![leaf, leaf],
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     let err = page_in::<Holder>(&storage, extra).unwrap_err();
     assert!(
         matches!(pagestore_error(&err), Error::Corrupt { key, reason } if *key == extra && reason.contains("2 child keys")),
@@ -228,20 +236,20 @@ fn garbage_and_trailing_bytes_are_deserialize_errors() {
     let storage = storage();
     let mut data = postcard::to_allocvec(&7u32).unwrap();
     data.push(0);
-    let trailing = storage
-        .store_data(PagableData { data, arcs: vec![] })
-        .unwrap();
+    let trailing = store_unchecked(&storage, PagableData { data, arcs: vec![] }).unwrap();
     let err = page_in::<u32>(&storage, trailing).unwrap_err();
     assert!(
         matches!(pagestore_error(&err), Error::Deserialize { key, reason, .. } if *key == trailing && reason.contains("left over")),
         "{err:#}"
     );
-    let garbage = storage
-        .store_data(PagableData {
+    let garbage = store_unchecked(
+        &storage,
+        PagableData {
             data: vec![0xff; 3],
             arcs: vec![],
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     let err = page_in::<String>(&storage, garbage).unwrap_err();
     assert!(
         matches!(pagestore_error(&err), Error::Deserialize { key, .. } if *key == garbage),
@@ -346,7 +354,7 @@ proptest::proptest! {
         let mut keys: Vec<DataKey> = Vec::new();
         for (data, picks) in records {
             let arcs = picks.iter().filter_map(|&p| keys.get(p % (keys.len().max(1))).copied()).collect();
-            keys.push(storage.store_data(PagableData { data, arcs }).unwrap());
+            keys.push(store_unchecked(&storage, PagableData { data, arcs }).unwrap());
         }
         for &key in &keys {
             let _ = page_in::<Tree>(&storage, key);
@@ -398,18 +406,22 @@ fn a_swallowed_missing_child_is_not_reported_for_another_missing_child() {
     let storage = storage();
     let (a, b): (DataKey, DataKey) = (KEY_A.parse().unwrap(), KEY_B.parse().unwrap());
     // `Picky { soft: Some(A), hard: B }` one level down, under a `Shared<Picky>` root.
-    let picky = storage
-        .store_data(PagableData {
+    let picky = store_unchecked(
+        &storage,
+        PagableData {
             data: postcard::to_allocvec(&Some(())).unwrap(),
             arcs: vec![a, b],
-        })
-        .unwrap();
-    let root = storage
-        .store_data(PagableData {
+        },
+    )
+    .unwrap();
+    let root = store_unchecked(
+        &storage,
+        PagableData {
             data: vec![],
             arcs: vec![picky],
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     let err = page_in::<Shared<Picky>>(&storage, root).unwrap_err();
     assert!(
         matches!(pagestore_error(&err), Error::NotFound(key) if *key == b),
@@ -425,12 +437,14 @@ fn a_swallowed_missing_child_is_not_reported_for_another_missing_child() {
 fn a_swallowed_missing_child_is_not_reported_for_a_custom_error() {
     let storage = storage();
     let a: DataKey = KEY_A.parse().unwrap();
-    let root = storage
-        .store_data(PagableData {
+    let root = store_unchecked(
+        &storage,
+        PagableData {
             data: postcard::to_allocvec(&(Some(()), 7u32)).unwrap(),
             arcs: vec![a],
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     let err = page_in::<Fussy>(&storage, root).unwrap_err();
     match pagestore_error(&err) {
         Error::Deserialize { key, reason, .. } => {
@@ -468,18 +482,22 @@ fn a_missing_child_inside_a_trait_object_is_not_found() {
     let kennel = storage.fetch_data_blocking(&good).unwrap().arcs[0];
     let data = storage.fetch_data_blocking(&kennel).unwrap().data.clone();
     let missing: DataKey = KEY_B.parse().unwrap();
-    let broken = storage
-        .store_data(PagableData {
+    let broken = store_unchecked(
+        &storage,
+        PagableData {
             data,
             arcs: vec![missing],
-        })
-        .unwrap();
-    let root = storage
-        .store_data(PagableData {
+        },
+    )
+    .unwrap();
+    let root = store_unchecked(
+        &storage,
+        PagableData {
             data: vec![],
             arcs: vec![broken],
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     let err = page_in::<Shared<dyn Animal>>(&storage, root).unwrap_err();
     assert!(
         matches!(pagestore_error(&err), Error::NotFound(key) if *key == missing),
@@ -491,12 +509,14 @@ fn a_missing_child_inside_a_trait_object_is_not_found() {
 fn a_page_in_error_names_the_root_its_type_and_the_missing_key() {
     let storage = storage();
     let (holder, missing) = holder_with_missing_child(&storage);
-    let root = storage
-        .store_data(PagableData {
+    let root = store_unchecked(
+        &storage,
+        PagableData {
             data: postcard::to_allocvec(&1usize).unwrap(), // a Vec of one
             arcs: vec![holder],
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     let err = page_in::<Vec<Shared<Holder>>>(&storage, root).unwrap_err();
     let text = format!("{err:#}");
     assert!(text.contains(&root.to_string()), "names the root: {text}");
@@ -685,19 +705,23 @@ struct Outer {
 fn a_nested_page_in_shares_the_thread_s_path() {
     let storage = storage();
     let side = page_out(&storage, &String::from("side")).unwrap();
-    let nested = storage
-        .store_data(PagableData {
+    let nested = store_unchecked(
+        &storage,
+        PagableData {
             data: vec![7],
             arcs: vec![],
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     let after = page_out(&storage, &String::from("after")).unwrap();
-    let outer = storage
-        .store_data(PagableData {
+    let outer = store_unchecked(
+        &storage,
+        PagableData {
             data: vec![],
             arcs: vec![nested, after],
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     for (asked, expect_cycle) in [(side, false), (outer, true)] {
         NESTED.with(|slot| *slot.borrow_mut() = Some((Arc::clone(&storage), asked)));
         let back: Outer = page_in(&storage, outer).unwrap();
@@ -712,4 +736,16 @@ fn a_nested_page_in_shares_the_thread_s_path() {
         drop(back);
         storage.release_memory();
     }
+}
+
+/// Stores a node as is, dangling children included (`put` refuses those): these tests build
+/// damaged graphs on purpose.
+fn store_unchecked(
+    storage: &pagestore::InMemoryPagableStorage,
+    node: pagestore::PagableData,
+) -> anyhow::Result<pagestore::DataKey> {
+    Ok(pagestore::testing::store_unchecked(
+        storage.node_store(),
+        node,
+    ))
 }

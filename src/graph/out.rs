@@ -448,8 +448,29 @@ pub(crate) fn page_out<T: ?Sized + Serialize>(
     storage: &Arc<dyn PagableStorage>,
     value: &T,
 ) -> anyhow::Result<DataKey> {
-    page_out_sized(storage, value).map(|(key, _)| key)
+    // The root is kept through the next garbage collection, so that the caller can name
+    // it. A collection that began before the root was stored may have deleted it (nothing
+    // held it yet): stored again, children and all (those deleted too are forgotten).
+    for _ in 0..FRESH_ATTEMPTS {
+        let key = match page_out_sized(storage, value) {
+            Ok((key, _)) => key,
+            // A child stored before a collection began (and not held: too large to be
+            // remembered) was deleted before its parent was stored: store them again.
+            Err(err) if matches!(err.downcast_ref(), Some(Error::MissingChild { .. })) => continue,
+            Err(err) => return Err(err),
+        };
+        if storage.keep_fresh(key) {
+            return Ok(key);
+        }
+    }
+    Err(anyhow::anyhow!(
+        "garbage collections deleted the graph {FRESH_ATTEMPTS} times while it was being \
+         paged out"
+    ))
 }
+
+/// How many times [`page_out`] stores a graph that collections keep deleting.
+const FRESH_ATTEMPTS: usize = 8;
 
 /// [`page_out`], also returning the length of `value`'s own record (its weight once paged).
 pub(crate) fn page_out_sized<T: ?Sized + Serialize>(

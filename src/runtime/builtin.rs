@@ -86,8 +86,10 @@ impl SqliteOptions {
     /// process cannot write in the directory (a read-only open can still read it);
     /// [`Error::Sqlite`](crate::Error::Sqlite) when SQLite cannot open or set up the database.
     pub fn open(self, dir: impl AsRef<Path>) -> anyhow::Result<SqliteBackedPagableStorage> {
-        let budget = self.memory_budget_bytes();
+        let (budget, grace) = (self.memory_budget_bytes(), self.gc_grace_period());
         let store = self.open_node_store(dir)?;
-        Ok(WithRuntime::attach(store).memory_budget(budget))
+        Ok(WithRuntime::attach(store)
+            .memory_budget(budget)
+            .gc_grace(grace))
     }
 }

@@ -16,6 +16,7 @@ mod storage;
 use std::any::TypeId;
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use either::Either;
 
@@ -82,8 +83,33 @@ struct Runtime<S> {
     pager: Arc<Pager>,
     arc_cache: ArcCache,
     memo: KeyMemo,
+    /// Roots `page_out` returned lately, oldest first, with when: kept by collections for
+    /// `gc_grace` after that.
+    fresh: Mutex<Fresh>,
     session: SessionContext,
     store: S,
+}
+
+/// How long the root a `page_out` returned is kept by garbage collection, by default.
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(60);
+
+/// Roots `page_out` returned lately (see [`WithRuntime::gc_grace`]).
+struct Fresh {
+    /// Oldest first.
+    keys: std::collections::VecDeque<(DataKey, Instant)>,
+    grace: Duration,
+}
+
+impl Fresh {
+    /// Drops the roots older than the grace.
+    fn expire(&mut self) {
+        while let Some(&(_, returned)) = self.keys.front() {
+            if returned.elapsed() < self.grace {
+                break;
+            }
+            self.keys.pop_front();
+        }
+    }
 }
 
 thread_local! {
@@ -114,12 +140,21 @@ impl<S: NodeStore> Runtime<S> {
         self.store.contains(key).unwrap_or(false)
     }
 
+    fn fresh(&self) -> std::sync::MutexGuard<'_, Fresh> {
+        self.fresh.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Hands every key the runtime relies on to `keep`: live arc-cache values, remembered
-    /// keys of live values, keys of paged-out `PagableArc`s.
+    /// keys of live values, keys of paged-out `PagableArc`s, roots `page_out` returned lately.
     fn live_keys(&self, keep: &mut dyn FnMut(DataKey)) {
         self.arc_cache.for_each_live_key(keep);
         self.memo.for_each_live_key(keep);
         held_keys::for_each(self.storage_identity(), keep);
+        let mut fresh = self.fresh();
+        fresh.expire();
+        for (key, _) in &fresh.keys {
+            keep(*key);
+        }
     }
 }
 
@@ -156,6 +191,10 @@ impl<S: NodeStore> WithRuntime<S> {
                 pager: Arc::new(Pager::new(usize::MAX, storage)),
                 arc_cache: ArcCache::new(),
                 memo: KeyMemo::default(),
+                fresh: Mutex::new(Fresh {
+                    keys: std::collections::VecDeque::new(),
+                    grace: DEFAULT_GC_GRACE,
+                }),
                 session: SessionContext::new(),
                 store,
             }
@@ -177,6 +216,20 @@ impl<S: NodeStore> WithRuntime<S> {
     #[must_use]
     pub fn memory_budget(self, bytes: usize) -> Self {
         self.runtime.pager.set_budget(bytes);
+        self
+    }
+
+    /// Sets how long garbage collection keeps the root a [`page_out`](crate::page_out) just
+    /// returned (and what it reaches), so that the caller can name it a root
+    /// ([`NodeStore::set_root`]) or otherwise hold it first: a `set_root` within that time
+    /// names a stored graph even with collections running back to back. Default
+    /// [`DEFAULT_GC_GRACE`] (60 s); zero keeps nothing (then a collection that runs between
+    /// a `page_out` and its `set_root` may delete the graph, and `set_root` fails with
+    /// [`Error::NotFound`](crate::Error::NotFound)). Costs one key and a timestamp per
+    /// `page_out` within the grace.
+    #[must_use]
+    pub fn gc_grace(self, grace: Duration) -> Self {
+        self.runtime.fresh().grace = grace;
         self
     }
 
@@ -235,10 +288,14 @@ impl<S: NodeStore> WithRuntime<S> {
     /// store and set roots (see the store's contract, item 9).
     ///
     /// A value whose key a collection deleted while this process loaded or stored it is not
-    /// lost: the runtime forgets that key, so the next page-out stores the value again.
+    /// lost: the runtime forgets that key, so the next page-out stores the value again. The
+    /// root a [`page_out`](crate::page_out) returns is kept for a grace period
+    /// ([`gc_grace`](Self::gc_grace), 60 s by default), so that `set_root` right after
+    /// `page_out` names a stored graph even with collections running.
     ///
     /// ```
     /// use std::sync::Arc;
+    /// use std::time::Duration;
     /// use pagestore::{page_out, InMemoryPagableStorage, NodeStore, Shared};
     ///
     /// let storage = Arc::new(InMemoryPagableStorage::new());
@@ -246,8 +303,11 @@ impl<S: NodeStore> WithRuntime<S> {
     /// storage.set_root("latest", kept)?;
     /// page_out(&storage, &String::from("temporary"))?;
     ///
-    /// let report = storage.gc()?;
-    /// assert_eq!(report.deleted, 1);
+    /// // A root page_out returned is kept for a grace period (60 s by default), for its
+    /// // caller to name; a collection then deletes what nothing holds.
+    /// assert_eq!(storage.gc()?.deleted, 0);
+    /// let storage = Arc::new(Arc::into_inner(storage).unwrap().gc_grace(Duration::ZERO));
+    /// assert_eq!(storage.gc()?.deleted, 1, "the temporary string");
     /// assert!(storage.contains(&kept)?);
     /// # anyhow::Ok(())
     /// ```
@@ -395,6 +455,22 @@ impl<S: NodeStore> PagableStorage for Runtime<S> {
         self.still_stored(&key, u64::MAX)
     }
 
+    fn keep_fresh(&self, key: DataKey) -> bool {
+        {
+            let mut fresh = self.fresh();
+            fresh.expire();
+            if fresh.grace > Duration::ZERO {
+                fresh.keys.push_back((key, Instant::now()));
+            }
+        }
+        // The root is the last node a page-out stores: `PUT_EPOCH` is from before its put.
+        let before = match PUT_EPOCH.get() {
+            (runtime, epoch) if runtime == self.storage_identity() => epoch,
+            _ => u64::MAX,
+        };
+        self.still_stored(&key, before)
+    }
+
     fn schedule_for_paging(&self, arc: Box<dyn ArcEraseDyn>) {
         if let Some(slot) = arc.as_any().downcast_ref::<Arc<dyn Evictable>>() {
             self.pager.track(Arc::clone(slot));
@@ -477,6 +553,10 @@ impl<S: NodeStore> PagableStorage for WithRuntime<S> {
 
     fn hold_key(&self, key: DataKey) -> bool {
         self.runtime.hold_key(key)
+    }
+
+    fn keep_fresh(&self, key: DataKey) -> bool {
+        self.runtime.keep_fresh(key)
     }
 
     /// Tracks a [`PagableArc`](crate::PagableArc)'s value against the memory budget; other

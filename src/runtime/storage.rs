@@ -35,7 +35,8 @@ pub trait PagableStorage: Send + Sync + 'static {
     /// Stores `data` and returns its key, which is always `data.compute_key()`.
     ///
     /// Idempotent: storing content that is already stored keeps one entry and returns the same
-    /// key. The write may be buffered, but from the moment this returns `Ok`, every thread's
+    /// key. Children first: a node naming a child that is not stored is refused with
+    /// [`Error::MissingChild`](crate::Error::MissingChild) (by the built-in stores). The write may be buffered, but from the moment this returns `Ok`, every thread's
     /// [`fetch_data_blocking`](Self::fetch_data_blocking) of the key finds it. Persistent
     /// backends make it durable by [`flush`](Self::flush).
     fn store_data(&self, data: PagableData) -> anyhow::Result<DataKey>;
@@ -151,6 +152,17 @@ pub trait PagableStorage: Send + Sync + 'static {
     /// Drops memory that can be rebuilt (dead cache entries, backend caches). Stored data and
     /// live values are unaffected. The default does nothing.
     fn release_memory(&self) {}
+
+    /// Keeps `key`, the root of a graph [`page_out`](crate::page_out) just stored, and what
+    /// it reaches, from garbage collection for a grace period
+    /// ([`WithRuntime::gc_grace`](crate::WithRuntime::gc_grace)), so that the caller can name
+    /// it a root (or hold it otherwise) first. Returns whether `key` is
+    /// still stored (`false`: a collection that began before it was stored deleted it, and
+    /// `page_out` stores it again). The default keeps nothing and returns `true`.
+    fn keep_fresh(&self, key: DataKey) -> bool {
+        let _ = key;
+        true
+    }
 
     /// Tells the storage that a [`PagableArc`](crate::PagableArc) of it now holds `key`
     /// (it may be paged out, with only the key in memory): garbage collection keeps the key,

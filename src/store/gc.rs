@@ -4,19 +4,20 @@
 //! # The algorithm
 //!
 //! 1. **Begin.** The store's [`GcGate`] turns on: from now on every `put` (a new record or a
-//!    repeat of a stored one) and every [`NodeStore::protect`](crate::NodeStore::protect)
-//!    *vouches* for its key (and a new record for its children) by adding them to the gate's
-//!    grey list.
+//!    repeat of a stored one) *vouches* for its key and its children, and every
+//!    [`NodeStore::protect`](crate::NodeStore::protect) for its key, by adding them to the
+//!    gate's grey list.
 //! 2. **Mark.** Starting from the roots, the records not yet committed, the caller's live keys
 //!    and the grey list, read each reached record and mark its children, level by level, in
 //!    key order (reads close together in the B-tree). Marks are 8-byte key prefixes in one
 //!    hash set: a million reachable nodes take about 16 MiB. A prefix shared by two keys only
 //!    keeps a node that could go; nothing is ever deleted by mistake.
 //! 3. **Sweep.** Walk the stored keys in chunks. For each chunk with unmarked keys, take the
-//!    gate's lock, mark whatever was vouched for meanwhile, and delete the chunk's keys that
-//!    are still unmarked, in one transaction, before letting go. A `put` or `protect` that
-//!    waited for the lock then finds its key either marked (kept) or deleted (and the store's
-//!    memory of it forgotten), so a `put` that returns has always left its key stored.
+//!    gate's lock exclusively, mark whatever was vouched for meanwhile, and delete the
+//!    chunk's keys that are still unmarked, in one transaction, before letting go. Writes
+//!    run under the lock's shared side, so a `put` sees its key and children either before a
+//!    chunk's deletion (vouched for: kept) or after it (gone, and forgotten by the store's
+//!    dedup memory, so the key is stored again, and a missing child is refused).
 //! 4. **End.** The gate turns off; the store gives the freed pages back.
 //!
 //! Readers never wait for the collection: a chunk's deletion is one short write transaction.
@@ -24,7 +25,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering, fence};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use crate::codec::{self, RecordRef};
@@ -138,16 +139,26 @@ impl std::fmt::Debug for GcOptions<'_> {
     }
 }
 
-/// The store's side of a running collection: the epoch and the grey list.
+/// The store's side of a running collection: the epoch, the grey list, and the lock that
+/// orders writes against a collection's beginning and its deletions.
 ///
-/// `epoch` counts collection starts and ends (odd while one runs). Both sides of the
-/// begin/vouch handshake put a `SeqCst` fence between their write and their read: a thread
-/// that stored or recorded a key and then reads an even epoch did so before the collection
-/// began, so the collection's snapshot (taken after its fence) sees the key.
+/// Every `put` and every `protect` runs inside [`enter`](Self::enter) (a shared lock); a
+/// collection takes the lock exclusively to begin (so every write in flight has finished
+/// and every later one sees it running) and to delete each chunk (so a write inside sees
+/// the store either before the chunk's deletion, with what it vouched for kept, or after
+/// it, with the deleted keys gone and forgotten). A write under the lock checks that the
+/// children it names are stored: nothing can delete them before it is done.
+///
+/// `epoch` counts collection starts and ends (odd while one runs), for the runtime, which
+/// records keys outside the lock: it records first and reads the epoch after, with a
+/// `SeqCst` fence between, while a collection moves the epoch (with a fence) before it lists
+/// the live keys, so either the collection sees the record or the runtime sees the
+/// collection.
 #[derive(Default)]
 pub(crate) struct GcGate {
     epoch: AtomicU64,
     grey: Mutex<Vec<DataKey>>,
+    writes: RwLock<()>,
     /// Held for a whole collection: one at a time.
     running: Mutex<()>,
 }
@@ -159,37 +170,51 @@ impl GcGate {
         self.epoch.load(Ordering::SeqCst)
     }
 
-    /// Whether a collection runs now (after a fence: see the type's docs).
-    pub(crate) fn is_running(&self) -> bool {
-        self.epoch() % 2 == 1
+    /// Enters a write (a `put` or a `protect`): a collection neither begins nor deletes
+    /// until the returned guard drops.
+    pub(crate) fn enter(&self) -> RwLockReadGuard<'_, ()> {
+        self.writes.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// If a collection runs, vouches for `keys`: it will keep them and what they reach,
-    /// unless it already deleted them. Waits while a chunk is being deleted. Returns whether
-    /// a collection runs.
-    pub(crate) fn vouch(&self, keys: impl IntoIterator<Item = DataKey>) -> bool {
-        if !self.is_running() {
+    /// Inside [`enter`](Self::enter): if a collection runs, vouches for `keys` (it will keep
+    /// them and what they reach). Returns whether one runs.
+    pub(crate) fn vouch(
+        &self,
+        _entered: &RwLockReadGuard<'_, ()>,
+        keys: impl IntoIterator<Item = DataKey>,
+    ) -> bool {
+        if self.epoch.load(Ordering::SeqCst) % 2 == 0 {
             return false;
         }
-        let mut grey = self.grey();
-        // Checked again under the lock: `end` empties the list under it.
-        if self.epoch.load(Ordering::SeqCst) % 2 == 1 {
-            grey.extend(keys);
-            return true;
-        }
-        false
+        self.grey().extend(keys);
+        true
+    }
+
+    /// Vouches for `key` if a collection runs (see [`NodeStore::protect`]).
+    ///
+    /// [`NodeStore::protect`]: crate::NodeStore::protect
+    pub(crate) fn protect(&self, key: &DataKey) {
+        let entered = self.enter();
+        self.vouch(&entered, [*key]);
     }
 
     fn grey(&self) -> MutexGuard<'_, Vec<DataKey>> {
         self.grey.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Excludes every write (see the type's docs).
+    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.writes.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Begins a collection (waiting for one already running to end); it ends when the guard
     /// drops.
     fn begin(&self) -> GateGuard<'_> {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let exclusive = self.exclusive();
         self.epoch.fetch_add(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
+        drop(exclusive);
         GateGuard {
             gate: self,
             _running: running,
@@ -205,10 +230,11 @@ struct GateGuard<'a> {
 
 impl Drop for GateGuard<'_> {
     fn drop(&mut self) {
+        let _exclusive = self.gate.exclusive();
+        self.gate.epoch.fetch_add(1, Ordering::SeqCst);
         let mut grey = self.gate.grey();
         grey.clear();
         grey.shrink_to_fit();
-        self.gate.epoch.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -572,36 +598,34 @@ pub(crate) fn collect(
             report.bytes_freed += candidates.iter().map(|(_, len)| len).sum::<u64>();
             return Ok(());
         }
-        let mut unlocked_traces = 0;
-        loop {
-            let mut grey = gate.grey();
-            if !grey.is_empty() && unlocked_traces < UNLOCKED_TRACES {
-                let vouched = std::mem::take(&mut *grey);
-                drop(grey);
-                marker.trace(vouched)?;
-                unlocked_traces += 1;
-                continue;
+        // What was vouched for meanwhile is traced first without the lock (a few times, so
+        // a steady stream of writes cannot starve the sweep), then the rest under it.
+        for _ in 0..UNLOCKED_TRACES {
+            let vouched = std::mem::take(&mut *gate.grey());
+            if vouched.is_empty() {
+                break;
             }
-            // Under the lock: nothing can be vouched for until the chunk is deleted.
-            let vouched = std::mem::take(&mut *grey);
             marker.trace(vouched)?;
-            let doomed: Vec<StoredKey> = candidates
-                .iter()
-                .filter(|(key, _)| !marker.marks.contains(key))
-                .copied()
-                .collect();
-            let mut keys: Vec<DataKey> = doomed.iter().map(|(key, _)| *key).collect();
-            // In key order: the deletions then walk the key index in one direction.
-            keys.sort_unstable_by_key(|key| key.as_bytes());
-            if !keys.is_empty() {
-                target.delete(&keys)?;
-            }
-            drop(grey);
-            report.kept += (candidates.len() - doomed.len()) as u64;
-            report.deleted += doomed.len() as u64;
-            report.bytes_freed += doomed.iter().map(|(_, len)| len).sum::<u64>();
-            return Ok(());
         }
+        let exclusive = gate.exclusive();
+        let vouched = std::mem::take(&mut *gate.grey());
+        marker.trace(vouched)?;
+        let doomed: Vec<StoredKey> = candidates
+            .iter()
+            .filter(|(key, _)| !marker.marks.contains(key))
+            .copied()
+            .collect();
+        let mut keys: Vec<DataKey> = doomed.iter().map(|(key, _)| *key).collect();
+        // In key order: the deletions then walk the key index in one direction.
+        keys.sort_unstable_by_key(|key| key.as_bytes());
+        if !keys.is_empty() {
+            target.delete(&keys)?;
+        }
+        drop(exclusive);
+        report.kept += (candidates.len() - doomed.len()) as u64;
+        report.deleted += doomed.len() as u64;
+        report.bytes_freed += doomed.iter().map(|(_, len)| len).sum::<u64>();
+        Ok(())
     })?;
     report.missing = marker.missing;
     drop(marker);

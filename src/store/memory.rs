@@ -70,6 +70,14 @@ impl MemoryNodeStore {
         self.collect_garbage(&GcOptions::new().dry_run(true))
     }
 
+    /// Stores `node` without checking its children (see `testing::store_unchecked`).
+    #[cfg(feature = "testing")]
+    pub(crate) fn put_unchecked(&self, node: PagableData) -> DataKey {
+        let key = node.compute_key();
+        self.nodes.entry(key).or_insert_with(|| Arc::new(node));
+        key
+    }
+
     fn roots_map(&self) -> MutexGuard<'_, BTreeMap<String, DataKey>> {
         // Every critical section leaves the map consistent.
         self.roots.lock().unwrap_or_else(|p| p.into_inner())
@@ -80,17 +88,20 @@ impl MemoryNodeStore {
 impl NodeStore for MemoryNodeStore {
     fn put(&self, node: PagableData) -> anyhow::Result<DataKey> {
         let key = node.compute_key();
-        let node = Arc::new(node);
-        loop {
-            self.nodes.entry(key).or_insert_with(|| Arc::clone(&node));
-            // During a collection: kept from now on, or deleted just before (then again).
-            let vouched = self
-                .gc
-                .vouch(std::iter::once(key).chain(node.arcs.iter().copied()));
-            if !vouched || self.nodes.contains_key(&key) {
-                return Ok(key);
-            }
+        let entered = self.gc.enter();
+        self.gc.vouch(
+            &entered,
+            std::iter::once(key).chain(node.arcs.iter().copied()),
+        );
+        if let Some(child) = node
+            .arcs
+            .iter()
+            .find(|child| !self.nodes.contains_key(child))
+        {
+            return Err(Error::MissingChild { key, child: *child }.into());
         }
+        self.nodes.entry(key).or_insert_with(|| Arc::new(node));
+        Ok(key)
     }
 
     fn get(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
@@ -109,6 +120,11 @@ impl NodeStore for MemoryNodeStore {
     }
 
     fn set_root(&self, name: &str, key: DataKey) -> anyhow::Result<()> {
+        let entered = self.gc.enter();
+        self.gc.vouch(&entered, [key]);
+        if !self.nodes.contains_key(&key) {
+            return Err(Error::NotFound(key).into());
+        }
         self.roots_map().insert(name.to_owned(), key);
         Ok(())
     }
@@ -142,7 +158,7 @@ impl NodeStore for MemoryNodeStore {
     }
 
     fn protect(&self, key: &DataKey) {
-        self.gc.vouch([*key]);
+        self.gc.protect(key);
     }
 
     fn scan(

@@ -41,9 +41,10 @@ pub use stats::StoreStats;
 /// 3. **Durability at flush.** When [`flush`](Self::flush) returns `Ok`, every node whose
 ///    `put` returned before it is committed: a new instance on the same location reads them
 ///    (for persistent stores; what survives a crash is the backend's documented setting).
-/// 4. **Children first.** A node is never committed before the nodes its `arcs` name (a
-///    caller stores children first, and the store keeps that order), so after any crash no
-///    committed node points to a missing one.
+/// 4. **Children first.** `put` refuses a node that names a child not stored with
+///    [`Error::MissingChild`](crate::Error::MissingChild), storing nothing, and a node is
+///    never committed before the nodes its `arcs` name (the store keeps the order in which
+///    they were stored), so no node points to a missing one, after a crash either.
 /// 5. **Typed errors.** A key that is not stored is [`Error::NotFound`](crate::Error::NotFound);
 ///    a record that is damaged is [`Error::Corrupt`](crate::Error::Corrupt), never the damaged
 ///    bytes. Both name the key.
@@ -55,7 +56,8 @@ pub use stats::StoreStats;
 ///    removes one and says whether it existed. Like nodes they are read-your-writes (once
 ///    `set_root` or `remove_root` returns, every thread sees the change, before any flush)
 ///    and durable at flush (a persistent store's new instance reads the roots set before a
-///    `flush` that returned). The store does not check that a root's key is stored.
+///    `flush` that returned). `set_root` refuses a key that is not stored with
+///    [`Error::NotFound`](crate::Error::NotFound): a root never names a missing node.
 /// 8. **Roots after nodes.** A root change is committed no earlier than every node whose
 ///    `put` returned before the change was made, so a root that survives a crash names a
 ///    complete graph when its nodes were stored before it: `set_root` right after storing a
@@ -101,7 +103,8 @@ pub trait NodeStore: Send + Sync + 'static {
     ) -> anyhow::Result<()>;
 
     /// Names `key` as the root `name`, replacing the key it named before (contract items 7
-    /// and 8). Garbage collection will keep what roots reach.
+    /// and 8); [`Error::NotFound`](crate::Error::NotFound) if `key` is not stored. Garbage
+    /// collection keeps what roots reach.
     fn set_root(&self, name: &str, key: DataKey) -> anyhow::Result<()>;
 
     /// The key the root `name` names, if there is such a root.

@@ -523,20 +523,24 @@ impl NodeStore for SqliteNodeStore {
         }
         let buffer = &self.inner.buffer;
         buffer.check()?;
-        loop {
-            if !buffer.contains(&key) {
-                buffer.push(key, codec::encode(&node))?;
-            }
-            // During a garbage collection: kept from now on, or deleted (and forgotten) just
-            // before, and then stored again.
-            let vouched = self
-                .inner
-                .gc
-                .vouch(std::iter::once(key).chain(node.arcs.iter().copied()));
-            if !vouched || self.contains(&key)? {
-                return Ok(key);
+        // Under the collection gate's shared lock: no collection deletes anything until the
+        // record is queued, so the children checked here stay stored (and, if a collection
+        // runs, vouched for), and a key remembered as stored is stored.
+        let gate = &self.inner.gc;
+        let entered = gate.enter();
+        gate.vouch(
+            &entered,
+            std::iter::once(key).chain(node.arcs.iter().copied()),
+        );
+        for child in &node.arcs {
+            if !self.contains(child)? {
+                return Err(Error::MissingChild { key, child: *child }.into());
             }
         }
+        if !buffer.contains(&key) {
+            buffer.push(key, codec::encode(&node))?;
+        }
+        Ok(key)
     }
 
     fn get(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
@@ -576,9 +580,17 @@ impl NodeStore for SqliteNodeStore {
     }
 
     /// Queued behind every record stored before it and committed in the same transaction
-    /// as the last of them or later; reads see it at once.
+    /// as the last of them or later; reads see it at once. A key that is not stored is
+    /// refused with [`Error::NotFound`].
     fn set_root(&self, name: &str, key: DataKey) -> anyhow::Result<()> {
         self.check_writable()?;
+        // Under the collection gate, like `put`: the key checked here stays stored.
+        let gate = &self.inner.gc;
+        let entered = gate.enter();
+        gate.vouch(&entered, [key]);
+        if !self.contains(&key)? {
+            return Err(Error::NotFound(key).into());
+        }
         let _roots = self.inner.lock_roots();
         Ok(self.inner.buffer.push_root(name, Some(key))?)
     }
@@ -665,7 +677,7 @@ impl NodeStore for SqliteNodeStore {
     }
 
     fn protect(&self, key: &DataKey) {
-        self.inner.gc.vouch([*key]);
+        self.inner.gc.protect(key);
     }
 
     /// Ends the readers' held transactions and returns their SQLite page caches, asks the
@@ -894,14 +906,16 @@ impl Collectable for Collector<'_> {
         // order, not the key index's) or, without rowids, by key.
         self.end_snapshot()?;
         let by_rowid = self.store.table_layout == TableLayout::Rowid;
+        // Newest first: a parent is then mostly deleted before its children, so a
+        // collection killed midway leaves few garbage parents without their children.
         let sql = if by_rowid {
-            "SELECT rowid, key, length(value) FROM pagable_data WHERE rowid > ?1 \
-             ORDER BY rowid LIMIT ?2"
+            "SELECT rowid, key, length(value) FROM pagable_data WHERE rowid < ?1 \
+             ORDER BY rowid DESC LIMIT ?2"
         } else {
             "SELECT 0, key, length(value) FROM pagable_data WHERE key > ?1 \
              ORDER BY key LIMIT ?2"
         };
-        let mut after_rowid: i64 = i64::MIN;
+        let mut after_rowid: i64 = i64::MAX;
         let mut after_key: Vec<u8> = Vec::new();
         loop {
             let mut chunk: Vec<StoredKey> = Vec::with_capacity(SWEEP_CHUNK as usize);

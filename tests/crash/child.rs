@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::common::{Rng, Workload};
 use super::{CHILD_CAP, CHILD_ENV, MAX_BLOB, mode_named, open};
-use pagestore::{NodeStore as _, PagableStorage};
+use pagestore::{Error, NodeStore as _, PagableStorage};
 
 /// How many root names the child cycles through.
 pub(super) const ROOT_NAMES: u64 = 5;
@@ -20,9 +20,12 @@ const CHILD_TIMEOUT: Duration = Duration::from_secs(60);
 /// The writer that gets killed. Its stdout is the protocol: `OPENING`, `OPENED`, `ACK <n>`.
 pub(super) fn run_as_child(spec: &str) {
     let mut parts = spec.split(' ');
-    let (Some(mode), Some(dir), Some(seed)) = (parts.next(), parts.next(), parts.next()) else {
+    let (Some(mode), Some(dir), Some(seed), Some(gc)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         panic!("bad {CHILD_ENV}={spec:?}");
     };
+    let collects = gc == "gc";
     let durability = mode_named(mode);
     let seed: u64 = seed.parse().expect("child seed");
     println!("OPENING");
@@ -33,17 +36,33 @@ pub(super) fn run_as_child(spec: &str) {
     let mut next_flush = rng.range(1, 8);
     for stored in 1..=CHILD_CAP {
         let node = workload.next_node();
-        let key = storage.store_data(node).expect("child: store_data");
-        // Named right after the node is stored, no flush in between: a root that survives
-        // the kill must name a complete graph (the parent walks it).
-        storage
-            .set_root(&format!("r{}", stored % ROOT_NAMES), key)
-            .expect("child: set_root");
+        let stored_key = match storage.store_data(node) {
+            Ok(key) => Some(key),
+            // A child a collection deleted (no root reached it any more): refused, and the
+            // parent finds the node missing, as a collected one.
+            Err(e) if collects && matches!(e.downcast_ref(), Some(Error::MissingChild { .. })) => {
+                None
+            }
+            Err(e) => panic!("child: store_data: {e:#}"),
+        };
+        if let Some(key) = stored_key {
+            // Named right after the node is stored, no flush in between: a root that
+            // survives the kill must name a complete graph (the parent walks it).
+            storage
+                .set_root(&format!("r{}", stored % ROOT_NAMES), key)
+                .expect("child: set_root");
+        }
         if stored == next_flush {
             storage.flush().expect("child: flush");
             // Stdout to a pipe is line-buffered: the line is written in one write(2).
             println!("ACK {stored}");
             next_flush += rng.range(1, 8);
+            if collects && rng.percent(40) {
+                // Keeps what the last roots reach; a kill may land in the middle.
+                println!("GC");
+                storage.gc().expect("child: gc");
+                println!("GC DONE");
+            }
             if rng.percent(15) {
                 // Close and reopen, so that some kills land in a clean close (Cache mode
                 // syncs and removes its marker there) or in an open of a cleanly closed store.
@@ -83,6 +102,8 @@ pub(super) struct Killed {
     pub(super) acked: u64,
     /// Whether the session the kill interrupted had written (a flush returned in it).
     pub(super) wrote_since_open: bool,
+    /// Whether the child was collecting garbage when it died.
+    pub(super) in_gc: bool,
     /// The child's last lines of output.
     pub(super) transcript: String,
 }
@@ -100,6 +121,7 @@ struct Protocol {
     /// Whether a flush returned in the session that was open when the child died, and no
     /// close of that session had begun.
     wrote_since_open: bool,
+    in_gc: bool,
     /// The last lines the child printed, for failure messages.
     transcript: Vec<String>,
 }
@@ -134,6 +156,8 @@ impl Protocol {
                 self.opened_once = true;
             }
             Some("DONE") => self.done = true,
+            Some("GC") => self.in_gc = true,
+            Some("GC DONE") => self.in_gc = false,
             Some("CLOSING") => self.wrote_since_open = false,
             Some(text) => {
                 if let Some(n) = text.strip_prefix("ACK ") {
@@ -153,12 +177,20 @@ pub(super) fn run_child(
     durability: &str,
     dir: &Path,
     seed: u64,
+    collects: bool,
     plan: KillAt,
     log: &Path,
 ) -> Killed {
     let stderr = std::fs::File::create(log).expect("create child stderr log");
     let mut child: Child = Command::new(std::env::current_exe().expect("current exe"))
-        .env(CHILD_ENV, format!("{durability} {} {seed}", dir.display()))
+        .env(
+            CHILD_ENV,
+            format!(
+                "{durability} {} {seed} {}",
+                dir.display(),
+                if collects { "gc" } else { "nogc" }
+            ),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr)
@@ -174,6 +206,7 @@ pub(super) fn run_child(
         acked: 0,
         acks_seen: 0,
         wrote_since_open: false,
+        in_gc: false,
         transcript: Vec::new(),
     };
     // A child that hangs (a deadlock in open, say) would block the reads below forever: a
@@ -240,6 +273,7 @@ pub(super) fn run_child(
         opened_once: protocol.opened_once,
         acked: protocol.acked,
         wrote_since_open: protocol.wrote_since_open,
+        in_gc: protocol.in_gc,
         transcript: protocol.transcript.concat(),
     }
 }

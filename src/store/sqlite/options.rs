@@ -91,6 +91,7 @@ pub struct SqliteOptions {
     pub(super) table_layout: TableLayout,
     pub(super) read_only: bool,
     memory_budget: usize,
+    gc_grace: std::time::Duration,
     pub(super) max_record_bytes: usize,
 }
 
@@ -124,6 +125,7 @@ impl Default for SqliteOptions {
             table_layout: TableLayout::default(),
             read_only: false,
             memory_budget: usize::MAX,
+            gc_grace: crate::runtime::DEFAULT_GC_GRACE,
             max_record_bytes: SQLITE_MAX_LENGTH,
         }
     }
@@ -297,6 +299,20 @@ impl SqliteOptions {
     /// The budget [`memory_budget`](Self::memory_budget) set.
     pub(crate) fn memory_budget_bytes(&self) -> usize {
         self.memory_budget
+    }
+
+    /// How long garbage collection keeps the root a `page_out` just returned, on the opened
+    /// storage (see [`WithRuntime::gc_grace`](crate::WithRuntime::gc_grace)); only
+    /// [`open`](Self::open) uses it. Default = 60 s.
+    #[must_use]
+    pub fn gc_grace(mut self, grace: std::time::Duration) -> Self {
+        self.gc_grace = grace;
+        self
+    }
+
+    /// The grace [`gc_grace`](Self::gc_grace) set.
+    pub(crate) fn gc_grace_period(&self) -> std::time::Duration {
+        self.gc_grace
     }
 
     /// Opens the store in `dir` as [`open`](Self::open) does, without attaching the runtime:
