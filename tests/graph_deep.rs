@@ -138,7 +138,7 @@ fn a_lenient_deserializer_keeps_every_link() {
 
 /// A record stored by hand: `data` are the postcard bytes, `arcs` the child keys in order.
 fn store(storage: &InMemoryPagableStorage, data: Vec<u8>, arcs: Vec<DataKey>) -> DataKey {
-    store_unchecked(&storage, pagestore::PagableData { data, arcs }).unwrap()
+    store_unchecked(storage, pagestore::PagableData { data, arcs }).unwrap()
 }
 
 /// A key nothing is stored under.

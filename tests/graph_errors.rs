@@ -58,7 +58,7 @@ fn storage() -> Arc<InMemoryPagableStorage> {
 fn holder_with_missing_child(storage: &InMemoryPagableStorage) -> (DataKey, DataKey) {
     let missing: DataKey = "0123456789abcdef0123456789abcdef".parse().unwrap();
     let root = store_unchecked(
-        &storage,
+        storage,
         PagableData {
             data: postcard::to_allocvec("name").unwrap(),
             arcs: vec![missing],
