@@ -43,27 +43,19 @@ fn proc_status_bytes(field: &str) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-/// Node `i` of graph `graph`: 64 pseudo-random bytes and up to two earlier nodes as children.
+/// Node `i` of graph `graph`: 64 bytes of data and up to two earlier nodes as children.
 fn node(graph: u64, i: u64, earlier: &[pagestore::DataKey]) -> PagableData {
-    let mut state = (graph << 40 | i).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let data = (0..64)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
     let mut arcs = Vec::new();
     if let Some(last) = earlier.last() {
         // The previous node keeps the whole graph reachable from its last node; a second,
         // random earlier child makes it a DAG rather than a list.
         arcs.push(*last);
         if i % 2 == 0 {
-            arcs.push(earlier[(state as usize) % earlier.len()]);
+            let pick = (graph << 40 | i).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11;
+            arcs.push(earlier[pick as usize % earlier.len()]);
         }
     }
-    PagableData { data, arcs }
+    pagestore::testing::node(graph << 40 | i, 64, arcs)
 }
 
 fn build(dir: &std::path::Path, nodes: u64) {

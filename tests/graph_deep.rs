@@ -1,5 +1,6 @@
 //! Graph layer: deep graphs page out, in and drop without overflowing the stack.
 
+use pagestore::testing::store_unchecked;
 use std::cell::Cell;
 use std::sync::Arc;
 
@@ -350,16 +351,4 @@ fn a_wide_node_deep_down_deserializes_each_node_once() {
         assert!(kids.iter().enumerate().all(|(i, leaf)| leaf.0 == i as u32));
         drop_deep(back).unwrap();
     }
-}
-
-/// Stores a node as is, dangling children included (`put` refuses those): these tests build
-/// damaged graphs on purpose.
-fn store_unchecked(
-    storage: &pagestore::InMemoryPagableStorage,
-    node: pagestore::PagableData,
-) -> anyhow::Result<pagestore::DataKey> {
-    Ok(pagestore::testing::store_unchecked(
-        storage.node_store(),
-        node,
-    ))
 }

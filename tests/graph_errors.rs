@@ -1,5 +1,6 @@
 //! Graph layer: every failure is a typed error that keeps its meaning and names the key.
 
+use pagestore::testing::store_unchecked;
 use std::sync::Arc;
 
 /// The start of the message a shared value reports outside a page-out or page-in call.
@@ -736,16 +737,4 @@ fn a_nested_page_in_shares_the_thread_s_path() {
         drop(back);
         storage.release_memory();
     }
-}
-
-/// Stores a node as is, dangling children included (`put` refuses those): these tests build
-/// damaged graphs on purpose.
-fn store_unchecked(
-    storage: &pagestore::InMemoryPagableStorage,
-    node: pagestore::PagableData,
-) -> anyhow::Result<pagestore::DataKey> {
-    Ok(pagestore::testing::store_unchecked(
-        storage.node_store(),
-        node,
-    ))
 }
