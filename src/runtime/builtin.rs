@@ -88,8 +88,10 @@ impl SqliteOptions {
     pub fn open(self, dir: impl AsRef<Path>) -> anyhow::Result<SqliteBackedPagableStorage> {
         let (budget, grace) = (self.memory_budget_bytes(), self.gc_grace_period());
         let store = self.open_node_store(dir)?;
-        Ok(WithRuntime::attach(store)
-            .memory_budget(budget)
-            .gc_grace(grace))
+        let storage = WithRuntime::attach(store).memory_budget(budget);
+        Ok(match grace {
+            Some(grace) => storage.gc_grace(grace),
+            None => storage,
+        })
     }
 }

@@ -91,7 +91,8 @@ pub struct SqliteOptions {
     pub(super) table_layout: TableLayout,
     pub(super) read_only: bool,
     memory_budget: usize,
-    gc_grace: std::time::Duration,
+    /// `None`: the runtime's default.
+    gc_grace: Option<std::time::Duration>,
     pub(super) max_record_bytes: usize,
 }
 
@@ -125,7 +126,7 @@ impl Default for SqliteOptions {
             table_layout: TableLayout::default(),
             read_only: false,
             memory_budget: usize::MAX,
-            gc_grace: crate::runtime::DEFAULT_GC_GRACE,
+            gc_grace: None,
             max_record_bytes: SQLITE_MAX_LENGTH,
         }
     }
@@ -303,15 +304,16 @@ impl SqliteOptions {
 
     /// How long garbage collection keeps the root a `page_out` just returned, on the opened
     /// storage (see [`WithRuntime::gc_grace`](crate::WithRuntime::gc_grace)); only
-    /// [`open`](Self::open) uses it. Default = 60 s.
+    /// [`open`](Self::open) uses it. Default = [`DEFAULT_GC_GRACE`](crate::DEFAULT_GC_GRACE)
+    /// (60 s).
     #[must_use]
     pub fn gc_grace(mut self, grace: std::time::Duration) -> Self {
-        self.gc_grace = grace;
+        self.gc_grace = Some(grace);
         self
     }
 
-    /// The grace [`gc_grace`](Self::gc_grace) set.
-    pub(crate) fn gc_grace_period(&self) -> std::time::Duration {
+    /// The grace [`gc_grace`](Self::gc_grace) set, if one was.
+    pub(crate) fn gc_grace_period(&self) -> Option<std::time::Duration> {
         self.gc_grace
     }
 
