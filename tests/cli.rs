@@ -649,7 +649,11 @@ fn gc_exits_1_when_a_root_names_a_key_not_stored() {
 
 /// Stores `count` records of 4 KiB that no root names, and closes the store.
 fn store_unrooted(dir: &Path, count: u32, salt: u8) {
-    let store = SqliteOptions::default().open_node_store(dir).unwrap();
+    // Cache mode: every record is in the database file once the store is closed.
+    let store = SqliteOptions::default()
+        .durability(pagestore::Durability::Cache)
+        .open_node_store(dir)
+        .unwrap();
     for i in 0..count {
         let mut data = vec![salt; 4096];
         data[..4].copy_from_slice(&i.to_le_bytes());
@@ -663,6 +667,7 @@ fn compact_shrinks_the_file_after_gc() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("pagable.db");
     let store = SqliteOptions::default()
+        .durability(pagestore::Durability::Cache)
         .open_node_store(dir.path())
         .unwrap();
     let kept = store.put(node(b"kept", vec![])).unwrap();

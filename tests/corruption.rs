@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use common::{Rng, count_from_env, seed_from_env};
-use pagestore::{DataKey, Error, PagableData, PagableStorage, SqliteOptions};
+use pagestore::{DataKey, Durability, Error, PagableData, PagableStorage, SqliteOptions};
 
 const BLOBS: usize = 2_000;
 const MAX_BLOB: usize = 1 << 20;
@@ -39,7 +39,10 @@ struct Template {
 fn build_template(seed: u64) -> Template {
     let dir = tempfile::tempdir().expect("template dir");
     eprintln!("corruption: building the template ({BLOBS} blobs)");
+    // Cache mode: a closed store is then the database file alone (and the lock file), the
+    // file every trial damages.
     let storage = SqliteOptions::default()
+        .durability(Durability::Cache)
         .open(dir.path())
         .expect("create template");
     let mut rng = Rng::new(seed);

@@ -263,6 +263,13 @@ fn reopen_after_flush_sees_everything_in_every_mode_and_across_modes() {
     }
 }
 
+/// A store in `Cache` mode (the marker file and the repair at open are that mode's).
+fn cache_mode(dir: &Path) -> anyhow::Result<SqliteBackedPagableStorage> {
+    SqliteOptions::default()
+        .durability(Durability::Cache)
+        .open(dir)
+}
+
 /// Copies the store's directory while it is open: what a crash leaves behind in Cache mode
 /// (the marker still there).
 fn crash_copy(storage: &SqliteBackedPagableStorage, to: &Path) {
@@ -274,7 +281,7 @@ fn crash_copy(storage: &SqliteBackedPagableStorage, to: &Path) {
 #[test]
 fn an_unclean_shutdown_in_cache_mode_is_detected_and_repaired() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    let storage = cache_mode(dir.path()).unwrap();
     let model = store_dag(&storage, 12, 500);
     let crashed = tempfile::tempdir().unwrap();
     crash_copy(&storage, crashed.path());
@@ -316,7 +323,7 @@ fn an_unclean_shutdown_in_cache_mode_is_detected_and_repaired() {
     }
     drop(conn);
 
-    let storage = SqliteBackedPagableStorage::try_new(crashed.path()).unwrap();
+    let storage = cache_mode(crashed.path()).unwrap();
     match storage.open_report() {
         OpenReport::Repaired {
             removed_dangling, ..
@@ -328,14 +335,14 @@ fn an_unclean_shutdown_in_cache_mode_is_detected_and_repaired() {
     // The repair drops the roots whose node it deleted (or found missing).
     assert_eq!(storage.roots().unwrap(), vec![("leaf".to_string(), leaf)]);
     drop(storage);
-    let storage = SqliteBackedPagableStorage::try_new(crashed.path()).unwrap();
+    let storage = cache_mode(crashed.path()).unwrap();
     assert!(storage.open_report().is_clean());
 }
 
 #[test]
 fn an_unclean_shutdown_with_repair_off_starts_empty() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    let storage = cache_mode(dir.path()).unwrap();
     let model = store_dag(&storage, 13, 50);
     let crashed = tempfile::tempdir().unwrap();
     crash_copy(&storage, crashed.path());
@@ -353,7 +360,7 @@ fn an_unclean_shutdown_with_repair_off_starts_empty() {
 #[test]
 fn a_broken_file_after_an_unclean_shutdown_is_reset_not_served() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
+    let storage = cache_mode(dir.path()).unwrap();
     store_dag(&storage, 14, 2000);
     let crashed = tempfile::tempdir().unwrap();
     crash_copy(&storage, crashed.path());
@@ -364,7 +371,7 @@ fn a_broken_file_after_an_unclean_shutdown_is_reset_not_served() {
     bytes[len / 2..len / 2 + 20000.min(len / 4)].fill(0xA5);
     bytes[100..200].fill(0x5A);
     std::fs::write(&db, bytes).unwrap();
-    let storage = SqliteBackedPagableStorage::try_new(crashed.path()).unwrap();
+    let storage = cache_mode(crashed.path()).unwrap();
     assert!(
         matches!(
             storage.open_report(),

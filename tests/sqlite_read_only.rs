@@ -218,7 +218,10 @@ fn a_missing_store_is_not_created() {
 fn an_unclean_marker_is_reported_not_repaired() {
     let dir = tempfile::tempdir().unwrap();
     let key = {
-        let store = SqliteOptions::default().open(dir.path()).unwrap();
+        let store = SqliteOptions::default()
+            .durability(Durability::Cache)
+            .open(dir.path())
+            .unwrap();
         store.store_data(node(1, vec![])).unwrap()
     };
     // What a crash leaves: the marker.

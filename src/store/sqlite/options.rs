@@ -18,7 +18,10 @@ pub enum Durability {
     /// `pagable.db.open` exists from open until a clean close), and a possibly damaged
     /// database is never served: it is checked and repaired, or started empty
     /// (see [`SqliteOptions::repair_unclean`] and [`OpenReport`](super::OpenReport)).
-    #[default]
+    ///
+    /// For pure caches, whose content can be rebuilt: measured, a process that stores and
+    /// flushes in a loop, SIGKILLed, keeps on average about half of what `flush` had
+    /// acknowledged, and now and then nothing.
     Cache,
     /// Every node whose [`flush`](crate::PagableStorage::flush) returned survives a crash of
     /// the process (`journal_mode=WAL`, `synchronous=NORMAL`: a commit is in the WAL file
@@ -27,6 +30,10 @@ pub enum Durability {
     /// WAL before every checkpoint, which keeps a WAL database consistent (commits are not
     /// synced one by one; [`Sync`](Self::Sync) does that). Children are always committed
     /// before (or with) their parents, so no committed node ever points to a missing one.
+    ///
+    /// The default: a storage library should not lose what `flush` acknowledged when the
+    /// process dies. It costs little over [`Cache`](Self::Cache) (see `docs/bench-sqlite.md`).
+    #[default]
     Durable,
     /// Every node whose [`flush`](crate::PagableStorage::flush) returned survives power loss
     /// (`journal_mode=WAL`, `synchronous=FULL`: each commit is fsynced). Same ordering
@@ -133,7 +140,7 @@ impl Default for SqliteOptions {
 }
 
 impl SqliteOptions {
-    /// What survives a crash. Default = [`Durability::Cache`].
+    /// What survives a crash. Default = [`Durability::Durable`].
     #[must_use]
     pub fn durability(mut self, durability: Durability) -> Self {
         self.durability = durability;

@@ -10,12 +10,13 @@
 //!   commits sealed batches in order, one transaction each, so a parent is never committed
 //!   before its children. While one batch commits the next one fills: hashing and inserting
 //!   overlap. When the whole budget is in flight, callers wait (back-pressure).
-//! - The pending map holds records *weakly*; the batch owns them. Once a batch is committed
-//!   it is dropped, which frees its records, and its keys stay in the map as dead entries:
-//!   the map is then also the set of committed keys that makes storing them again cost only a
-//!   hash and a lookup. Nothing is done per key after a commit. The map is bounded
-//!   (`dedup_keys`): when it is full, the dead entries are dropped and repeats of them fall
-//!   back to the writer's `INSERT OR IGNORE`.
+//! - Once a batch is committed, the writer moves its keys from the pending map to the set of
+//!   committed keys (16 bytes a key, no record), which makes storing them again cost only a
+//!   hash and a lookup, and drops the batch, which frees its records. The set is bounded
+//!   (`dedup_keys`): when it is full it is emptied, and repeats of what it held fall back to
+//!   the writer's `INSERT OR IGNORE`. (The pending map used to hold records weakly and keep
+//!   committed keys as dead entries: each kept its record's `Arc` allocation alive, about
+//!   100 bytes a key in all.)
 //! - A failed commit latches a sticky error: every later `store_data` and `flush` returns
 //!   [`Error::Poisoned`] until the store is reopened. So does a panic on the writer thread
 //!   (see [`run`]): no caller is left waiting for a writer that is gone.
@@ -25,7 +26,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -40,8 +41,8 @@ use crate::key::{DataKey, KeyHasherBuilder};
 /// An encoded record, owned by the batch that will commit it.
 pub(super) type Record = Arc<Vec<u8>>;
 
-/// A key as the map stores it: 8-byte aligned, so an entry with its `Weak` is 24 bytes
-/// (a `DataKey` is 16-byte aligned, which would pad the entry to 32).
+/// A key as the maps store it: 8-byte aligned, so a set entry is 16 bytes and a pending entry
+/// with its `Arc` 24 (a `DataKey` is 16-byte aligned, which would pad them to 32).
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct PackedKey([u64; 2]);
 
@@ -147,9 +148,14 @@ pub(super) enum Maintenance {
 
 /// What callers and the writer thread share.
 pub(super) struct WriteBuffer {
-    /// Every key pushed this session (up to `known_cap`): alive = pending, dead = committed.
-    known: DashMap<PackedKey, Weak<Vec<u8>>, KeyHasherBuilder>,
-    known_cap: usize,
+    /// The records stored and not yet committed, by key (the batches own them too). A
+    /// record leaves it after its batch commits, once its key is in `committed`.
+    pending: DashMap<PackedKey, Record, KeyHasherBuilder>,
+    /// Keys committed this session (up to `committed_cap`): 16 bytes each, so that storing
+    /// them again costs a hash and a lookup. Exact: a key is here only while it is stored
+    /// (a garbage collection's deletions take theirs out).
+    committed_keys: DashMap<PackedKey, (), KeyHasherBuilder>,
+    committed_cap: usize,
     /// Records not yet committed; reads skip the map lookup when it is zero. Changed only under
     /// the `state` lock, so under it this is also the number of rows in flight.
     pending_len: AtomicUsize,
@@ -166,10 +172,11 @@ pub(super) struct WriteBuffer {
 }
 
 impl WriteBuffer {
-    pub(super) fn new(max_rows: usize, max_bytes: usize, known_cap: usize) -> Self {
+    pub(super) fn new(max_rows: usize, max_bytes: usize, committed_cap: usize) -> Self {
         Self {
-            known: DashMap::default(),
-            known_cap,
+            pending: DashMap::default(),
+            committed_keys: DashMap::default(),
+            committed_cap,
             pending_len: AtomicUsize::new(0),
             failed: Mutex::new(Vec::new()),
             poisoned: AtomicBool::new(false),
@@ -197,14 +204,17 @@ impl WriteBuffer {
         if self.pending_len.load(Ordering::Acquire) == 0 {
             return None;
         }
-        self.known
+        self.pending
             .get(&PackedKey::new(key))
-            .and_then(|r| r.upgrade())
+            .map(|record| Arc::clone(&record))
     }
 
-    /// Whether `key` is known to be stored: committed (and remembered) or pending.
+    /// Whether `key` is known to be stored: pending, or committed (and remembered).
     pub(super) fn contains(&self, key: &DataKey) -> bool {
-        self.known.contains_key(&PackedKey::new(key))
+        let key = PackedKey::new(key);
+        // Committed first: a record's key goes there before it leaves `pending`.
+        self.committed_keys.contains_key(&key)
+            || (self.pending_len.load(Ordering::Acquire) > 0 && self.pending.contains_key(&key))
     }
 
     /// Fails with the sticky error if a commit failed.
@@ -245,20 +255,16 @@ impl WriteBuffer {
         // (`contains`) skips its own store and reads at once, and `pending` trusts a zero
         // count to skip the map. Counting first makes that read find the record.
         self.pending_len.fetch_add(1, Ordering::AcqRel);
-        match self.known.entry(PackedKey::new(&key)) {
-            dashmap::Entry::Occupied(mut slot) => {
-                if slot.get().strong_count() > 0 {
-                    // Pending: stored by another thread meanwhile.
-                    self.pending_len.fetch_sub(1, Ordering::AcqRel);
-                    return Ok(());
-                }
-                // Dead: only a successful commit drops a batch's records, so another thread's
-                // copy was committed between our caller's `contains` and now. Queuing it again
-                // is redundant but harmless (INSERT OR IGNORE keeps one row).
-                slot.insert(Arc::downgrade(&record));
+        match self.pending.entry(PackedKey::new(&key)) {
+            dashmap::Entry::Occupied(_) => {
+                // Pending: stored by another thread meanwhile.
+                self.pending_len.fetch_sub(1, Ordering::AcqRel);
+                return Ok(());
             }
+            // If another thread's copy was committed between our caller's `contains` and
+            // now, queuing it again is redundant but harmless (INSERT OR IGNORE keeps one).
             dashmap::Entry::Vacant(slot) => {
-                slot.insert(Arc::downgrade(&record));
+                slot.insert(Arc::clone(&record));
             }
         }
         state.filling.push((key, record));
@@ -348,8 +354,9 @@ impl WriteBuffer {
 
     /// Asks the writer to return its connection's cache memory, and forgets remembered keys.
     pub(super) fn release_memory(&self) {
-        self.forget_committed();
-        self.known.shrink_to_fit();
+        self.committed_keys.clear();
+        self.committed_keys.shrink_to_fit();
+        self.pending.shrink_to_fit();
         self.lock().release_memory = true;
         self.work.notify_all();
     }
@@ -406,10 +413,8 @@ impl WriteBuffer {
         if self.pending_len.load(Ordering::Acquire) == 0 {
             return;
         }
-        for entry in self.known.iter() {
-            if entry.value().strong_count() > 0 {
-                keep(entry.key().key());
-            }
+        for entry in self.pending.iter() {
+            keep(entry.key().key());
         }
     }
 
@@ -417,14 +422,26 @@ impl WriteBuffer {
     /// them again stores it.
     fn forget_deleted(&self, keys: &[DataKey]) {
         for key in keys {
-            self.known
-                .remove_if(&PackedKey::new(key), |_, record| record.strong_count() == 0);
+            self.committed_keys.remove(&PackedKey::new(key));
         }
     }
 
-    /// Drops the dead (committed) entries of the key map.
-    fn forget_committed(&self) {
-        self.known.retain(|_, record| record.strong_count() > 0);
+    /// Moves a committed batch's keys from `pending` to `committed` (up to the cap; past
+    /// it, the remembered keys are dropped and repeats fall back to the writer's
+    /// `INSERT OR IGNORE`).
+    fn settle_committed(&self, batch: &Batch) {
+        if self.committed_keys.len() + batch.entries.len() > self.committed_cap {
+            self.committed_keys.clear();
+        }
+        for (key, record) in &batch.entries {
+            let key = PackedKey::new(key);
+            if batch.entries.len() <= self.committed_cap {
+                self.committed_keys.insert(key, ());
+            }
+            // Only this batch's own copy: a later push of the key would have found it here.
+            self.pending
+                .remove_if(&key, |_, pending| Arc::ptr_eq(pending, record));
+        }
     }
 
     fn after_commit(&self, batch: Batch, result: Result<(), Error>) {
@@ -452,14 +469,18 @@ impl WriteBuffer {
         };
         drop(state);
         self.committed.notify_all();
+        if failure.is_none() {
+            // After the lock: a store waiting for room need not wait for this. Meanwhile a
+            // reader may miss the key in both places and read the committed row, or store
+            // it again (a redundant `INSERT OR IGNORE`), never read it as missing.
+            self.settle_committed(&batch);
+        }
         if self.poisoned.load(Ordering::Acquire) {
+            // Its records stay in `pending`, readable until reopen.
             self.keep_readable(batch);
         } else {
-            // Frees the records; their keys stay in the map as committed.
+            // Frees the records.
             drop(batch);
-            if self.known.len() > self.known_cap {
-                self.forget_committed();
-            }
         }
         // Logged last: a logger that panics finds everything already settled.
         if let Some(err) = failure {
