@@ -442,16 +442,29 @@ impl WriteBuffer {
             self.pending
                 .remove_if(&key, |_, pending| Arc::ptr_eq(pending, record));
         }
+        // A burst leaves the map's table at its peak size: give it back once it is empty
+        // (the next burst grows it again, a few times per batch at most).
+        if self.pending.is_empty() {
+            self.pending.shrink_to_fit();
+        }
     }
 
-    fn after_commit(&self, batch: Batch, result: Result<(), Error>) {
+    fn after_commit(&self, mut batch: Batch, result: Result<(), Error>) {
+        let rows = batch.entries.len();
+        if result.is_ok() {
+            // Before the batch counts as committed (so a `flush` that returns has settled
+            // it and freed its records), outside the state lock (stores do not wait for
+            // it). Meanwhile a reader finds each key in one of the two places:
+            // `committed_keys` first.
+            self.settle_committed(&batch);
+            drop(std::mem::take(&mut batch.entries));
+        }
         let mut state = self.lock();
         let failure = match result {
             Ok(()) => {
                 state.committed_seq = batch.seq;
                 state.in_flight_bytes -= batch.bytes;
-                self.pending_len
-                    .fetch_sub(batch.entries.len(), Ordering::Release);
+                self.pending_len.fetch_sub(rows, Ordering::Release);
                 // Committed root changes are read from the database from now on, unless a
                 // later change of the same name is pending.
                 for change in &batch.roots {
@@ -469,18 +482,9 @@ impl WriteBuffer {
         };
         drop(state);
         self.committed.notify_all();
-        if failure.is_none() {
-            // After the lock: a store waiting for room need not wait for this. Meanwhile a
-            // reader may miss the key in both places and read the committed row, or store
-            // it again (a redundant `INSERT OR IGNORE`), never read it as missing.
-            self.settle_committed(&batch);
-        }
         if self.poisoned.load(Ordering::Acquire) {
             // Its records stay in `pending`, readable until reopen.
             self.keep_readable(batch);
-        } else {
-            // Frees the records.
-            drop(batch);
         }
         // Logged last: a logger that panics finds everything already settled.
         if let Some(err) = failure {
