@@ -57,6 +57,22 @@ pub trait PagableStorage: Send + Sync + 'static {
     /// without blocking the async runtime's worker thread on I/O.
     async fn fetch_data(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>>;
 
+    /// The nodes stored under `keys`, in their order: [`fetch_data`](Self::fetch_data) of
+    /// each, read in one batch where the backend can. The first key that fails fails the
+    /// call, with the error `fetch_data` gives for it (naming that key).
+    ///
+    /// [`page_in_async`](crate::page_in_async) reads a graph through it, a level of keys at
+    /// a time. The default calls `fetch_data` for each key in turn;
+    /// [`WithRuntime`](crate::WithRuntime) forwards to
+    /// [`NodeStore::get_many_async`](crate::NodeStore::get_many_async).
+    async fn fetch_data_many(&self, keys: &[DataKey]) -> anyhow::Result<Vec<Arc<PagableData>>> {
+        let mut nodes = Vec::with_capacity(keys.len());
+        for key in keys {
+            nodes.push(self.fetch_data(key).await?);
+        }
+        Ok(nodes)
+    }
+
     /// The live `Arc` cached for `(type_id, key)` if there is one (`Left`), otherwise the node
     /// stored under `key` (`Right`), for the caller to deserialize and then hand to
     /// [`on_arc_deserialized`](Self::on_arc_deserialized).
