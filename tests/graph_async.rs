@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use pagestore::{Shared, SqliteBackedPagableStorage, page_in, page_in_async, page_out};
+use pagestore::{
+    PagableStorage, Shared, SqliteBackedPagableStorage, page_in, page_in_async, page_out,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
