@@ -1,28 +1,38 @@
 //! Reads in flight, shared: while one batched fetch reads a key, a concurrent fetch of the
 //! same key (another `page_in_async` over an overlapping graph) waits for that read instead
-//! of reading it again.
+//! of reading it again; and while the node it read is still held (by the records a
+//! `page_in_async` prefetched, say), a later fetch of the key takes it without reading.
 //!
-//! A fetch claims the keys nobody is reading, reads them, and publishes each node to the
-//! waiters. It publishes its own claims before it waits for anyone else's, so no two fetches
-//! wait for each other. A claim whose read failed, or whose fetch was dropped before the read
-//! ended, is published as "read it yourself": the waiter then reads the key on its own and
-//! gets the store's own error for it.
+//! A fetch claims the keys nobody is reading, reads them, and publishes each node (weakly:
+//! the map never keeps a node alive) to the waiters. It publishes its own claims before it
+//! waits for anyone else's, so no two fetches wait for each other. A claim whose read failed,
+//! or whose fetch was dropped before the read ended, is published as "read it yourself": the
+//! waiter then reads the key on its own and gets the store's own error for it. So is a node
+//! dropped before a waiter took it.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
 
 use crate::data::PagableData;
 use crate::key::{DataKey, KeyHasherBuilder};
 
-/// The keys being read now, each with the slot its reader publishes to.
+/// The keys being read now, or read lately, each with the slot its reader publishes to.
 #[derive(Default)]
 pub(super) struct InFlight {
     reads: DashMap<DataKey, Arc<Slot>, KeyHasherBuilder>,
+    /// The map's length after its last pruning of dropped nodes.
+    pruned_at: AtomicUsize,
 }
+
+/// The map is pruned of dropped nodes when it has grown by this many entries, and by as many
+/// as it kept, since the last pruning: amortized, a few map operations per fetched key.
+const PRUNE_SLACK: usize = 4096;
 
 /// One key's read: its outcome once published, and the tasks waiting for it.
 #[derive(Default)]
@@ -32,8 +42,9 @@ pub(super) struct Slot {
 
 #[derive(Default)]
 struct SlotState {
-    /// `Some(Some(node))` once read, `Some(None)` if the reader failed or gave up.
-    outcome: Option<Option<Arc<PagableData>>>,
+    /// `Some(Some(node))` once read (the node held weakly), `Some(None)` if the reader
+    /// failed or gave up.
+    outcome: Option<Option<Weak<PagableData>>>,
     wakers: Vec<Waker>,
 }
 
@@ -42,7 +53,7 @@ impl Slot {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn publish(&self, outcome: Option<Arc<PagableData>>) {
+    fn publish(&self, outcome: Option<Weak<PagableData>>) {
         let wakers = {
             let mut state = self.lock();
             if state.outcome.is_some() {
@@ -60,6 +71,14 @@ impl Slot {
     pub(super) fn wait(self: Arc<Self>) -> impl Future<Output = Option<Arc<PagableData>>> {
         Wait(self)
     }
+
+    /// `Some(node)` if the read is done and its node still alive, `Some(None)` if it is done
+    /// and nothing can be taken from it, `None` while it runs.
+    fn done(&self) -> Option<Option<Arc<PagableData>>> {
+        let state = self.lock();
+        let outcome = state.outcome.as_ref()?;
+        Some(outcome.as_ref().and_then(Weak::upgrade))
+    }
 }
 
 struct Wait(Arc<Slot>);
@@ -70,7 +89,7 @@ impl Future for Wait {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.0.lock();
         if let Some(outcome) = &state.outcome {
-            return Poll::Ready(outcome.clone());
+            return Poll::Ready(outcome.as_ref().and_then(Weak::upgrade));
         }
         if !state.wakers.iter().any(|w| w.will_wake(cx.waker())) {
             state.wakers.push(cx.waker().clone());
@@ -87,24 +106,41 @@ pub(super) struct Claims<'a> {
 }
 
 impl InFlight {
-    /// Claims every key of `keys` nobody is reading; returns the claims and, for the others,
-    /// their index in `keys` and the slot to wait on.
+    /// Claims every key of `keys` nobody is reading and no live node holds; returns the
+    /// claims, the indexes (in `keys`) of the claimed keys, the nodes found alive, and for
+    /// the keys being read, the slots to wait on.
+    #[allow(clippy::type_complexity)]
     pub(super) fn claim<'a>(
         &'a self,
         keys: &[DataKey],
-    ) -> (Claims<'a>, Vec<usize>, Vec<(usize, Arc<Slot>)>) {
+    ) -> (
+        Claims<'a>,
+        Vec<usize>,
+        Vec<(usize, Arc<PagableData>)>,
+        Vec<(usize, Arc<Slot>)>,
+    ) {
+        self.prune_if_grown();
         let mut claimed = Vec::with_capacity(keys.len());
         let mut mine = Vec::with_capacity(keys.len());
+        let mut alive = Vec::new();
         let mut theirs = Vec::new();
         for (i, key) in keys.iter().enumerate() {
+            let claim = |claimed: &mut Vec<(DataKey, Arc<Slot>)>| {
+                let slot = Arc::new(Slot::default());
+                claimed.push((*key, Arc::clone(&slot)));
+                slot
+            };
             match self.reads.entry(*key) {
-                dashmap::mapref::entry::Entry::Occupied(read) => {
-                    theirs.push((i, Arc::clone(read.get())))
-                }
-                dashmap::mapref::entry::Entry::Vacant(vacant) => {
-                    let slot = Arc::new(Slot::default());
-                    vacant.insert(Arc::clone(&slot));
-                    claimed.push((*key, slot));
+                Entry::Occupied(mut read) => match read.get().done() {
+                    None => theirs.push((i, Arc::clone(read.get()))),
+                    Some(Some(node)) => alive.push((i, node)),
+                    Some(None) => {
+                        read.insert(claim(&mut claimed));
+                        mine.push(i);
+                    }
+                },
+                Entry::Vacant(vacant) => {
+                    vacant.insert(claim(&mut claimed));
                     mine.push(i);
                 }
             }
@@ -113,7 +149,23 @@ impl InFlight {
             in_flight: self,
             claimed,
         };
-        (claims, mine, theirs)
+        (claims, mine, alive, theirs)
+    }
+
+    /// Drops the entries whose node is gone, if the map grew enough since the last time.
+    fn prune_if_grown(&self) {
+        let last = self.pruned_at.load(Ordering::Relaxed);
+        if self.reads.len() <= 2 * last + PRUNE_SLACK {
+            return;
+        }
+        self.prune();
+    }
+
+    /// Drops the entries whose node is gone (or whose read failed).
+    pub(super) fn prune(&self) {
+        self.reads
+            .retain(|_, slot| !matches!(slot.done(), Some(None)));
+        self.pruned_at.store(self.reads.len(), Ordering::Relaxed);
     }
 }
 
@@ -121,18 +173,21 @@ impl Claims<'_> {
     /// Publishes the nodes read for the claimed keys, in the order they were claimed.
     pub(super) fn publish(&self, nodes: &[Arc<PagableData>]) {
         for ((_, slot), node) in self.claimed.iter().zip(nodes) {
-            slot.publish(Some(Arc::clone(node)));
+            slot.publish(Some(Arc::downgrade(node)));
         }
     }
 }
 
 impl Drop for Claims<'_> {
+    /// Releases the claims not published: their waiters read for themselves.
     fn drop(&mut self) {
         for (key, slot) in self.claimed.drain(..) {
-            self.in_flight
-                .reads
-                .remove_if(&key, |_, current| Arc::ptr_eq(current, &slot));
-            slot.publish(None);
+            if slot.done().is_none() {
+                self.in_flight
+                    .reads
+                    .remove_if(&key, |_, current| Arc::ptr_eq(current, &slot));
+                slot.publish(None);
+            }
         }
     }
 }

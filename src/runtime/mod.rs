@@ -392,11 +392,16 @@ impl<S: NodeStore> PagableStorage for Runtime<S> {
         self.store.get_async(key).await
     }
 
-    /// Shares reads in flight: the keys another call is reading now are not read again but
-    /// waited for (and read here only if that read fails or is dropped).
+    /// Shares reads: the keys another call is reading now are not read again but waited for
+    /// (and read here only if that read fails or is dropped), and a node another call read
+    /// and that is still alive (held by a `page_in_async`'s prefetched records, say) is taken
+    /// as is.
     async fn fetch_data_many(&self, keys: &[DataKey]) -> anyhow::Result<Vec<Arc<PagableData>>> {
-        let (claims, mine, theirs) = self.in_flight.claim(keys);
+        let (claims, mine, alive, theirs) = self.in_flight.claim(keys);
         let mut found: Vec<Option<Arc<PagableData>>> = vec![None; keys.len()];
+        for (i, node) in alive {
+            found[i] = Some(node);
+        }
         if !mine.is_empty() {
             let wanted: Vec<DataKey> = mine.iter().map(|&i| keys[i]).collect();
             // On an error, dropping the claims tells the waiters to read for themselves.
@@ -525,6 +530,7 @@ impl<S: NodeStore> PagableStorage for Runtime<S> {
         self.arc_cache.prune();
         self.memo.prune();
         self.pager.prune();
+        self.in_flight.prune();
         self.store.release_memory();
     }
 }

@@ -64,7 +64,10 @@ pub trait PagableStorage: Send + Sync + 'static {
     /// [`page_in_async`](crate::page_in_async) reads a graph through it, a level of keys at
     /// a time. The default calls `fetch_data` for each key in turn;
     /// [`WithRuntime`](crate::WithRuntime) forwards to
-    /// [`NodeStore::get_many_async`](crate::NodeStore::get_many_async).
+    /// [`NodeStore::get_many_async`](crate::NodeStore::get_many_async), and shares reads
+    /// between concurrent calls: a key another call is reading is waited for, and a node
+    /// read earlier that something still holds is returned as is, unread (its content is
+    /// its key's, so only a record damaged since goes unnoticed until it is read again).
     async fn fetch_data_many(&self, keys: &[DataKey]) -> anyhow::Result<Vec<Arc<PagableData>>> {
         let mut nodes = Vec::with_capacity(keys.len());
         for key in keys {
