@@ -169,7 +169,7 @@ fn one_async(storage: &Arc<SqliteBackedPagableStorage>, key: DataKey) -> (f64, u
             vec![task.await.unwrap()]
         })
     });
-    rt.shutdown_background();
+    rt.shutdown_timeout(Duration::from_secs(10));
     out
 }
 
@@ -191,7 +191,7 @@ fn many_sync(storage: &Arc<SqliteBackedPagableStorage>, keys: &[DataKey]) -> (f6
             results
         })
     });
-    rt.shutdown_background();
+    rt.shutdown_timeout(Duration::from_secs(10));
     out
 }
 
@@ -215,7 +215,7 @@ fn many_async(storage: &Arc<SqliteBackedPagableStorage>, keys: &[DataKey]) -> (f
             results
         })
     });
-    rt.shutdown_background();
+    rt.shutdown_timeout(Duration::from_secs(10));
     out
 }
 
