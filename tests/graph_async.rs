@@ -158,3 +158,50 @@ async fn page_in_async_matches_page_in_on_a_fresh_store() {
         storage.release_memory();
     }
 }
+
+/// The same shape as [`Node`] under another type, so its arc-cache entries are other ones.
+#[derive(Debug, Serialize, Deserialize)]
+struct Twin {
+    id: u32,
+    name: String,
+    kids: Vec<Shared<Twin>>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_in_async_takes_live_values_and_reads_what_a_live_value_of_another_type_hides() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(SqliteBackedPagableStorage::try_new(dir.path()).unwrap());
+    let nodes = dag(2000);
+    let key = page_out(&storage, &nodes).unwrap();
+    storage.flush().unwrap();
+    drop(nodes);
+    storage.release_memory();
+    // Page it in and keep a part alive: the async page-in of the whole takes those values.
+    let whole: Vec<Shared<Node>> = page_in(&storage, key).unwrap();
+    let kept: Vec<Shared<Node>> = whole[1000..1100].to_vec();
+    drop(whole);
+    let again: Vec<Shared<Node>> = page_in_async(&storage, key).await.unwrap();
+    for node in &kept {
+        assert!(Shared::ptr_eq(node, &again[node.id as usize]));
+    }
+    let mut seen = HashMap::new();
+    collect(&again, &mut seen);
+    assert_eq!(seen.len(), 2000);
+    drop(again);
+    // The kept values are `Node`s: a page-in as `Twin` cannot use them, and reads their
+    // records (not prefetched) while deserializing.
+    let twins: Vec<Shared<Twin>> = page_in_async(&storage, key).await.unwrap();
+    assert_eq!(twins.len(), 2000);
+    let mut stack: Vec<&Shared<Twin>> = twins.iter().collect();
+    let mut count = 0;
+    let mut visited = std::collections::HashSet::new();
+    while let Some(twin) = stack.pop() {
+        if visited.insert(twin.id) {
+            count += 1;
+            assert_eq!(twin.name, format!("node-{}", twin.id));
+            stack.extend(twin.kids.iter());
+        }
+    }
+    assert_eq!(count, 2000);
+    drop(kept);
+}

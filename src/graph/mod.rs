@@ -248,8 +248,10 @@ fn root_context<T>(key: DataKey) -> String {
 ///
 /// The deserialization runs on the calling task: for very large graphs, run it in
 /// `tokio::task::spawn_blocking` with [`page_in`] instead, or accept that one poll does the CPU
-/// work. Records of children that are still alive in memory are fetched too (their type, and
-/// so their arc-cache entry, is only known while deserializing), but not deserialized.
+/// work. The records below a child whose value is alive in memory (in the arc cache, under any
+/// type it was paged as) are not fetched: the page-in takes the live value. If that value dies
+/// in between, or was cached as another type than the one this page-in asks for, its records
+/// are read while deserializing, with blocking reads on the calling task.
 ///
 /// # Errors
 ///

@@ -671,6 +671,8 @@ pub(crate) fn run<T: DeserializeOwned>(
 /// read in batches of up to [`FETCH_BATCH`] through
 /// [`fetch_data_many`](PagableStorage::fetch_data_many), at most [`BATCHES_IN_FLIGHT`] at a
 /// time. A batch starts once enough keys are queued to fill it, or when none is in flight.
+/// Below the root, a key whose value the storage [holds live](PagableStorage::holds_live) is
+/// not fetched, nor what it reaches through it (the page-in reads it then if it must).
 pub(crate) async fn prefetch(
     storage: &dyn PagableStorage,
     root: DataKey,
@@ -701,7 +703,8 @@ pub(crate) async fn prefetch(
         records.reserve(nodes.len());
         for (key, node) in batch.into_iter().zip(nodes) {
             for &child in &node.arcs {
-                if seen.insert(child) {
+                // A value alive in memory comes back from the arc cache, with what it holds.
+                if seen.insert(child) && !storage.holds_live(&child) {
                     queue.push_back(child);
                 }
             }

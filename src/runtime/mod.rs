@@ -453,6 +453,11 @@ impl<S: NodeStore> PagableStorage for Runtime<S> {
         self.arc_cache.register(type_id, key, arc)
     }
 
+    /// A live value in the arc cache, of any type it was paged in or out as.
+    fn holds_live(&self, key: &DataKey) -> bool {
+        self.arc_cache.is_live(*key)
+    }
+
     fn resolve_arc(
         &self,
         type_id: TypeId,
@@ -573,6 +578,10 @@ impl<S: NodeStore> PagableStorage for WithRuntime<S> {
         arc: Box<dyn ArcEraseDyn>,
     ) -> Option<Box<dyn ArcEraseDyn>> {
         self.runtime.on_arc_deserialized(type_id, key, arc)
+    }
+
+    fn holds_live(&self, key: &DataKey) -> bool {
+        self.runtime.holds_live(key)
     }
 
     /// Load-once: while one caller fetches and deserializes `(type_id, key)`, the others wait

@@ -87,6 +87,16 @@ pub trait PagableStorage: Send + Sync + 'static {
         key: &DataKey,
     ) -> anyhow::Result<Either<Box<dyn ArcEraseDyn>, Arc<PagableData>>>;
 
+    /// Whether a live value stored under `key` is in memory now, so that paging `key` in
+    /// will most likely not read its record (nor those below it). A hint: the value may die
+    /// right after, or be cached under another type than the one asked for later.
+    /// [`page_in_async`](crate::page_in_async) does not prefetch the records below a key
+    /// for which it says `true`. The default says `false`.
+    fn holds_live(&self, key: &DataKey) -> bool {
+        let _ = key;
+        false
+    }
+
     /// Offers `arc`, just deserialized from `key`, to the arc cache.
     ///
     /// The first live value for `(type_id, key)` wins: returns `None` when `arc` was cached,
