@@ -221,6 +221,13 @@ fn many_async(storage: &Arc<SqliteBackedPagableStorage>, keys: &[DataKey]) -> (f
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
+    eprintln!(
+        "  runs (ms, sorted): {:?}",
+        values
+            .iter()
+            .map(|v| (v * 1e4).round() / 10.0)
+            .collect::<Vec<_>>()
+    );
     values[values.len() / 2]
 }
 
