@@ -495,6 +495,20 @@ mod tests {
     }
 
     #[test]
+    fn is_live_finds_a_live_value_of_any_listed_type() {
+        let cache = ArcCache::new();
+        let number = load::<u32>(&cache, key(1), || Ok(Arc::new(7))).unwrap();
+        let text = load::<String>(&cache, key(2), || Ok(Arc::new("seven".into()))).unwrap();
+        assert!(cache.is_live(key(1)) && cache.is_live(key(2)));
+        assert!(!cache.is_live(key(3)));
+        drop(number);
+        assert!(!cache.is_live(key(1)), "dead");
+        assert!(cache.is_live(key(2)));
+        drop(text);
+        assert!(!cache.is_live(key(2)));
+    }
+
+    #[test]
     fn first_registration_wins() {
         let cache = ArcCache::new();
         let first = Arc::new(1u32);

@@ -191,3 +191,70 @@ impl Drop for Claims<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+
+    use super::*;
+
+    fn data(n: u8) -> PagableData {
+        PagableData {
+            data: vec![n; 8],
+            arcs: vec![],
+        }
+    }
+
+    fn key(n: u8) -> DataKey {
+        data(n).compute_key()
+    }
+
+    fn node(n: u8) -> Arc<PagableData> {
+        Arc::new(data(n))
+    }
+
+    fn poll<F: Future>(future: &mut Pin<Box<F>>) -> Poll<F::Output> {
+        future
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn a_waiter_gets_the_published_node_and_a_later_claim_takes_it_while_held() {
+        let in_flight = InFlight::default();
+        let (claims, mine, alive, theirs) = in_flight.claim(&[key(1), key(2)]);
+        assert_eq!((mine, alive.len(), theirs.len()), (vec![0, 1], 0, 0));
+        let (second, mine, _, theirs) = in_flight.claim(&[key(2), key(3)]);
+        assert_eq!((mine, theirs.len()), (vec![1], 1));
+        let mut wait = Box::pin(Arc::clone(&theirs[0].1).wait());
+        assert!(poll(&mut wait).is_pending());
+        let read = [node(1), node(2)];
+        claims.publish(&read);
+        drop(claims);
+        match poll(&mut wait) {
+            Poll::Ready(Some(got)) => assert!(Arc::ptr_eq(&got, &read[1])),
+            _ => panic!("the published node"),
+        }
+        drop(second);
+        // Held by `read`: taken unread; once dropped, claimed again.
+        let (_claims, mine, alive, _) = in_flight.claim(&[key(1)]);
+        assert!(mine.is_empty() && Arc::ptr_eq(&alive[0].1, &read[0]));
+        drop((alive, read));
+        let (_claims, mine, alive, _) = in_flight.claim(&[key(1)]);
+        assert_eq!((mine, alive.len()), (vec![0], 0));
+    }
+
+    #[test]
+    fn a_dropped_claim_tells_its_waiters_to_read_for_themselves() {
+        let in_flight = InFlight::default();
+        let (claims, _, _, _) = in_flight.claim(&[key(1)]);
+        let (_other, mine, _, theirs) = in_flight.claim(&[key(1)]);
+        assert!(mine.is_empty());
+        let mut wait = Box::pin(Arc::clone(&theirs[0].1).wait());
+        assert!(poll(&mut wait).is_pending());
+        drop(claims);
+        assert!(matches!(poll(&mut wait), Poll::Ready(None)));
+        let (_claims, mine, _, _) = in_flight.claim(&[key(1)]);
+        assert_eq!(mine, vec![0], "free to claim again");
+    }
+}
