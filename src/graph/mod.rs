@@ -240,13 +240,18 @@ fn root_context<T>(key: DataKey) -> String {
 }
 
 /// [`page_in`] for async callers: first fetches every record reachable from `key` with
-/// [`PagableStorage::fetch_data`](crate::PagableStorage::fetch_data) (32 at a time, so a backend with I/O
-/// latency overlaps it), then deserializes without touching the storage's I/O.
+/// [`PagableStorage::fetch_data_many`](crate::PagableStorage::fetch_data_many), a level of
+/// keys at a time in batches of up to 1024 (two in flight, so a backend with I/O latency
+/// overlaps it; the SQLite store reads a batch in one call on tokio's blocking pool, and
+/// concurrent calls on one [`WithRuntime`](crate::WithRuntime) share the reads in flight),
+/// then deserializes without touching the storage's I/O.
 ///
 /// The deserialization runs on the calling task: for very large graphs, run it in
 /// `tokio::task::spawn_blocking` with [`page_in`] instead, or accept that one poll does the CPU
-/// work. Records of children that are still alive in memory are fetched too (their type, and
-/// so their arc-cache entry, is only known while deserializing), but not deserialized.
+/// work. The records below a child whose value is alive in memory (in the arc cache, under any
+/// type it was paged as) are not fetched: the page-in takes the live value. If that value dies
+/// in between, or was cached as another type than the one this page-in asks for, its records
+/// are read while deserializing, with blocking reads on the calling task.
 ///
 /// # Errors
 ///
@@ -256,7 +261,7 @@ pub async fn page_in_async<T: DeserializeOwned>(
     key: DataKey,
 ) -> anyhow::Result<T> {
     let storage = storage.to_dyn();
-    let records = page_in::prefetch(&*storage, key, page_in::ASYNC_FETCH_CONCURRENCY)
+    let records = page_in::prefetch(&*storage, key)
         .await
         .with_context(|| root_context::<T>(key))?;
     page_in::run(storage, key, records).with_context(|| root_context::<T>(key))

@@ -260,7 +260,7 @@ where
             // Not resident and no key cannot happen; pin reports it if it ever does.
             return self.pin();
         };
-        let records = page_in::prefetch(&*storage, key, page_in::ASYNC_FETCH_CONCURRENCY).await?;
+        let records = page_in::prefetch(&*storage, key).await?;
         // An async caller must not wait for another thread's eviction.
         crate::runtime::pager::without_waiting(|| self.fault_in(storage, Some(records)))
     }

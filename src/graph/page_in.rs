@@ -51,8 +51,15 @@ const RED_ZONE: usize = 1 << 20;
 /// and the red zone wastes at most a sixteenth of it.
 const STACK_SEGMENT: usize = 16 << 20;
 
-/// How many record fetches `page_in_async` (and `PagableArc::pin_async`) keep in flight.
-pub(crate) const ASYNC_FETCH_CONCURRENCY: usize = 32;
+/// The most keys `page_in_async` (and `PagableArc::pin_async`) read in one batched fetch
+/// ([`PagableStorage::fetch_data_many`]: one call on tokio's blocking pool for the SQLite
+/// store).
+const FETCH_BATCH: usize = 1024;
+
+/// How many batched fetches one `page_in_async` keeps in flight: enough to overlap reading
+/// with the walk, few enough that the blocking threads stay bounded (the SQLite store also
+/// bounds them across callers, to its number of readers).
+const BATCHES_IN_FLIGHT: usize = 2;
 
 pub(crate) type Records = HashMap<DataKey, Arc<PagableData>, KeyHasherBuilder>;
 
@@ -660,35 +667,49 @@ pub(crate) fn run<T: DeserializeOwned>(
     stacker::maybe_grow(RED_ZONE, STACK_SEGMENT, || decode_node::<T>(key, root))
 }
 
-/// Fetches every record reachable from `root` with at most `limit` fetches in flight.
+/// Fetches every record reachable from `root`, breadth first: the keys met (each once) are
+/// read in batches of up to [`FETCH_BATCH`] through
+/// [`fetch_data_many`](PagableStorage::fetch_data_many), at most [`BATCHES_IN_FLIGHT`] at a
+/// time. A batch starts once enough keys are queued to fill it, or when none is in flight.
+/// Below the root, a key whose value the storage [holds live](PagableStorage::holds_live) is
+/// not fetched, nor what it reaches through it (the page-in reads it then if it must).
 pub(crate) async fn prefetch(
     storage: &dyn PagableStorage,
     root: DataKey,
-    limit: usize,
 ) -> anyhow::Result<Records> {
     use futures_util::StreamExt;
     use futures_util::stream::FuturesUnordered;
 
     let mut records = Records::default();
-    let mut seen = std::collections::HashSet::<DataKey, KeyHasherBuilder>::default();
+    let mut seen = HashSet::<DataKey, KeyHasherBuilder>::default();
     seen.insert(root);
     let mut queue = std::collections::VecDeque::from([root]);
     let mut in_flight = FuturesUnordered::new();
     loop {
-        while in_flight.len() < limit.max(1) {
-            let Some(key) = queue.pop_front() else { break };
-            in_flight.push(async move { (key, storage.fetch_data(&key).await) });
+        while in_flight.len() < BATCHES_IN_FLIGHT
+            && (queue.len() >= FETCH_BATCH || (in_flight.is_empty() && !queue.is_empty()))
+        {
+            let take = queue.len().min(FETCH_BATCH);
+            let batch: Vec<DataKey> = queue.drain(..take).collect();
+            in_flight.push(async move {
+                let fetched = storage.fetch_data_many(&batch).await;
+                (batch, fetched)
+            });
         }
-        let Some((key, fetched)) = in_flight.next().await else {
+        let Some((batch, fetched)) = in_flight.next().await else {
             break;
         };
-        let node = fetched?;
-        for &child in &node.arcs {
-            if seen.insert(child) {
-                queue.push_back(child);
+        let nodes = fetched?;
+        records.reserve(nodes.len());
+        for (key, node) in batch.into_iter().zip(nodes) {
+            for &child in &node.arcs {
+                // A value alive in memory comes back from the arc cache, with what it holds.
+                if seen.insert(child) && !storage.holds_live(&child) {
+                    queue.push_back(child);
+                }
             }
+            records.insert(key, node);
         }
-        records.insert(key, node);
     }
     Ok(records)
 }

@@ -29,6 +29,9 @@ use crate::key::{DataKey, KeyHasherBuilder};
 /// Entries created between two automatic prunes, at the least.
 const MIN_PRUNE_INTERVAL: usize = 1024;
 
+/// How many view types [`ArcCache::is_live`] looks a key up under: the first ones registered.
+const LISTED_TYPES: usize = 16;
+
 /// A value at least this large inline (`size_of_val`) is swept soon after it dies instead of
 /// waiting for an amortized prune: its dead entry's `Weak` would keep that many bytes.
 const HEAVY_BYTES: usize = 4096;
@@ -82,6 +85,10 @@ struct Inner {
     /// Entries whose value is heavy (see [`HEAVY_BYTES`]), for the sweeper.
     heavy: Mutex<HashSet<EntryId, KeyHasherBuilder>>,
     sweeper_running: AtomicBool,
+    /// The first [`LISTED_TYPES`] view types entries were created for, read without a lock.
+    types: [std::sync::OnceLock<TypeId>; LISTED_TYPES],
+    /// Taken to list a new type.
+    listing: Mutex<()>,
 }
 
 impl Inner {
@@ -150,6 +157,8 @@ impl ArcCache {
                 pruning: AtomicBool::new(false),
                 heavy: Mutex::new(HashSet::default()),
                 sweeper_running: AtomicBool::new(false),
+                types: Default::default(),
+                listing: Mutex::new(()),
             }),
         }
     }
@@ -261,6 +270,45 @@ impl ArcCache {
         (alive && slot.address == address).then_some(key)
     }
 
+    /// Whether a live value is registered for `key` under any of the first
+    /// [`LISTED_TYPES`] view types (all of them, in most programs). Never waits for a load.
+    pub(crate) fn is_live(&self, key: DataKey) -> bool {
+        self.inner
+            .types
+            .iter()
+            .map_while(|listed| listed.get())
+            .any(|&type_id| {
+                self.inner
+                    .slots
+                    .get(&(type_id, key))
+                    .is_some_and(|slot| slot.value.as_ref().is_some_and(|weak| !weak.is_expired()))
+            })
+    }
+
+    /// Lists `type_id` for [`is_live`](Self::is_live) if it is new and there is room: a few
+    /// lock-free reads when it is listed already.
+    fn list_type(&self, type_id: TypeId) {
+        let types = &self.inner.types;
+        for listed in types {
+            match listed.get() {
+                Some(&known) if known == type_id => return,
+                Some(_) => {}
+                None => break,
+            }
+        }
+        let _listing = self.inner.listing.lock().unwrap_or_else(|p| p.into_inner());
+        for listed in types {
+            match listed.get() {
+                Some(&known) if known == type_id => return,
+                Some(_) => {}
+                None => {
+                    let _ = listed.set(type_id);
+                    return;
+                }
+            }
+        }
+    }
+
     /// The number of entries, dead ones not yet pruned included.
     pub(crate) fn len(&self) -> usize {
         self.inner.slots.len()
@@ -333,6 +381,7 @@ impl ArcCache {
             result
         };
         if created {
+            self.list_type(type_id);
             self.maybe_prune();
         }
         result
@@ -443,6 +492,20 @@ mod tests {
 
     fn key(n: u8) -> DataKey {
         DataKey::from_bytes([n.max(1); 16]).unwrap()
+    }
+
+    #[test]
+    fn is_live_finds_a_live_value_of_any_listed_type() {
+        let cache = ArcCache::new();
+        let number = load::<u32>(&cache, key(1), || Ok(Arc::new(7))).unwrap();
+        let text = load::<String>(&cache, key(2), || Ok(Arc::new("seven".into()))).unwrap();
+        assert!(cache.is_live(key(1)) && cache.is_live(key(2)));
+        assert!(!cache.is_live(key(3)));
+        drop(number);
+        assert!(!cache.is_live(key(1)), "dead");
+        assert!(cache.is_live(key(2)));
+        drop(text);
+        assert!(!cache.is_live(key(2)));
     }
 
     #[test]

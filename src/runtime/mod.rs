@@ -8,6 +8,7 @@
 mod builtin;
 mod cache;
 pub(crate) mod held_keys;
+mod in_flight;
 mod memo;
 pub(crate) mod pager;
 mod session;
@@ -83,6 +84,8 @@ struct Runtime<S> {
     pager: Arc<Pager>,
     arc_cache: ArcCache,
     memo: KeyMemo,
+    /// The batched reads in flight, which concurrent `fetch_data_many` calls share.
+    in_flight: in_flight::InFlight,
     /// Roots `page_out` returned lately, oldest first, with when: kept by collections for
     /// `gc_grace` after that.
     fresh: Mutex<Fresh>,
@@ -191,6 +194,7 @@ impl<S: NodeStore> WithRuntime<S> {
                 pager: Arc::new(Pager::new(usize::MAX, storage)),
                 arc_cache: ArcCache::new(),
                 memo: KeyMemo::default(),
+                in_flight: in_flight::InFlight::default(),
                 fresh: Mutex::new(Fresh {
                     keys: std::collections::VecDeque::new(),
                     grace: DEFAULT_GC_GRACE,
@@ -388,6 +392,47 @@ impl<S: NodeStore> PagableStorage for Runtime<S> {
         self.store.get_async(key).await
     }
 
+    /// Shares reads: the keys another call is reading now are not read again but waited for
+    /// (and read here only if that read fails or is dropped), and a node another call read
+    /// and that is still alive (held by a `page_in_async`'s prefetched records, say) is taken
+    /// as is.
+    async fn fetch_data_many(&self, keys: &[DataKey]) -> anyhow::Result<Vec<Arc<PagableData>>> {
+        let (claims, mine, alive, theirs) = self.in_flight.claim(keys);
+        let mut found: Vec<Option<Arc<PagableData>>> = vec![None; keys.len()];
+        for (i, node) in alive {
+            found[i] = Some(node);
+        }
+        if !mine.is_empty() {
+            let wanted: Vec<DataKey> = mine.iter().map(|&i| keys[i]).collect();
+            // On an error, dropping the claims tells the waiters to read for themselves.
+            let nodes = self.store.get_many_async(&wanted).await?;
+            claims.publish(&nodes);
+            for (&i, node) in mine.iter().zip(nodes) {
+                found[i] = Some(node);
+            }
+        }
+        drop(claims);
+        let mut again = Vec::new();
+        for (i, slot) in theirs {
+            match slot.wait().await {
+                Some(node) => found[i] = Some(node),
+                None => again.push(i),
+            }
+        }
+        if !again.is_empty() {
+            let wanted: Vec<DataKey> = again.iter().map(|&i| keys[i]).collect();
+            let nodes = self.store.get_many_async(&wanted).await?;
+            for (&i, node) in again.iter().zip(nodes) {
+                found[i] = Some(node);
+            }
+        }
+        found
+            .into_iter()
+            .zip(keys)
+            .map(|(node, key)| node.ok_or_else(|| crate::Error::NotFound(*key).into()))
+            .collect()
+    }
+
     fn fetch_arc_or_data_blocking(
         &self,
         type_id: &TypeId,
@@ -406,6 +451,11 @@ impl<S: NodeStore> PagableStorage for Runtime<S> {
         arc: Box<dyn ArcEraseDyn>,
     ) -> Option<Box<dyn ArcEraseDyn>> {
         self.arc_cache.register(type_id, key, arc)
+    }
+
+    /// A live value in the arc cache, of any type it was paged in or out as.
+    fn holds_live(&self, key: &DataKey) -> bool {
+        self.arc_cache.is_live(*key)
     }
 
     fn resolve_arc(
@@ -485,6 +535,7 @@ impl<S: NodeStore> PagableStorage for Runtime<S> {
         self.arc_cache.prune();
         self.memo.prune();
         self.pager.prune();
+        self.in_flight.prune();
         self.store.release_memory();
     }
 }
@@ -508,6 +559,10 @@ impl<S: NodeStore> PagableStorage for WithRuntime<S> {
         self.runtime.fetch_data(key).await
     }
 
+    async fn fetch_data_many(&self, keys: &[DataKey]) -> anyhow::Result<Vec<Arc<PagableData>>> {
+        self.runtime.fetch_data_many(keys).await
+    }
+
     fn fetch_arc_or_data_blocking(
         &self,
         type_id: &TypeId,
@@ -523,6 +578,10 @@ impl<S: NodeStore> PagableStorage for WithRuntime<S> {
         arc: Box<dyn ArcEraseDyn>,
     ) -> Option<Box<dyn ArcEraseDyn>> {
         self.runtime.on_arc_deserialized(type_id, key, arc)
+    }
+
+    fn holds_live(&self, key: &DataKey) -> bool {
+        self.runtime.holds_live(key)
     }
 
     /// Load-once: while one caller fetches and deserializes `(type_id, key)`, the others wait

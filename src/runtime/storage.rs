@@ -57,6 +57,25 @@ pub trait PagableStorage: Send + Sync + 'static {
     /// without blocking the async runtime's worker thread on I/O.
     async fn fetch_data(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>>;
 
+    /// The nodes stored under `keys`, in their order: [`fetch_data`](Self::fetch_data) of
+    /// each, read in one batch where the backend can. The first key that fails fails the
+    /// call, with the error `fetch_data` gives for it (naming that key).
+    ///
+    /// [`page_in_async`](crate::page_in_async) reads a graph through it, a level of keys at
+    /// a time. The default calls `fetch_data` for each key in turn;
+    /// [`WithRuntime`](crate::WithRuntime) forwards to
+    /// [`NodeStore::get_many_async`](crate::NodeStore::get_many_async), and shares reads
+    /// between concurrent calls: a key another call is reading is waited for, and a node
+    /// read earlier that something still holds is returned as is, unread (its content is
+    /// its key's, so only a record damaged since goes unnoticed until it is read again).
+    async fn fetch_data_many(&self, keys: &[DataKey]) -> anyhow::Result<Vec<Arc<PagableData>>> {
+        let mut nodes = Vec::with_capacity(keys.len());
+        for key in keys {
+            nodes.push(self.fetch_data(key).await?);
+        }
+        Ok(nodes)
+    }
+
     /// The live `Arc` cached for `(type_id, key)` if there is one (`Left`), otherwise the node
     /// stored under `key` (`Right`), for the caller to deserialize and then hand to
     /// [`on_arc_deserialized`](Self::on_arc_deserialized).
@@ -67,6 +86,16 @@ pub trait PagableStorage: Send + Sync + 'static {
         type_id: &TypeId,
         key: &DataKey,
     ) -> anyhow::Result<Either<Box<dyn ArcEraseDyn>, Arc<PagableData>>>;
+
+    /// Whether a live value stored under `key` is in memory now, so that paging `key` in
+    /// will most likely not read its record (nor those below it). A hint: the value may die
+    /// right after, or be cached under another type than the one asked for later.
+    /// [`page_in_async`](crate::page_in_async) does not prefetch the records below a key
+    /// for which it says `true`. The default says `false`.
+    fn holds_live(&self, key: &DataKey) -> bool {
+        let _ = key;
+        false
+    }
 
     /// Offers `arc`, just deserialized from `key`, to the arc cache.
     ///

@@ -36,7 +36,8 @@ pub use stats::StoreStats;
 /// 1. **Content addressing.** [`put`](Self::put) returns `node.compute_key()`. Storing equal
 ///    content twice keeps one entry.
 /// 2. **Read-your-writes.** Once `put` returns `Ok`, [`get`](Self::get),
-///    [`get_async`](Self::get_async), [`contains`](Self::contains) and [`scan`](Self::scan)
+///    [`get_async`](Self::get_async), [`get_many_async`](Self::get_many_async),
+///    [`contains`](Self::contains) and [`scan`](Self::scan)
 ///    see the node, from every thread, before any flush.
 /// 3. **Durability at flush.** When [`flush`](Self::flush) returns `Ok`, every node whose
 ///    `put` returned before it is committed: a new instance on the same location reads them
@@ -82,6 +83,24 @@ pub trait NodeStore: Send + Sync + 'static {
     /// that never block.
     async fn get_async(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
         self.get(key)
+    }
+
+    /// The nodes stored under `keys`, in the order of `keys`, for async callers that read
+    /// many at once (`page_in_async` reads a graph a level at a time through it). The same
+    /// result as [`get_async`](Self::get_async) of each key: the first key that is not stored
+    /// or whose record is damaged fails the whole call with the error `get` gives for it
+    /// ([`Error::NotFound`](crate::Error::NotFound) or
+    /// [`Error::Corrupt`](crate::Error::Corrupt), naming that key).
+    ///
+    /// The default calls `get_async` for each key in turn. A store with I/O overrides it to
+    /// read the batch in one go (the SQLite store reads it on one connection, in one call on
+    /// tokio's blocking pool).
+    async fn get_many_async(&self, keys: &[DataKey]) -> anyhow::Result<Vec<Arc<PagableData>>> {
+        let mut nodes = Vec::with_capacity(keys.len());
+        for key in keys {
+            nodes.push(self.get_async(key).await?);
+        }
+        Ok(nodes)
     }
 
     /// Whether a node is stored under `key` (committed or not), without reading its record.

@@ -124,6 +124,9 @@ struct Inner {
     /// its removal with no other change of roots in between.
     roots_lock: std::sync::Mutex<()>,
     gc: GcGate,
+    /// Permits for the batched reads on tokio's blocking pool: one per reader connection.
+    #[cfg(feature = "tokio")]
+    batches: tokio::sync::Semaphore,
 }
 
 impl Inner {
@@ -159,6 +162,44 @@ impl Inner {
             Some(node) => Ok(node?),
             None => Err(Error::NotFound(*key).into()),
         }
+    }
+
+    /// [`fetch`](Self::fetch) of every key, the committed ones read on one reader connection.
+    /// The first key (in `keys`' order) that fails fails the batch with its error.
+    fn fetch_many(&self, keys: &[DataKey]) -> anyhow::Result<Vec<Arc<PagableData>>> {
+        // A key read below that has no record stays NotFound.
+        let mut found: Vec<Result<Arc<PagableData>, Error>> = Vec::with_capacity(keys.len());
+        let mut stored = Vec::new();
+        let mut positions = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            match self.buffer.pending(key) {
+                // Encoded by this process from a node that hashed to `key`: no re-hash.
+                Some(record) => found.push(decode(key, &record, false)),
+                None => {
+                    found.push(Err(Error::NotFound(*key)));
+                    stored.push(key.as_bytes());
+                    positions.push(i);
+                }
+            }
+        }
+        if !stored.is_empty() {
+            let read = self.pool.read_each(&stored, |j, value| {
+                let key = &keys[positions[j]];
+                match value {
+                    Ok(record) => decode(key, record, self.verify_on_read),
+                    Err(sql_type) => Err(Error::Corrupt {
+                        key: *key,
+                        reason: format!("the stored value is {sql_type}, not a BLOB"),
+                    }),
+                }
+            })?;
+            for (node, &i) in read.into_iter().zip(&positions) {
+                if let Some(node) = node {
+                    found[i] = node;
+                }
+            }
+        }
+        Ok(found.into_iter().collect::<Result<Vec<_>, Error>>()?)
     }
 }
 
@@ -225,6 +266,8 @@ impl SqliteNodeStore {
             verify_on_read: options.verify_on_read,
             roots_lock: std::sync::Mutex::new(()),
             gc: GcGate::default(),
+            #[cfg(feature = "tokio")]
+            batches: tokio::sync::Semaphore::new(options.readers.max(1)),
         });
         Ok(Self {
             inner,
@@ -288,6 +331,8 @@ impl SqliteNodeStore {
             verify_on_read: options.verify_on_read,
             roots_lock: std::sync::Mutex::new(()),
             gc: GcGate::default(),
+            #[cfg(feature = "tokio")]
+            batches: tokio::sync::Semaphore::new(options.readers.max(1)),
         });
         let cache_bytes = options.cache_size_bytes;
         failpoint::check("start the writer")?;
@@ -562,6 +607,31 @@ impl NodeStore for SqliteNodeStore {
         }
         // Without tokio there is no pool to move to.
         self.inner.fetch(key)
+    }
+
+    /// One call on tokio's blocking pool per batch, which reads every key on one reader
+    /// connection; at most as many batches run at once as the store has readers (more would
+    /// only wait for a connection, each on a thread of its own). Keys written and not yet
+    /// committed are decoded from memory; a batch of only those does no I/O.
+    async fn get_many_async(&self, keys: &[DataKey]) -> anyhow::Result<Vec<Arc<PagableData>>> {
+        #[cfg(feature = "tokio")]
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            if keys.iter().all(|key| self.inner.buffer.contains(key)) {
+                return self.inner.fetch_many(keys);
+            }
+            let _permit = self
+                .inner
+                .batches
+                .acquire()
+                .await
+                .map_err(|e| anyhow::anyhow!("the batched read did not start: {e}"))?;
+            let (inner, batch) = (Arc::clone(&self.inner), keys.to_vec());
+            return runtime
+                .spawn_blocking(move || inner.fetch_many(&batch))
+                .await
+                .map_err(|e| anyhow::anyhow!("a batched read did not complete: {e}"))?;
+        }
+        self.inner.fetch_many(keys)
     }
 
     fn contains(&self, key: &DataKey) -> anyhow::Result<bool> {

@@ -187,6 +187,33 @@ impl ReaderPool {
         result.map_err(Error::sqlite("read a record from", &self.path))
     }
 
+    /// [`read`](Self::read) of each of `keys` in turn on one reader, held for the whole batch
+    /// (one acquisition, one transaction check): `on_row(i, value)` runs on the record of
+    /// `keys[i]`, and the result holds `None` for each key with no record. A writer that
+    /// begins meanwhile waits for the batch to end, as for one read.
+    pub(super) fn read_each<R>(
+        &self,
+        keys: &[[u8; 16]],
+        mut on_row: impl FnMut(usize, Result<&[u8], Type>) -> R,
+    ) -> Result<Vec<Option<R>>, Error> {
+        let mut reader = self.ready_reader()?;
+        let mut results = Vec::with_capacity(keys.len());
+        for (i, key) in keys.iter().enumerate() {
+            let mut len = None;
+            let result = Self::select(&reader.conn, key, |value| {
+                len = Some(value.map_or(0, <[u8]>::len));
+                on_row(i, value)
+            });
+            match (&result, len) {
+                (Err(_), _) => reader.end_transaction(),
+                (Ok(_), Some(len)) => reader.note_record(len, self.mmap_bytes),
+                (Ok(_), None) => {}
+            }
+            results.push(result.map_err(Error::sqlite("read a record from", &self.path))?);
+        }
+        Ok(results)
+    }
+
     /// Runs `query` on a reader connection, under the same protocol as [`read`](Self::read)
     /// (it sees every commit that finished before the call).
     pub(super) fn query<R>(
