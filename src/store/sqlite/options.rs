@@ -119,8 +119,8 @@ impl Default for SqliteOptions {
                 .map(|n| n.get())
                 .unwrap_or(4)
                 .min(8),
-            write_buffer_rows: 512 * 1024,
-            write_buffer_bytes: 64 << 20,
+            write_buffer_rows: 128 * 1024,
+            write_buffer_bytes: 32 << 20,
             verify_on_read: true,
             cache_size_bytes: 2 << 20,
             mmap_size_bytes: if cfg!(target_pointer_width = "64") {
@@ -157,7 +157,10 @@ impl SqliteOptions {
 
     /// The most nodes held in memory waiting for their commit; `store_data` waits when it is
     /// reached (back-pressure). One transaction commits up to half of it while the other half
-    /// fills. Default = 524,288. Clamped: values below 2 are raised to 2.
+    /// fills. Each waiting node costs its record and about 120 bytes besides (measured with
+    /// 1,000,000 small nodes: 524,288 rows / 64 MiB peaked at 172 MiB RSS, 131,072 / 32 MiB
+    /// at 103 MiB, 65,536 / 16 MiB at 81 MiB, at 4.75×, 4.61× and 3.70× the reference's
+    /// write speed). Default = 131,072. Clamped: values below 2 are raised to 2.
     #[must_use]
     pub fn write_buffer_rows(mut self, rows: usize) -> Self {
         self.write_buffer_rows = rows.max(2);
@@ -166,7 +169,7 @@ impl SqliteOptions {
 
     /// The most encoded bytes held in memory waiting for their commit; `store_data` waits
     /// when it is reached (back-pressure; a single node larger than this is still accepted,
-    /// alone). One transaction commits up to half of it. Default = 64 MiB. Clamped: values
+    /// alone). One transaction commits up to half of it. Default = 32 MiB. Clamped: values
     /// below 2 are raised to 2.
     #[must_use]
     pub fn write_buffer_bytes(mut self, bytes: usize) -> Self {
