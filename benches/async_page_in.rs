@@ -19,79 +19,15 @@ use std::time::{Duration, Instant};
 use pagestore::{
     DataKey, PagableStorage, Shared, SqliteBackedPagableStorage, page_in, page_in_async, page_out,
 };
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
 
 const TASKS: usize = 8;
 
-#[typetag::serde]
-trait Leaf: Send + Sync {
-    fn weight(&self) -> f64;
-}
+#[path = "common/dag.rs"]
+mod dag;
 
-#[derive(Serialize, Deserialize)]
-struct Color([u8; 3]);
-
-#[typetag::serde(name = "color")]
-impl Leaf for Color {
-    fn weight(&self) -> f64 {
-        f64::from(self.0[0])
-    }
-}
-
-#[derive(Serialize, Deserialize)]
-struct Weight(f64);
-
-#[typetag::serde(name = "weight")]
-impl Leaf for Weight {
-    fn weight(&self) -> f64 {
-        self.0
-    }
-}
-
-#[derive(Serialize, Deserialize)]
-struct Node {
-    id: u32,
-    name: String,
-    leaf: Shared<dyn Leaf>,
-    kids: Vec<Shared<Node>>,
-}
+use dag::{Node, build};
 
 type Graph = Vec<Shared<Node>>;
-
-/// The DAG of `benches/graph.rs`: node i points to two random earlier nodes and a leaf.
-fn build(n: usize) -> Graph {
-    let leaves: Vec<Shared<dyn Leaf>> = (0..10u8)
-        .map(|i| {
-            let leaf: Arc<dyn Leaf> = if i % 2 == 0 {
-                Arc::new(Color([i, 2 * i, 3 * i]))
-            } else {
-                Arc::new(Weight(f64::from(i) / 3.0))
-            };
-            Shared::from(leaf)
-        })
-        .collect();
-    let mut rng = StdRng::seed_from_u64(42);
-    let mut nodes: Graph = Vec::with_capacity(n);
-    for i in 0..n {
-        let kids = if i == 0 {
-            Vec::new()
-        } else {
-            let a = rng.random_range(0..i);
-            let b = rng.random_range(0..i);
-            vec![nodes[a].clone(), nodes[b].clone()]
-        };
-        let leaf = leaves[rng.random_range(0..10)].clone();
-        nodes.push(Shared::new(Node {
-            id: i as u32,
-            name: format!("node-{i}"),
-            leaf,
-            kids,
-        }));
-    }
-    nodes
-}
 
 /// The number of records reachable from `root`.
 fn closure(storage: &SqliteBackedPagableStorage, root: DataKey) -> usize {

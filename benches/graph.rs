@@ -11,43 +11,12 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use pagestore::{InMemoryPagableStorage, PagableStorage, Shared, page_in, page_out};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-#[typetag::serde]
-trait Leaf: Send + Sync {
-    fn weight(&self) -> f64;
-}
+#[path = "common/dag.rs"]
+mod dag;
 
-#[derive(Serialize, Deserialize)]
-struct Color([u8; 3]);
-
-#[typetag::serde(name = "color")]
-impl Leaf for Color {
-    fn weight(&self) -> f64 {
-        f64::from(self.0[0])
-    }
-}
-
-#[derive(Serialize, Deserialize)]
-struct Weight(f64);
-
-#[typetag::serde(name = "weight")]
-impl Leaf for Weight {
-    fn weight(&self) -> f64 {
-        self.0
-    }
-}
-
-/// The node pagestore pages: shared fields are `Shared`.
-#[derive(Serialize, Deserialize)]
-struct Node {
-    id: u32,
-    name: String,
-    leaf: Shared<dyn Leaf>,
-    kids: Vec<Shared<Node>>,
-}
+use dag::{Leaf, Node, build, build_with, leaves};
 
 /// The same node for serde's `rc` feature: every `Arc` is serialized in full where it occurs.
 #[derive(Serialize, Deserialize)]
@@ -56,59 +25,6 @@ struct RcNode {
     name: String,
     leaf: Arc<dyn Leaf>,
     kids: Vec<Arc<RcNode>>,
-}
-
-fn leaves() -> Vec<Arc<dyn Leaf>> {
-    (0..10u8)
-        .map(|i| {
-            if i % 2 == 0 {
-                Arc::new(Color([i, 2 * i, 3 * i])) as Arc<dyn Leaf>
-            } else {
-                Arc::new(Weight(f64::from(i) / 3.0)) as Arc<dyn Leaf>
-            }
-        })
-        .collect()
-}
-
-/// The random shape: for node i, its two earlier nodes and its leaf.
-fn shape(n: usize) -> Vec<([usize; 2], usize)> {
-    let mut rng = StdRng::seed_from_u64(42);
-    (0..n)
-        .map(|i| {
-            let kids = if i == 0 {
-                [usize::MAX; 2]
-            } else {
-                [rng.random_range(0..i), rng.random_range(0..i)]
-            };
-            (kids, rng.random_range(0..10))
-        })
-        .collect()
-}
-
-/// Builds the `shape(n)` graph, `make` turning (id, leaf index, kids) into a node handle.
-fn build_with<N: Clone>(n: usize, make: impl Fn(u32, usize, Vec<N>) -> N) -> Vec<N> {
-    let mut nodes: Vec<N> = Vec::with_capacity(n);
-    for (i, (kids, leaf)) in shape(n).into_iter().enumerate() {
-        let kids = kids
-            .iter()
-            .filter(|&&k| k < i)
-            .map(|&k| nodes[k].clone())
-            .collect();
-        nodes.push(make(i as u32, leaf, kids));
-    }
-    nodes
-}
-
-fn build(n: usize) -> Vec<Shared<Node>> {
-    let leaves: Vec<Shared<dyn Leaf>> = leaves().into_iter().map(Shared::from).collect();
-    build_with(n, |id, leaf, kids| {
-        Shared::new(Node {
-            id,
-            name: format!("node-{id}"),
-            leaf: leaves[leaf].clone(),
-            kids,
-        })
-    })
 }
 
 fn build_rc(n: usize) -> Vec<Arc<RcNode>> {

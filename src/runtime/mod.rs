@@ -429,7 +429,7 @@ impl<S: NodeStore> PagableStorage for Runtime<S> {
         found
             .into_iter()
             .zip(keys)
-            .map(|(node, key)| node.ok_or_else(|| crate::Error::NotFound(*key).into()))
+            .map(|(node, key)| node.ok_or_else(|| crate::error::Error::NotFound(*key).into()))
             .collect()
     }
 
