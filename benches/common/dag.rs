@@ -1,6 +1,6 @@
 //! The DAG the graph benchmarks page: node i points to two random earlier nodes and to one of
 //! ten shared polymorphic leaves (a fixed seed, so every benchmark pages the same graph).
-//! Included by `benches/graph.rs` and `benches/async_page_in.rs`.
+//! Included by `benches/graph.rs`, `benches/graph_sqlite.rs` and `benches/async_page_in.rs`.
 
 #![allow(dead_code)] // each benchmark uses its part
 
