@@ -18,6 +18,7 @@
 //! connections that keep a read transaction open between reads (`pool`). See
 //! [`Durability`] for what survives a crash.
 
+mod checkpoint;
 mod conn;
 mod options;
 mod pool;
@@ -104,6 +105,8 @@ const DATABASE_FILE: &str = "pagable.db";
 pub struct SqliteNodeStore {
     inner: Arc<Inner>,
     writer: Option<JoinHandle<()>>,
+    /// In WAL mode, the checkpointer and its thread (stopped before the writer).
+    checkpointer: Option<(Arc<checkpoint::Checkpointer>, JoinHandle<()>)>,
     open_report: OpenReport,
     options: SqliteOptions,
     table_layout: TableLayout,
@@ -272,6 +275,7 @@ impl SqliteNodeStore {
         Ok(Self {
             inner,
             writer: None,
+            checkpointer: None,
             open_report,
             options,
             table_layout: layout,
@@ -336,8 +340,14 @@ impl SqliteNodeStore {
         });
         let cache_bytes = options.cache_size_bytes;
         failpoint::check("start the writer")?;
+        let checkpointer = if cache_mode {
+            None
+        } else {
+            Some(checkpoint::start(&path, &options)?)
+        };
         let writer = {
             let inner = Arc::clone(&inner);
+            let told = checkpointer.as_ref().map(|(shared, _)| Arc::clone(shared));
             std::thread::Builder::new()
                 .name(writer::THREAD_NAME.into())
                 .spawn(move || {
@@ -348,6 +358,7 @@ impl SqliteNodeStore {
                         layout,
                         &inner.path,
                         cache_bytes,
+                        told.as_deref(),
                     )
                 })
                 .map_err(Error::io("start the writer thread for", &path))?
@@ -356,6 +367,7 @@ impl SqliteNodeStore {
         Ok(Self {
             inner,
             writer: Some(writer),
+            checkpointer,
             open_report,
             options,
             table_layout: layout,
@@ -516,6 +528,15 @@ impl SqliteNodeStore {
             return;
         }
         let flushed = self.inner.buffer.flush();
+        if let Some((checkpointer, thread)) = self.checkpointer.take() {
+            checkpointer.stop();
+            let _ = thread.join();
+            if flushed.is_ok() {
+                // The log may be as large as the last burst of writes: copied and truncated
+                // now (unless another process reads the store), so a closed store keeps none.
+                let _ = self.inner.buffer.maintain(Maintenance::Checkpoint);
+            }
+        }
         self.inner.buffer.shutdown();
         if let Some(writer) = self.writer.take() {
             if writer.join().is_err() {

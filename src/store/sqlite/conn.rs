@@ -195,6 +195,13 @@ pub(super) fn tune_writer(
     // keeping it as large as the largest commit.
     conn.execute_batch(&format!("PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"))
         .map_err(Error::sqlite("set the WAL size limit of", path))?;
+    // In WAL mode the checkpointer thread copies the log into the database; the writer's own
+    // checkpoint is only a backstop (see `checkpoint`). Nothing in the other modes.
+    conn.execute_batch(&format!(
+        "PRAGMA wal_autocheckpoint = {};",
+        super::checkpoint::BACKSTOP_PAGES
+    ))
+    .map_err(Error::sqlite("set the checkpoint interval of", path))?;
     let limit = i32::try_from(options.max_record_bytes).unwrap_or(i32::MAX);
     conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, limit)
         .map_err(Error::sqlite("set the record size limit of", path))?;

@@ -32,6 +32,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use rusqlite::{Connection, TransactionBehavior};
 
+use super::checkpoint::Checkpointer;
 use super::conn;
 use super::options::TableLayout;
 use super::pool::ReaderPool;
@@ -144,6 +145,8 @@ pub(super) enum Maintenance {
     /// Delete these (committed, unreachable) records in one transaction, and forget that
     /// they were stored (garbage collection). Returns the rows deleted.
     Delete(Vec<DataKey>),
+    /// Copy the write-ahead log into the database and truncate it (at close).
+    Checkpoint,
 }
 
 /// What callers and the writer thread share.
@@ -535,6 +538,7 @@ pub(super) fn run(
     layout: TableLayout,
     path: &Path,
     cache_bytes: u64,
+    checkpointer: Option<&Checkpointer>,
 ) {
     let committer = Committer {
         conn,
@@ -542,6 +546,7 @@ pub(super) fn run(
         path,
         cache_bytes,
         current_cache: cache_bytes,
+        checkpointer,
     };
     let outcome = panic::catch_unwind(AssertUnwindSafe(|| run_loop(buffer, pool, committer)));
     if let Err(payload) = outcome {
@@ -574,6 +579,8 @@ struct Committer<'a> {
     /// The page cache as configured, and as currently set.
     cache_bytes: u64,
     current_cache: u64,
+    /// In WAL mode, told what each commit wrote.
+    checkpointer: Option<&'a Checkpointer>,
 }
 
 fn run_loop(buffer: &WriteBuffer, pool: &ReaderPool, mut committer: Committer<'_>) {
@@ -612,6 +619,7 @@ fn run_loop(buffer: &WriteBuffer, pool: &ReaderPool, mut committer: Committer<'_
                 if timeout.timed_out() {
                     drop(state);
                     pool.end_idle();
+                    committer.truncate_log_if_idle(pool);
                     state = buffer.lock();
                 }
             }
@@ -656,6 +664,7 @@ impl Committer<'_> {
                 .execute_batch("VACUUM;")
                 .map(|()| 0)
                 .map_err(Error::sqlite("compact (VACUUM)", self.path)),
+            Maintenance::Checkpoint => Ok(0),
             Maintenance::Delete(_) => unreachable!("handled above"),
         };
         if result.is_ok() {
@@ -671,6 +680,32 @@ impl Committer<'_> {
         }
         pool.end_write();
         result
+    }
+
+    /// In WAL mode, once the writer is idle: truncates the log the background checkpoints
+    /// copied but could not restart, so that reads go to the database file again. Waits for
+    /// no one: if a reader (of another process) holds the log, it tries again at the next
+    /// idle sweep.
+    fn truncate_log_if_idle(&mut self, pool: &ReaderPool) {
+        let Some(checkpointer) = self.checkpointer else {
+            return;
+        };
+        if !checkpointer.take_log_in_use() {
+            return;
+        }
+        pool.begin_write();
+        let _ = self.conn.busy_timeout(Duration::ZERO);
+        let truncated = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                row.get::<_, i64>(0)
+            });
+        let _ = self.conn.busy_timeout(conn::BUSY_TIMEOUT);
+        pool.end_write();
+        // The first column is 1 when the checkpoint could not finish (a reader held on).
+        if !matches!(truncated, Ok(0)) {
+            checkpointer.log_still_in_use();
+        }
     }
 
     /// Commits `batch` and hands it to [`WriteBuffer::after_commit`] (taking it out of the
@@ -704,6 +739,9 @@ impl Committer<'_> {
         let t2 = std::time::Instant::now();
         pool.end_write();
         let (seq, rows, bytes) = (pending.seq, pending.entries.len(), pending.bytes);
+        if let (Ok(()), Some(checkpointer)) = (&result, self.checkpointer) {
+            checkpointer.committed(bytes as u64);
+        }
         if let Some(done) = batch.take() {
             buffer.after_commit(done, result);
         }
