@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use rusqlite::{Connection, OpenFlags};
 
 use super::conn;
-use super::options::{Durability, SqliteOptions};
+use super::options::SqliteOptions;
 use crate::error::Error;
 
 /// Record bytes committed between two background checkpoints.
@@ -97,11 +97,10 @@ pub(super) fn start(
     conn.busy_timeout(conn::BUSY_TIMEOUT)
         .map_err(Error::sqlite("set the busy timeout of", path))?;
     // The sync level governs the checkpoint's syncs: the same as the writer's.
-    let sync = match options.durability {
-        Durability::Sync => "FULL",
-        _ => "NORMAL",
-    };
-    conn.execute_batch(&format!("PRAGMA synchronous = {sync};"))
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {};",
+        conn::synchronous(options.durability)
+    ))
         .map_err(Error::sqlite("set the sync level of", path))?;
     let shared = Arc::new(Checkpointer {
         due: Mutex::new(Due::default()),

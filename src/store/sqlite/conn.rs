@@ -79,7 +79,7 @@ fn journal_mode(durability: Durability) -> &'static str {
 /// The `synchronous` level each durability runs at. Durable needs `NORMAL`: SQLite keeps a
 /// WAL database consistent through power loss at `NORMAL` (the log is synced before each
 /// checkpoint), not at `OFF`.
-fn synchronous(durability: Durability) -> &'static str {
+pub(super) fn synchronous(durability: Durability) -> &'static str {
     match durability {
         Durability::Cache => "OFF",
         Durability::Durable => "NORMAL",

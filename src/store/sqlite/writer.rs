@@ -672,11 +672,7 @@ impl Committer<'_> {
             // no other process reads (our readers were released above), without waiting
             // for one that does (then the next checkpoint shrinks it). Nothing in other
             // journal modes.
-            let _ = self.conn.busy_timeout(Duration::ZERO);
-            let _ = self
-                .conn
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
-            let _ = self.conn.busy_timeout(conn::BUSY_TIMEOUT);
+            self.truncate_log();
         }
         pool.end_write();
         result
@@ -694,18 +690,26 @@ impl Committer<'_> {
             return;
         }
         pool.begin_write();
+        let truncated = self.truncate_log();
+        pool.end_write();
+        if !truncated {
+            checkpointer.log_still_in_use();
+        }
+    }
+
+    /// Checkpoints the write-ahead log and truncates it, waiting for no reader (this
+    /// store's readers must have been released); returns whether it finished. `false` in a
+    /// journal mode without a log.
+    fn truncate_log(&self) -> bool {
         let _ = self.conn.busy_timeout(Duration::ZERO);
-        let truncated = self
+        // The first column is 1 when the checkpoint could not finish (a reader held on).
+        let busy = self
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
                 row.get::<_, i64>(0)
             });
         let _ = self.conn.busy_timeout(conn::BUSY_TIMEOUT);
-        pool.end_write();
-        // The first column is 1 when the checkpoint could not finish (a reader held on).
-        if !matches!(truncated, Ok(0)) {
-            checkpointer.log_still_in_use();
-        }
+        matches!(busy, Ok(0))
     }
 
     /// Commits `batch` and hands it to [`WriteBuffer::after_commit`] (taking it out of the
