@@ -147,6 +147,15 @@ impl<S: NodeStore> Runtime<S> {
         self.fresh.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The collection epoch read before this thread's latest `store_data` on this runtime;
+    /// `u64::MAX` (never current) if its latest was on another one.
+    fn epoch_before_last_put(&self) -> u64 {
+        match PUT_EPOCH.get() {
+            (runtime, epoch) if runtime == self.storage_identity() => epoch,
+            _ => u64::MAX,
+        }
+    }
+
     /// Hands every key the runtime relies on to `keep`: live arc-cache values, remembered
     /// keys of live values, keys of paged-out `PagableArc`s, roots `page_out` returned lately.
     fn live_keys(&self, keep: &mut dyn FnMut(DataKey)) {
@@ -491,10 +500,7 @@ impl<S: NodeStore> PagableStorage for Runtime<S> {
 
     fn remember_key(&self, type_id: TypeId, key: DataKey, arc: &dyn ArcEraseDyn) {
         self.memo.remember(type_id, key, arc);
-        let before = match PUT_EPOCH.get() {
-            (runtime, epoch) if runtime == self.storage_identity() => epoch,
-            _ => u64::MAX,
-        };
+        let before = self.epoch_before_last_put();
         if !self.still_stored(&key, before) {
             self.memo.forget(type_id, arc.identity(), key);
         }
@@ -514,10 +520,7 @@ impl<S: NodeStore> PagableStorage for Runtime<S> {
             }
         }
         // The root is the last node a page-out stores: `PUT_EPOCH` is from before its put.
-        let before = match PUT_EPOCH.get() {
-            (runtime, epoch) if runtime == self.storage_identity() => epoch,
-            _ => u64::MAX,
-        };
+        let before = self.epoch_before_last_put();
         self.still_stored(&key, before)
     }
 
