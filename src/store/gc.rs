@@ -421,16 +421,7 @@ impl Marker<'_> {
                     Some(children) => stack.extend(children.filter(|child| marks.insert(child))),
                     None => *missing += 1,
                 })?;
-            let before = self.read;
-            self.read += chunk.len() as u64;
-            if let Some(progress) = self.progress {
-                if before / PROGRESS_EVERY != self.read / PROGRESS_EVERY {
-                    progress(GcProgress {
-                        phase: GcPhase::Mark,
-                        done: self.read,
-                    });
-                }
-            }
+            count_marked(&mut self.read, chunk.len() as u64, self.progress);
         }
         Ok(())
     }
@@ -516,17 +507,32 @@ impl Pass<'_> {
                 }
             }
         }
-        *self.read += 1;
-        if let Some(progress) = self.progress {
-            if *self.read % PROGRESS_EVERY == 0 {
-                progress(GcProgress {
-                    phase: GcPhase::Mark,
-                    done: *self.read,
-                });
-            }
-        }
+        count_marked(self.read, 1, self.progress);
         Ok(())
     }
+}
+
+/// Adds `n` to the records read while marking, reporting progress every
+/// [`PROGRESS_EVERY`].
+fn count_marked(read: &mut u64, n: u64, progress: Option<&(dyn Fn(GcProgress) + Sync + '_)>) {
+    let before = *read;
+    *read += n;
+    if let Some(progress) = progress {
+        if before / PROGRESS_EVERY != *read / PROGRESS_EVERY {
+            progress(GcProgress {
+                phase: GcPhase::Mark,
+                done: *read,
+            });
+        }
+    }
+}
+
+/// The stored keys of `keys` that are not marked.
+fn unmarked(marks: &Marks, keys: &[StoredKey]) -> Vec<StoredKey> {
+    keys.iter()
+        .filter(|(key, _)| !marks.contains(key))
+        .copied()
+        .collect()
 }
 
 /// Parses the record stored under `key` and checks that it hashes to `key`: a damaged
@@ -581,14 +587,7 @@ pub(crate) fn collect(
                 done: walked,
             });
         }
-        let unmarked = |marker: &Marker<'_>| -> Vec<StoredKey> {
-            chunk
-                .iter()
-                .filter(|(key, _)| !marker.marks.contains(key))
-                .copied()
-                .collect()
-        };
-        let candidates = unmarked(&marker);
+        let candidates = unmarked(&marker.marks, chunk);
         report.kept += (chunk.len() - candidates.len()) as u64;
         if candidates.is_empty() {
             return Ok(());
@@ -610,11 +609,7 @@ pub(crate) fn collect(
         let exclusive = gate.exclusive();
         let vouched = std::mem::take(&mut *gate.grey());
         marker.trace(vouched)?;
-        let doomed: Vec<StoredKey> = candidates
-            .iter()
-            .filter(|(key, _)| !marker.marks.contains(key))
-            .copied()
-            .collect();
+        let doomed = unmarked(&marker.marks, &candidates);
         let mut keys: Vec<DataKey> = doomed.iter().map(|(key, _)| *key).collect();
         // In key order: the deletions then walk the key index in one direction.
         keys.sort_unstable_by_key(|key| key.as_bytes());
