@@ -152,6 +152,15 @@ pub fn store_dag(
     seed: u64,
     nodes: usize,
 ) -> HashMap<DataKey, PagableData> {
+    try_store_dag(put, seed, nodes).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// [`store_dag`], returning the first error of `put` instead of panicking on it.
+fn try_store_dag(
+    put: &dyn Fn(PagableData) -> anyhow::Result<DataKey>,
+    seed: u64,
+    nodes: usize,
+) -> anyhow::Result<HashMap<DataKey, PagableData>> {
     let mut model = HashMap::new();
     let mut keys: Vec<DataKey> = Vec::new();
     for i in 0..nodes {
@@ -161,12 +170,12 @@ pub fn store_dag(
             .map(|j| keys[(n as usize * 31 + j * 7) % keys.len()])
             .collect();
         let data = node(n, (n % 300) as usize, arcs);
-        let key = put(data.clone()).unwrap_or_else(|e| panic!("store node {i}: {e:#}"));
+        let key = put(data.clone()).map_err(|e| e.context(format!("store node {i}")))?;
         assert_eq!(key, data.compute_key(), "a store returns compute_key()");
         keys.push(key);
         model.insert(key, data);
     }
-    model
+    Ok(model)
 }
 
 /// Fetches every key of `model` through `get` and checks the bytes.
@@ -1148,8 +1157,8 @@ fn gc_racing_writers_leaves_every_root_complete<H: NodeStoreHarness>(harness: &H
     }
 }
 
-/// Stores writer `w`'s graph `g` (the nodes of `store_dag` with seed `41 + (w + g) % 2`,
-/// children first) and names it root `w{w}`; false if a collection deleted one of its nodes
+/// Stores writer `w`'s graph `g` (`store_dag` with seed `41 + (w + g) % 2`) under a top
+/// node and names that root `w{w}`; false if a collection deleted one of its nodes
 /// that was stored before the collection began, before its parent was stored (the parent,
 /// or the root, is then refused: the caller stores the graph again).
 fn store_graph_and_root<S: NodeStore>(store: &S, w: u64, g: u64) -> bool {
@@ -1159,29 +1168,18 @@ fn store_graph_and_root<S: NodeStore>(store: &S, w: u64, g: u64) -> bool {
             Some(Error::MissingChild { .. } | Error::NotFound(_))
         )
     };
-    let seed = 41 + (w + g) % 2;
-    let mut keys: Vec<DataKey> = Vec::new();
-    for i in 0..30u64 {
-        let n = i + seed * 1_000_003;
-        let arcs = (0..(n % 4) as usize)
-            .filter(|_| !keys.is_empty())
-            .map(|j| keys[(n as usize * 31 + j * 7) % keys.len()])
-            .collect();
-        match store.put(node(n, (n % 300) as usize, arcs)) {
-            Ok(key) => keys.push(key),
-            Err(e) if refused(&e) => return false,
-            Err(e) => panic!("put: {e:#}"),
-        }
-    }
-    let top = match store.put(node(50_000 + w * 1000 + g, 20, keys)) {
-        Ok(top) => top,
-        Err(e) if refused(&e) => return false,
-        Err(e) => panic!("put: {e:#}"),
-    };
-    match store.set_root(&format!("w{w}"), top) {
+    let stored = try_store_dag(&|node| store.put(node), 41 + (w + g) % 2, 30).and_then(|graph| {
+        let top = store.put(node(
+            50_000 + w * 1000 + g,
+            20,
+            graph.keys().copied().collect(),
+        ))?;
+        store.set_root(&format!("w{w}"), top)
+    });
+    match stored {
         Ok(()) => true,
         Err(e) if refused(&e) => false,
-        Err(e) => panic!("set_root: {e:#}"),
+        Err(e) => panic!("store graph {g} of writer {w}: {e:#}"),
     }
 }
 

@@ -101,7 +101,7 @@ pub(super) fn start(
         "PRAGMA synchronous = {};",
         conn::synchronous(options.durability)
     ))
-        .map_err(Error::sqlite("set the sync level of", path))?;
+    .map_err(Error::sqlite("set the sync level of", path))?;
     let shared = Arc::new(Checkpointer {
         due: Mutex::new(Due::default()),
         wake: Condvar::new(),
