@@ -109,16 +109,18 @@ fn one_async(storage: &Arc<SqliteBackedPagableStorage>, key: DataKey) -> (f64, u
     out
 }
 
-fn many_sync(storage: &Arc<SqliteBackedPagableStorage>, keys: &[DataKey]) -> (f64, usize) {
+/// Page-ins of every key at once, each a task `spawn` starts on a fresh runtime.
+fn many(
+    storage: &Arc<SqliteBackedPagableStorage>,
+    keys: &[DataKey],
+    spawn: fn(Arc<SqliteBackedPagableStorage>, DataKey) -> tokio::task::JoinHandle<Graph>,
+) -> (f64, usize) {
     let rt = runtime();
     let out = run(storage, || {
         rt.block_on(async {
             let tasks: Vec<_> = keys
                 .iter()
-                .map(|&key| {
-                    let storage = Arc::clone(storage);
-                    tokio::task::spawn_blocking(move || page_in::<Graph>(&storage, key).unwrap())
-                })
+                .map(|&key| spawn(Arc::clone(storage), key))
                 .collect();
             let mut results = Vec::new();
             for task in tasks {
@@ -131,28 +133,16 @@ fn many_sync(storage: &Arc<SqliteBackedPagableStorage>, keys: &[DataKey]) -> (f6
     out
 }
 
+fn many_sync(storage: &Arc<SqliteBackedPagableStorage>, keys: &[DataKey]) -> (f64, usize) {
+    many(storage, keys, |storage, key| {
+        tokio::task::spawn_blocking(move || page_in::<Graph>(&storage, key).unwrap())
+    })
+}
+
 fn many_async(storage: &Arc<SqliteBackedPagableStorage>, keys: &[DataKey]) -> (f64, usize) {
-    let rt = runtime();
-    let out = run(storage, || {
-        rt.block_on(async {
-            let tasks: Vec<_> = keys
-                .iter()
-                .map(|&key| {
-                    let storage = Arc::clone(storage);
-                    tokio::spawn(
-                        async move { page_in_async::<Graph>(&storage, key).await.unwrap() },
-                    )
-                })
-                .collect();
-            let mut results = Vec::new();
-            for task in tasks {
-                results.push(task.await.unwrap());
-            }
-            results
-        })
-    });
-    rt.shutdown_timeout(Duration::from_secs(10));
-    out
+    many(storage, keys, |storage, key| {
+        tokio::spawn(async move { page_in_async::<Graph>(&storage, key).await.unwrap() })
+    })
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
