@@ -906,9 +906,7 @@ impl Collectable for Collector<'_> {
         }
         let mut misses = Vec::new();
         {
-            let mut stmt = conn
-                .prepare_cached("SELECT value FROM pagable_data WHERE key = ?1")
-                .map_err(sql())?;
+            let mut stmt = conn.prepare_cached(conn::READ_VALUE_SQL).map_err(sql())?;
             for key in keys {
                 if let Some(record) = buffer.pending(key) {
                     Self::visit_record(key, Some(&record), found)?;
@@ -944,11 +942,9 @@ impl Collectable for Collector<'_> {
                 continue;
             }
             let record: Option<Vec<u8>> = conn
-                .query_row(
-                    "SELECT value FROM pagable_data WHERE key = ?1",
-                    [&key.as_bytes()[..]],
-                    |row| row.get(0),
-                )
+                .query_row(conn::READ_VALUE_SQL, [&key.as_bytes()[..]], |row| {
+                    row.get(0)
+                })
                 .map(Some)
                 .or_else(|e| match e {
                     rusqlite::Error::QueryReturnedNoRows => Ok(None),

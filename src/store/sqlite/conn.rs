@@ -20,6 +20,8 @@ macro_rules! create_table_sql {
 /// The named roots: pagestore's own table, which the reference never reads.
 pub(super) const CREATE_ROOTS_SQL: &str =
     "CREATE TABLE IF NOT EXISTS pagestore_roots (name TEXT PRIMARY KEY, key BLOB NOT NULL)";
+/// Reads one record (`?1` key bytes).
+pub(super) const READ_VALUE_SQL: &str = "SELECT value FROM pagable_data WHERE key = ?1";
 /// Sets a root (`?1` name, `?2` key bytes).
 pub(super) const SET_ROOT_SQL: &str =
     "INSERT OR REPLACE INTO pagestore_roots (name, key) VALUES (?1, ?2)";

@@ -33,8 +33,6 @@ use rusqlite::types::{Type, ValueRef};
 
 use crate::error::Error;
 
-const SELECT: &str = "SELECT value FROM pagable_data WHERE key = ?1";
-
 /// Records larger than this count as large for the memory-map decision.
 const LARGE_RECORD: usize = 8 * 1024;
 /// The map is turned on when the score reaches 0 and off when it reaches `SCORE_MAX`; each
@@ -258,7 +256,7 @@ impl ReaderPool {
         key: &[u8; 16],
         on_row: impl FnOnce(Result<&[u8], Type>) -> R,
     ) -> rusqlite::Result<Option<R>> {
-        let mut stmt = conn.prepare_cached(SELECT)?;
+        let mut stmt = conn.prepare_cached(super::conn::READ_VALUE_SQL)?;
         let mut rows = stmt.query([&key[..]])?;
         match rows.next()? {
             None => Ok(None),
