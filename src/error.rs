@@ -188,6 +188,37 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An operation on a remote store ([`RemoteStore`](crate::remote::RemoteStore)) failed:
+    /// the connection, a timeout, or the server's error, which is the
+    /// [`source`](std::error::Error::source). The local store is unaffected.
+    #[error("the remote store {remote} could not {operation}")]
+    Remote {
+        /// The remote, as its [`describe`](crate::remote::RemoteStore::describe) says.
+        remote: String,
+        /// What pagestore was doing, as a verb phrase ("read 512 records", "store 3 records").
+        operation: &'static str,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+
+    /// The remote store is not being asked: recent operations on it failed, and its circuit
+    /// breaker waits before the next probe. Local reads and writes go on; what needs the
+    /// remote (a node stored only there) fails with this until it is back.
+    #[error(
+        "the remote store {remote} is unavailable after repeated failures ({cause}); it is \
+         probed again in {} ms",
+        retry_in.as_millis()
+    )]
+    RemoteUnavailable {
+        /// The remote, as its [`describe`](crate::remote::RemoteStore::describe) says.
+        remote: String,
+        /// The last failure, as text.
+        cause: String,
+        /// How long until the breaker lets a probe through.
+        retry_in: std::time::Duration,
+    },
+
     /// An earlier write failed, so the store no longer knows what reached disk; it refuses
     /// further writes instead of pretending they succeed.
     #[error(

@@ -103,6 +103,7 @@ mod erase;
 mod error;
 pub mod graph;
 mod key;
+pub mod remote;
 mod runtime;
 mod store;
 #[cfg(feature = "testing")]
