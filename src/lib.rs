@@ -117,11 +117,13 @@ pub use graph::{
 };
 pub use key::{DataKey, ParseKeyError};
 #[cfg(feature = "sqlite")]
-pub use runtime::SqliteBackedPagableStorage;
+pub use remote::{TieredNodeStore, TieredOptions};
 pub use runtime::{
     DEFAULT_GC_GRACE, InMemoryPagableStorage, PagableStorage, PageOutReport, PagingStats,
     SessionContext, StorageStats, WithRuntime,
 };
+#[cfg(feature = "sqlite")]
+pub use runtime::{SqliteBackedPagableStorage, TieredStorage};
 pub use store::memory::MemoryNodeStore;
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::{

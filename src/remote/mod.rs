@@ -11,8 +11,12 @@
 use crate::key::DataKey;
 
 mod memory;
+#[cfg(feature = "sqlite")]
+pub(crate) mod tiered;
 
 pub use memory::MemoryRemoteStore;
+#[cfg(feature = "sqlite")]
+pub use tiered::{BreakerState, TieredNodeStore, TieredOptions, TieredStats};
 
 /// How much one round trip to a remote carries: at most `max_keys` keys and, for the
 /// records sent or expected back, about `max_bytes` bytes (a single record larger than that

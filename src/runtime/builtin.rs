@@ -5,6 +5,8 @@
 use std::path::Path;
 
 use super::WithRuntime;
+#[cfg(feature = "sqlite")]
+use crate::remote::{RemoteStore, TieredNodeStore, TieredOptions};
 use crate::store::memory::MemoryNodeStore;
 #[cfg(feature = "sqlite")]
 use crate::store::sqlite::{SqliteNodeStore, SqliteOptions};
@@ -89,6 +91,68 @@ impl SqliteOptions {
         let (budget, grace) = (self.memory_budget_bytes(), self.gc_grace_period());
         let store = self.open_node_store(dir)?;
         let storage = WithRuntime::attach(store).memory_budget(budget);
+        Ok(match grace {
+            Some(grace) => storage.gc_grace(grace),
+            None => storage,
+        })
+    }
+}
+
+#[cfg(feature = "sqlite")]
+/// A local SQLite store in front of a shared remote, with the runtime attached: a
+/// [`PagableStorage`](crate::PagableStorage) whose graphs other machines page in by a
+/// root's name. Methods of the tiered store ([`wait_for_upload`](TieredNodeStore::wait_for_upload),
+/// [`tiered_stats`](TieredNodeStore::tiered_stats), …) and, with [`NodeStore`](crate::NodeStore)
+/// in scope, the roots are called on it directly.
+///
+/// ```
+/// use std::sync::Arc;
+/// use pagestore::remote::MemoryRemoteStore;
+/// use pagestore::{page_in, page_out, NodeStore, PagableStorage, Shared, TieredStorage};
+///
+/// let remote = Arc::new(MemoryRemoteStore::new()); // `RedisStore::connect(url)?` in real use
+/// let (here, there) = (tempfile::tempdir()?, tempfile::tempdir()?);
+///
+/// let storage = Arc::new(TieredStorage::open(here.path(), Arc::clone(&remote))?);
+/// let word = Shared::new("shared".to_string());
+/// let key = page_out(&storage, &vec![word.clone(), word])?;
+/// storage.set_root("build-42", key)?; // published once its graph is remote
+/// storage.flush()?;
+/// storage.wait_for_upload()?;
+///
+/// // Another machine, with an empty directory, finds the graph by the root's name.
+/// let other = Arc::new(TieredStorage::open(there.path(), remote)?);
+/// let root = other.root("build-42")?.expect("published");
+/// let back: Vec<Shared<String>> = page_in(&other, root)?;
+/// assert!(Shared::ptr_eq(&back[0], &back[1]));
+/// # anyhow::Ok(())
+/// ```
+pub type TieredStorage = WithRuntime<TieredNodeStore>;
+
+#[cfg(feature = "sqlite")]
+impl TieredStorage {
+    /// Opens (creating if needed) the tiered store in `dir` in front of `remote` with
+    /// default options: `TieredOptions::default().open(dir, remote)`.
+    pub fn open(dir: impl AsRef<Path>, remote: impl RemoteStore) -> anyhow::Result<Self> {
+        TieredOptions::default().open(dir, remote)
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl TieredOptions {
+    /// Opens the tiered store in `dir` in front of `remote`
+    /// ([`open_node_store`](Self::open_node_store)) with the runtime attached, its memory
+    /// budget and collection grace taken from the [`sqlite`](Self::sqlite) options.
+    pub fn open(
+        self,
+        dir: impl AsRef<Path>,
+        remote: impl RemoteStore,
+    ) -> anyhow::Result<TieredStorage> {
+        let (budget, grace) = (
+            self.sqlite.memory_budget_bytes(),
+            self.sqlite.gc_grace_period(),
+        );
+        let storage = WithRuntime::attach(self.open_node_store(dir, remote)?).memory_budget(budget);
         Ok(match grace {
             Some(grace) => storage.gc_grace(grace),
             None => storage,

@@ -23,7 +23,7 @@ use either::Either;
 
 pub use builtin::InMemoryPagableStorage;
 #[cfg(feature = "sqlite")]
-pub use builtin::SqliteBackedPagableStorage;
+pub use builtin::{SqliteBackedPagableStorage, TieredStorage};
 use cache::ArcCache;
 use memo::KeyMemo;
 use pager::{Evictable, Pager};
