@@ -23,7 +23,7 @@ use crate::error::Error;
 use crate::key::DataKey;
 use crate::remote::RemoteStore;
 use crate::store::sqlite::{SqliteNodeStore, SqliteOptions};
-use crate::store::{GcOptions, GcReport, NodeStore, StoreStats};
+use crate::store::{NodeStore, StoreStats};
 
 mod guard;
 mod queue;
@@ -189,9 +189,13 @@ pub struct TieredStats {
 /// ([`get`](NodeStore::get) fetches it from the remote if need be), and a node may name a
 /// child that only the remote holds ([`put`](NodeStore::put) fetches it first). Roots set
 /// here are read here first; a root this store never set is read from the remote, so a
-/// root published by another machine is found by name. [`scan`](NodeStore::scan), garbage
-/// collection and the stats concern the local store, a cache that may be collected freely:
-/// what was uploaded stays on the remote.
+/// root published by another machine is found by name. [`scan`](NodeStore::scan) and the
+/// stats concern the local store.
+///
+/// Garbage collection through [`NodeStore::collect_garbage`] is
+/// [`Unsupported`](Error::Unsupported): nothing here can say what the remote's other users
+/// need. The local store is a cache: `local().gc()` deletes from it what its roots do not
+/// reach (what was uploaded stays on the remote and comes back on the next read).
 pub struct TieredNodeStore {
     // Dropped first: the uploader stops (queue kept) before the local store closes.
     uploader: Uploader,
@@ -368,18 +372,26 @@ impl NodeStore for TieredNodeStore {
         Ok(())
     }
 
-    /// The root set here if there is one, else the remote's (which needs the remote).
+    /// The root set here if there is one; none if it was removed here (its removal may not
+    /// have reached the remote yet); else the remote's (which needs the remote).
     fn root(&self, name: &str) -> anyhow::Result<Option<DataKey>> {
         if let Some(key) = self.tiers.local.root(name)? {
             return Ok(Some(key));
+        }
+        if self.tiers.queue.removes_root(name)? {
+            return Ok(None);
         }
         self.tiers.remote.call(|r| r.root(name))
     }
 
     /// The remote's roots with this store's over them, sorted by name (needs the remote).
     fn roots(&self) -> anyhow::Result<Vec<(String, DataKey)>> {
-        let mut roots: std::collections::BTreeMap<String, DataKey> =
-            self.tiers.remote.call(|r| r.roots())?.into_iter().collect();
+        let mut roots = std::collections::BTreeMap::new();
+        for (name, key) in self.tiers.remote.call(|r| r.roots())? {
+            if !self.tiers.queue.removes_root(&name)? {
+                roots.insert(name, key);
+            }
+        }
         roots.extend(self.tiers.local.roots()?);
         Ok(roots.into_iter().collect())
     }
@@ -387,7 +399,8 @@ impl NodeStore for TieredNodeStore {
     /// Removes the root here and queues its removal from the remote; says whether either
     /// had it (asking the remote first, so a remote that cannot answer changes nothing).
     fn remove_root(&self, name: &str) -> anyhow::Result<bool> {
-        let remote_had = self.tiers.remote.call(|r| r.root(name))?.is_some();
+        let remote_had = !self.tiers.queue.removes_root(name)?
+            && self.tiers.remote.call(|r| r.root(name))?.is_some();
         let local_had = self.tiers.local.remove_root(name)?;
         self.tiers.queue.push(Entry::RemoveRoot(name.to_owned()));
         Ok(local_had || remote_had)
@@ -395,10 +408,6 @@ impl NodeStore for TieredNodeStore {
 
     fn release_memory(&self) {
         self.tiers.local.release_memory();
-    }
-
-    fn collect_garbage(&self, options: &GcOptions<'_>) -> anyhow::Result<GcReport> {
-        self.tiers.local.collect_garbage(options)
     }
 
     fn gc_epoch(&self) -> u64 {

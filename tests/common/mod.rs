@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the shared helpers
 
 pub mod tmpfs;
+pub mod watched;
 
 use std::path::Path;
 

@@ -51,7 +51,9 @@ impl UploadQueue {
                  op INTEGER NOT NULL,
                  key BLOB,
                  root TEXT
-             );",
+             );
+             CREATE INDEX IF NOT EXISTS upload_queue_root ON upload_queue (root, seq)
+                 WHERE root IS NOT NULL;",
         )
         .map_err(Error::sqlite("set up the upload queue in", &path))?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
@@ -148,6 +150,31 @@ impl UploadQueue {
             .map_err(Error::sqlite("update the upload queue in", &self.path))
     }
 
+    /// Whether the newest queued change of root `name` removes it: the remote may still
+    /// have the root, but for this store it is gone.
+    pub fn removes_root(&self, name: &str) -> Result<bool, Error> {
+        let newest_buffered = lock(&self.buffer)
+            .iter()
+            .rev()
+            .find_map(|entry| match entry {
+                Entry::SetRoot(n, _) if n == name => Some(false),
+                Entry::RemoveRoot(n) if n == name => Some(true),
+                _ => None,
+            });
+        if let Some(removes) = newest_buffered {
+            return Ok(removes);
+        }
+        lock(&self.conn)
+            .query_row(
+                "SELECT op FROM upload_queue WHERE root = ?1 ORDER BY seq DESC LIMIT 1",
+                [name],
+                |row| row.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|op| op == Some(OP_REMOVE_ROOT))
+            .map_err(Error::sqlite("read the upload queue in", &self.path))
+    }
+
     /// The newest entry in the file, if any.
     pub fn last_seq(&self) -> Result<Option<i64>, Error> {
         self.seq_query("SELECT max(seq) FROM upload_queue")
@@ -225,5 +252,19 @@ mod tests {
         assert_eq!(queue.first_seq().unwrap(), Some(last));
         queue.remove_through(last).unwrap();
         assert_eq!(queue.len().unwrap(), 0);
+    }
+
+    #[test]
+    fn the_newest_change_of_a_root_decides_whether_it_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = UploadQueue::open(dir.path()).unwrap();
+        queue.push(Entry::SetRoot("a".into(), key(1)));
+        queue.push(Entry::RemoveRoot("a".into()));
+        assert!(queue.removes_root("a").unwrap());
+        queue.persist().unwrap();
+        assert!(queue.removes_root("a").unwrap(), "read from the file");
+        queue.push(Entry::SetRoot("a".into(), key(2)));
+        assert!(!queue.removes_root("a").unwrap(), "the buffer is newer");
+        assert!(!queue.removes_root("b").unwrap());
     }
 }
