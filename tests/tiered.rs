@@ -265,16 +265,23 @@ fn a_root_removed_here_is_gone_here_before_the_remote_hears_of_it() {
     assert_eq!(remote.inner.root("r").unwrap(), Some(key));
 
     remote.set_down(true);
-    // Asking the remote whether it has the root fails: nothing changes.
-    assert!(store.remove_root("r").is_err());
-    assert_eq!(store.root("r").unwrap(), Some(key));
-    remote.set_down(false);
+    // A root set here is removed here, without the network.
     assert!(store.remove_root("r").unwrap());
     assert_eq!(store.root("r").unwrap(), None);
     assert!(!store.remove_root("r").unwrap());
+    remote.set_down(false);
+    assert_eq!(remote.inner.root("r").unwrap(), Some(key), "not told yet");
     assert!(store.roots().unwrap().is_empty());
     store.wait_for_upload().unwrap();
     assert_eq!(remote.inner.root("r").unwrap(), None);
+
+    // A root only the remote has is removed there too.
+    remote.inner.set_root("theirs", key).unwrap();
+    assert_eq!(store.root("theirs").unwrap(), Some(key));
+    assert!(store.remove_root("theirs").unwrap());
+    assert_eq!(store.root("theirs").unwrap(), None);
+    store.wait_for_upload().unwrap();
+    assert_eq!(remote.inner.root("theirs").unwrap(), None);
 }
 
 #[test]
@@ -373,4 +380,23 @@ fn an_empty_store_hydrates_a_deep_chain() {
     while let Some(child) = node.arcs.first() {
         node = b.local().get(child).unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_in_async_fetches_from_the_remote_a_level_at_a_time() {
+    let remote = remote();
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let original = graph(5, 30);
+    let a = Arc::new(TieredStorage::open(a_dir.path(), Arc::clone(&remote)).unwrap());
+    let key = page_out(&a, &original).unwrap();
+    let a = Arc::clone(&a);
+    tokio::task::spawn_blocking(move || a.wait_for_upload())
+        .await
+        .unwrap()
+        .unwrap();
+
+    let b = Arc::new(TieredStorage::open(b_dir.path(), Arc::clone(&remote)).unwrap());
+    let back: Module = pagestore::page_in_async(&b, key).await.unwrap();
+    assert_eq!(back, original);
+    assert_eq!(b.tiered_stats().unwrap().filled, 151);
 }

@@ -396,14 +396,17 @@ impl NodeStore for TieredNodeStore {
         Ok(roots.into_iter().collect())
     }
 
-    /// Removes the root here and queues its removal from the remote; says whether either
-    /// had it (asking the remote first, so a remote that cannot answer changes nothing).
+    /// Removes the root here and queues its removal from the remote; says whether it
+    /// existed. Only a root this store does not have is looked up on the remote (and
+    /// removed there too if it is found).
     fn remove_root(&self, name: &str) -> anyhow::Result<bool> {
-        let remote_had = !self.tiers.queue.removes_root(name)?
-            && self.tiers.remote.call(|r| r.root(name))?.is_some();
-        let local_had = self.tiers.local.remove_root(name)?;
-        self.tiers.queue.push(Entry::RemoveRoot(name.to_owned()));
-        Ok(local_had || remote_had)
+        let existed = self.tiers.local.remove_root(name)?
+            || (!self.tiers.queue.removes_root(name)?
+                && self.tiers.remote.call(|r| r.root(name))?.is_some());
+        if existed {
+            self.tiers.queue.push(Entry::RemoveRoot(name.to_owned()));
+        }
+        Ok(existed)
     }
 
     fn release_memory(&self) {
