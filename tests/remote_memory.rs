@@ -66,9 +66,7 @@ fn get_many_async_is_one_batched_read() {
         .worker_threads(2)
         .build()
         .unwrap();
-    let nodes = runtime
-        .block_on(store.get_many_async(&keys))
-        .unwrap();
+    let nodes = runtime.block_on(store.get_many_async(&keys)).unwrap();
     assert_eq!(nodes.len(), keys.len());
     for (key, node) in keys.iter().zip(&nodes) {
         assert_eq!(node.compute_key(), *key);

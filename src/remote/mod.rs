@@ -15,10 +15,10 @@ mod node_store;
 #[cfg(feature = "redis")]
 mod redis;
 
-pub use memory::MemoryRemoteStore;
-pub use node_store::RemoteNodeStore;
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisOptions, RedisStore};
+pub use memory::MemoryRemoteStore;
+pub use node_store::RemoteNodeStore;
 
 /// How much one round trip to a remote carries: at most `max_keys` keys and, for the
 /// records sent or expected back, about `max_bytes` bytes (a single record larger than that

@@ -62,7 +62,10 @@ fn check<R: RemoteStore + ?Sized>(
     let record = record.ok_or(Error::NotFound(key))?;
     let node = codec::decode(&record).map_err(|e| Error::Corrupt {
         key,
-        reason: format!("the record read from {} does not decode: {e}", remote.describe()),
+        reason: format!(
+            "the record read from {} does not decode: {e}",
+            remote.describe()
+        ),
     })?;
     let actual = node.compute_key();
     if actual != key {

@@ -208,7 +208,8 @@ enum Client {
 
 enum Conn {
     Single(redis::Connection),
-    Cluster(ClusterConnection),
+    // Boxed: it holds a connection per node and would make every pooled `Single` as big.
+    Cluster(Box<ClusterConnection>),
 }
 
 impl Conn {
@@ -236,7 +237,7 @@ impl Conn {
     fn command(&mut self, cmd: &Cmd) -> Result<Value, Failure> {
         let reply = match self {
             Conn::Single(conn) => cmd.query(conn)?,
-            Conn::Cluster(conn) => cmd.query(conn)?,
+            Conn::Cluster(conn) => cmd.query(&mut **conn)?,
         };
         Ok(reply)
     }
@@ -305,7 +306,7 @@ impl RedisStore {
                 let conn = client.get_connection()?;
                 conn.set_read_timeout(io)?;
                 conn.set_write_timeout(io)?;
-                Ok(Conn::Cluster(conn))
+                Ok(Conn::Cluster(Box::new(conn)))
             }
         }
     }
@@ -523,9 +524,7 @@ impl RemoteStore for RedisStore {
                     )?
                 };
                 if replies.len() != batch.len() {
-                    return Err(
-                        format!("{} values for {} keys", replies.len(), batch.len()).into()
-                    );
+                    return Err(format!("{} values for {} keys", replies.len(), batch.len()).into());
                 }
                 replies
                     .into_iter()
@@ -545,7 +544,12 @@ impl RemoteStore for RedisStore {
         for batch in self.options.limits.split(records, |(_, r)| r.len()) {
             let cmds = batch
                 .iter()
-                .map(|(key, record)| redis::cmd("SET").arg(self.record_key(key)).arg(*record).clone())
+                .map(|(key, record)| {
+                    redis::cmd("SET")
+                        .arg(self.record_key(key))
+                        .arg(*record)
+                        .clone()
+                })
                 .collect();
             self.with_conn("store records", |conn, trips| {
                 trips.fetch_add(1, Ordering::Relaxed);
@@ -702,7 +706,13 @@ fn parse_root_key(hex: &[u8]) -> Result<DataKey, Failure> {
     std::str::from_utf8(hex)
         .ok()
         .and_then(|hex| hex.parse().ok())
-        .ok_or_else(|| format!("a root names {:?}, not a key in hex", String::from_utf8_lossy(hex)).into())
+        .ok_or_else(|| {
+            format!(
+                "a root names {:?}, not a key in hex",
+                String::from_utf8_lossy(hex)
+            )
+            .into()
+        })
 }
 
 /// `url` without its password (the user name stays: it says which account is used).
@@ -731,7 +741,10 @@ mod tests {
     #[test]
     fn describe_never_shows_a_password() {
         assert_eq!(redact("redis://:secret@host:6379/0"), "redis://host:6379/0");
-        assert_eq!(redact("redis://me:secret@host:6379"), "redis://me@host:6379");
+        assert_eq!(
+            redact("redis://me:secret@host:6379"),
+            "redis://me@host:6379"
+        );
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
         assert_eq!(redact("unix:///tmp/redis.sock"), "unix:///tmp/redis.sock");
     }

@@ -23,7 +23,9 @@ fn available() -> bool {
         .is_ok_and(|status| status.success());
     if !found {
         if std::env::var("CI").is_ok_and(|ci| ci == "true") {
-            panic!("redis-server is not installed; .ci/run installs it (apt-get install redis-server)");
+            panic!(
+                "redis-server is not installed; .ci/run installs it (apt-get install redis-server)"
+            );
         }
         eprintln!("skipped: redis-server is not installed");
     }
@@ -201,15 +203,22 @@ impl RedisCluster {
             // The cluster bus listens on port + 10000: both must be free.
             let port = loop {
                 let port = free_port();
-                if port <= u16::MAX - 10_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+                if port <= u16::MAX - 10_000
+                    && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+                {
                     break port;
                 }
             };
             let dir = tempfile::tempdir().expect("server directory");
-            let extra: Vec<String> = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+            let extra: Vec<String> = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
             let child = spawn(port, dir.path(), &extra);
             let node = RedisServer {
                 child,
@@ -231,7 +240,10 @@ impl RedisCluster {
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .output()
             .expect("run redis-cli --cluster create");
-        assert!(output.status.success(), "redis-cli --cluster create: {output:?}");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create: {output:?}"
+        );
         for node in &nodes {
             wait_until(&format!("cluster_state:ok on port {}", node.port), || {
                 node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
