@@ -326,7 +326,58 @@ fn a_stopped_server_fails_within_the_timeout_and_works_once_resumed() {
             "{attempt} connection: failed after {elapsed:?}, timeout {timeout:?}"
         );
     }
+    // Connecting checks that the server answers, within the same bound.
+    let started = Instant::now();
+    let err = RedisOptions::new()
+        .connect_timeout(timeout)
+        .io_timeout(timeout)
+        .connect(&server.url())
+        .unwrap_err();
+    let elapsed = started.elapsed();
+    eprintln!("connecting to a stopped server: failed after {elapsed:?}: {err:#}");
+    assert!(is_remote_error(&err), "connect: {err:#}");
+    assert!(elapsed < 3 * timeout, "connect failed after {elapsed:?}");
+
     server.resume();
+    let got = store.get_many(&keys).unwrap();
+    assert!(got.iter().all(Option::is_some));
+}
+
+#[test]
+fn a_stopped_cluster_master_fails_a_batch_within_the_timeout() {
+    let Some(cluster) = RedisCluster::start(3) else {
+        return;
+    };
+    let timeout = Duration::from_millis(500);
+    let store = RedisOptions::new()
+        .prefix(unique_prefix())
+        .io_timeout(timeout)
+        .connect_timeout(timeout)
+        .connect_cluster(&cluster.urls())
+        .unwrap();
+    // 512 keys, about a third on each master: a reader that waited out every reply of
+    // the stopped one would take minutes.
+    let records = small_records(512);
+    let keys: Vec<DataKey> = records.iter().map(|(k, _)| *k).collect();
+    store.put_many(&as_refs(&records)).unwrap();
+
+    cluster.nodes()[1].stop();
+    let started = Instant::now();
+    let err = store.get_many(&keys).unwrap_err();
+    let elapsed = started.elapsed();
+    eprintln!("a batch with a stopped master: failed after {elapsed:?}: {err:#}");
+    assert!(is_remote_error(&err), "{err:#}");
+    assert!(elapsed < 3 * timeout, "failed after {elapsed:?}");
+    let started = Instant::now();
+    let err = store.find_missing(&keys).unwrap_err();
+    assert!(is_remote_error(&err), "{err:#}");
+    assert!(
+        started.elapsed() < 3 * timeout,
+        "failed after {:?}",
+        started.elapsed()
+    );
+
+    cluster.nodes()[1].resume();
     let got = store.get_many(&keys).unwrap();
     assert!(got.iter().all(Option::is_some));
 }

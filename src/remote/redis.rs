@@ -19,15 +19,13 @@
 //! docs/remote.md says which server settings a store needs (`maxmemory-policy noeviction`
 //! for one that must keep every child) and what happens under an evicting one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::error::Error as StdError;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::cluster::{ClusterClient, ClusterConnection};
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{Cmd, Value};
+use redis::{Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Value};
 
 use super::{BatchLimits, RemoteStore};
 use crate::error::Error;
@@ -38,6 +36,12 @@ type Failure = Box<dyn StdError + Send + Sync + 'static>;
 
 /// SCAN's page size: a hint to the server, which may return more or fewer keys per page.
 const SCAN_COUNT: usize = 1000;
+
+/// The hash slots of a Redis Cluster.
+const SLOTS: usize = 16384;
+
+/// How many times a cluster request follows `MOVED`/`ASK` before it gives up.
+const MAX_REDIRECTS: usize = 3;
 
 /// How a [`RedisStore`] connects and lays out its keys. Every setter says its default.
 ///
@@ -150,17 +154,15 @@ impl RedisOptions {
             self.prefix
         );
         self.check_prefix(&describe)?;
-        let client = ClusterClient::builder(urls)
-            .connection_timeout(self.connect_timeout)
-            .response_timeout(self.io_timeout)
-            // A redirect (MOVED/ASK after a resharding) needs a retry; a dead node should
-            // fail the call soon rather than after the crate's default back-off of seconds.
-            .retries(2)
-            .min_retry_wait(10)
-            .max_retry_wait(100)
-            .build()
+        if urls.is_empty() {
+            return Err(remote(&describe, "connect", "no cluster node was given"));
+        }
+        let seeds = urls
+            .iter()
+            .map(|url| url.into_connection_info())
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| remote(&describe, "connect", e))?;
-        RedisStore::start(Client::Cluster(client), self, describe)
+        RedisStore::start(Client::Cluster(seeds), self, describe)
     }
 
     fn check_prefix(&self, describe: &str) -> anyhow::Result<()> {
@@ -203,44 +205,370 @@ impl std::fmt::Debug for RedisStore {
 
 enum Client {
     Single(redis::Client),
-    Cluster(ClusterClient),
+    /// The nodes given to `connect_cluster`, asked in turn for the slot map.
+    Cluster(Vec<ConnectionInfo>),
 }
 
-enum Conn {
-    Single(redis::Connection),
-    // Boxed: it holds a connection per node and would make every pooled `Single` as big.
-    Cluster(Box<ClusterConnection>),
+/// A cluster node as `CLUSTER SLOTS` names it.
+type NodeAddr = (String, u16);
+
+/// Where one command of a request goes on a cluster; a single server takes them all.
+#[derive(Debug, Clone)]
+enum Route {
+    /// The master that owns this slot.
+    Slot(u16),
+    /// This node.
+    Node(NodeAddr),
+    /// Any master (a command that names no key).
+    Any,
 }
 
-impl Conn {
-    /// Sends `cmds` as one pipeline and reads every reply.
-    fn pipeline(&mut self, cmds: Vec<Cmd>) -> Result<Vec<Value>, Failure> {
-        match self {
-            Conn::Single(conn) => {
-                let mut pipe = redis::pipe();
-                for cmd in cmds {
-                    pipe.add_command(cmd);
-                }
-                Ok(pipe.query(conn)?)
-            }
-            Conn::Cluster(conn) => {
-                let mut pipe = redis::cluster::cluster_pipe();
-                for cmd in cmds {
-                    pipe.add_command(cmd);
-                }
-                Ok(pipe.query(conn)?)
-            }
+/// One command and where it goes.
+struct Request {
+    cmd: Cmd,
+    route: Route,
+}
+
+impl Request {
+    /// A command about the Redis key `key`, routed to the slot that holds it.
+    fn keyed(cmd: Cmd, key: &str) -> Request {
+        Request {
+            cmd,
+            route: Route::Slot(slot_of(key.as_bytes())),
         }
     }
 
-    /// Sends one command (routed by its key on a cluster).
-    fn command(&mut self, cmd: &Cmd) -> Result<Value, Failure> {
-        let reply = match self {
-            Conn::Single(conn) => cmd.query(conn)?,
-            Conn::Cluster(conn) => cmd.query(&mut **conn)?,
-        };
-        Ok(reply)
+    fn any(cmd: Cmd) -> Request {
+        Request {
+            cmd,
+            route: Route::Any,
+        }
     }
+}
+
+/// One pooled connection: to the server, or to every cluster master it has needed.
+enum Conn {
+    Single(redis::Connection),
+    // Boxed: it holds the slot map and would make every pooled `Single` as big.
+    Cluster(Box<ClusterConn>),
+}
+
+impl Conn {
+    /// Sends `requests` in one write (per node) and reads every reply: one round trip.
+    /// A reply that is a server error fails the whole request.
+    fn run(&mut self, requests: &[Request], trips: &AtomicU64) -> Result<Vec<Value>, Failure> {
+        let replies = match self {
+            Conn::Single(conn) => {
+                trips.fetch_add(1, Ordering::Relaxed);
+                let mut packed = Vec::new();
+                for request in requests {
+                    request.cmd.write_packed_command(&mut packed);
+                }
+                conn.send_packed_command(&packed)?;
+                receive(conn, requests.len())?
+            }
+            Conn::Cluster(cluster) => cluster.run(requests, trips)?,
+        };
+        for reply in &replies {
+            if let Value::ServerError(e) = reply {
+                return Err(Box::new(e.clone()));
+            }
+        }
+        Ok(replies)
+    }
+
+    /// [`run`](Self::run) of one command.
+    fn run_one(&mut self, request: Request, trips: &AtomicU64) -> Result<Value, Failure> {
+        self.run(std::slice::from_ref(&request), trips)?
+            .pop()
+            .ok_or_else(|| "no reply".into())
+    }
+}
+
+/// Reads `count` replies, stopping at the first read that fails. (The `redis` crate's own
+/// pipeline reads on after a timed-out read, to stay in step with the server, so a stopped
+/// server would hold the caller for a timeout per command; here the connection is dropped
+/// instead.)
+fn receive(conn: &mut redis::Connection, count: usize) -> Result<Vec<Value>, Failure> {
+    (0..count)
+        .map(|_| conn.recv_response().map_err(Failure::from))
+        .collect()
+}
+
+/// Opens one connection with the store's timeouts.
+fn open(
+    info: &ConnectionInfo,
+    connect: Duration,
+    io: Duration,
+) -> Result<redis::Connection, Failure> {
+    let conn = redis::Client::open(info.clone())?.get_connection_with_timeout(connect)?;
+    conn.set_read_timeout(Some(io))?;
+    conn.set_write_timeout(Some(io))?;
+    Ok(conn)
+}
+
+/// Connections to a cluster's masters and the slot map that routes keys to them.
+///
+/// Routing is done here rather than by the `redis` crate's cluster client, whose sync
+/// pipeline reads every reply of a batch even after one timed out: with a master stopped,
+/// a batch of 512 keys would take 512 timeouts to fail.
+struct ClusterConn {
+    /// The master serving each slot, an index into `masters` (`u16::MAX`: none).
+    owner: Vec<u16>,
+    masters: Vec<NodeAddr>,
+    nodes: HashMap<NodeAddr, redis::Connection>,
+    /// Settings (user, password, database) for connections to the nodes found.
+    template: ConnectionInfo,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+}
+
+impl ClusterConn {
+    /// Asks the seeds in turn for the slot map.
+    fn open(seeds: &[ConnectionInfo], connect: Duration, io: Duration) -> Result<Self, Failure> {
+        let mut last: Failure = "no cluster node was given".into();
+        for seed in seeds {
+            let attempt = open(seed, connect, io).and_then(|mut conn| {
+                let slots = cluster_slots(&mut conn, seed)?;
+                Ok((conn, slots))
+            });
+            match attempt {
+                Ok((_, (owner, masters))) => {
+                    return Ok(ClusterConn {
+                        owner,
+                        masters,
+                        nodes: HashMap::new(),
+                        template: seed.clone(),
+                        connect_timeout: connect,
+                        io_timeout: io,
+                    });
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// The connection to `addr`, opened if needed.
+    fn node(&mut self, addr: &NodeAddr) -> Result<&mut redis::Connection, Failure> {
+        if !self.nodes.contains_key(addr) {
+            let info = self
+                .template
+                .clone()
+                .set_addr(ConnectionAddr::Tcp(addr.0.clone(), addr.1));
+            let conn = open(&info, self.connect_timeout, self.io_timeout)?;
+            self.nodes.insert(addr.clone(), conn);
+        }
+        self.nodes
+            .get_mut(addr)
+            .ok_or_else(|| format!("no connection to {}:{}", addr.0, addr.1).into())
+    }
+
+    fn target(&self, route: &Route) -> Result<NodeAddr, Failure> {
+        let index = match route {
+            Route::Node(addr) => return Ok(addr.clone()),
+            Route::Any => 0,
+            Route::Slot(slot) => self.owner[usize::from(*slot) % SLOTS],
+        };
+        self.masters
+            .get(usize::from(index))
+            .cloned()
+            .ok_or_else(|| format!("no master serves {route:?} (is the cluster complete?)").into())
+    }
+
+    /// Fetches the slot map again, from a node already connected.
+    fn refresh(&mut self) -> Result<(), Failure> {
+        let mut last: Failure = "no cluster node is connected".into();
+        let addrs: Vec<NodeAddr> = self.nodes.keys().cloned().collect();
+        for addr in addrs {
+            let info = self
+                .template
+                .clone()
+                .set_addr(ConnectionAddr::Tcp(addr.0.clone(), addr.1));
+            let Some(conn) = self.nodes.get_mut(&addr) else {
+                continue;
+            };
+            match cluster_slots(conn, &info) {
+                Ok((owner, masters)) => {
+                    self.owner = owner;
+                    self.masters = masters;
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.nodes.remove(&addr);
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Sends each request to its node (all nodes' parts written before any reply is read,
+    /// so the batch costs one round trip) and follows `MOVED` and `ASK` redirects.
+    fn run(&mut self, requests: &[Request], trips: &AtomicU64) -> Result<Vec<Value>, Failure> {
+        let mut replies = vec![Value::Nil; requests.len()];
+        let mut pending: Vec<(usize, NodeAddr, bool)> = requests
+            .iter()
+            .enumerate()
+            .map(|(i, request)| Ok((i, self.target(&request.route)?, false)))
+            .collect::<Result<_, Failure>>()?;
+        for _ in 0..=MAX_REDIRECTS {
+            trips.fetch_add(1, Ordering::Relaxed);
+            let got = self.exchange(requests, &pending)?;
+            let mut again = Vec::new();
+            let mut moved = false;
+            for ((i, _, _), reply) in pending.iter().zip(got) {
+                match redirect(&reply) {
+                    Some((addr, asking)) => {
+                        moved |= !asking;
+                        again.push((*i, addr, asking));
+                    }
+                    None => replies[*i] = reply,
+                }
+            }
+            if again.is_empty() {
+                return Ok(replies);
+            }
+            if moved {
+                self.refresh()?;
+            }
+            pending = again;
+        }
+        Err(format!("still redirected after {MAX_REDIRECTS} attempts").into())
+    }
+
+    /// One round trip: `pending` (request index, node, whether `ASKING` goes first) grouped
+    /// by node; the replies in the order of `pending`.
+    fn exchange(
+        &mut self,
+        requests: &[Request],
+        pending: &[(usize, NodeAddr, bool)],
+    ) -> Result<Vec<Value>, Failure> {
+        let mut groups: Vec<(NodeAddr, Vec<usize>)> = Vec::new();
+        for (position, (_, addr, _)) in pending.iter().enumerate() {
+            match groups.iter_mut().find(|(node, _)| node == addr) {
+                Some((_, positions)) => positions.push(position),
+                None => groups.push((addr.clone(), vec![position])),
+            }
+        }
+        for (addr, positions) in &groups {
+            let mut packed = Vec::new();
+            for &position in positions {
+                let (index, _, asking) = &pending[position];
+                if *asking {
+                    redis::cmd("ASKING").write_packed_command(&mut packed);
+                }
+                requests[*index].cmd.write_packed_command(&mut packed);
+            }
+            self.node(addr)?.send_packed_command(&packed)?;
+        }
+        let mut replies = vec![Value::Nil; pending.len()];
+        for (addr, positions) in &groups {
+            let conn = self.node(addr)?;
+            for &position in positions {
+                if pending[position].2 {
+                    receive(conn, 1)?;
+                }
+                replies[position] = conn.recv_response()?;
+            }
+        }
+        Ok(replies)
+    }
+}
+
+/// The node a `MOVED`/`ASK` error reply sends a command to, and whether it was `ASK`.
+fn redirect(reply: &Value) -> Option<(NodeAddr, bool)> {
+    let Value::ServerError(e) = reply else {
+        return None;
+    };
+    let asking = match e.code() {
+        "MOVED" => false,
+        "ASK" => true,
+        _ => return None,
+    };
+    // "<slot> <host>:<port>"
+    let endpoint = e.details()?.split_whitespace().nth(1)?;
+    let (host, port) = endpoint.rsplit_once(':')?;
+    Some(((host.to_owned(), port.parse().ok()?), asking))
+}
+
+/// `CLUSTER SLOTS` on `conn` (connected as `info`): the master of each slot, as an index
+/// into the list of masters.
+fn cluster_slots(
+    conn: &mut redis::Connection,
+    info: &ConnectionInfo,
+) -> Result<(Vec<u16>, Vec<NodeAddr>), Failure> {
+    conn.send_packed_command(&redis::cmd("CLUSTER").arg("SLOTS").get_packed_command())?;
+    let reply = conn.recv_response()?;
+    let Value::Array(ranges) = &reply else {
+        return Err(unexpected("CLUSTER SLOTS", &reply));
+    };
+    let asked_host = match info.addr() {
+        ConnectionAddr::Tcp(host, _) => host.clone(),
+        _ => String::new(),
+    };
+    let mut owner = vec![u16::MAX; SLOTS];
+    let mut masters: Vec<NodeAddr> = Vec::new();
+    for range in ranges {
+        let parsed = match range {
+            Value::Array(fields) => match (fields.first(), fields.get(1), fields.get(2)) {
+                (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(node))) => {
+                    match (node.first(), node.get(1)) {
+                        (Some(Value::BulkString(host)), Some(Value::Int(port))) => {
+                            let host = String::from_utf8_lossy(host).into_owned();
+                            // An empty or "?" host means "the node you asked".
+                            let host = if host.is_empty() || host == "?" {
+                                asked_host.clone()
+                            } else {
+                                host
+                            };
+                            let slots = usize::try_from(*start)
+                                .ok()
+                                .zip(usize::try_from(*end).ok())
+                                .filter(|(s, e)| s <= e && *e < SLOTS);
+                            slots.zip(u16::try_from(*port).ok().map(|port| (host, port)))
+                        }
+                        _ => None,
+                    }
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        let ((start, end), master) = parsed.ok_or_else(|| unexpected("CLUSTER SLOTS", range))?;
+        let index = match masters.iter().position(|m| *m == master) {
+            Some(index) => index,
+            None => {
+                masters.push(master);
+                masters.len() - 1
+            }
+        };
+        let index = u16::try_from(index).map_err(|_| "more masters than slots")?;
+        owner[start..=end].fill(index);
+    }
+    Ok((owner, masters))
+}
+
+/// The cluster hash slot of a Redis key: CRC16 (XMODEM) of its hash tag (the text between
+/// the first `{` and the next `}`, if not empty) or of the whole key, modulo 16384.
+fn slot_of(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    let mut crc: u16 = 0;
+    for &byte in tagged.unwrap_or(key) {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % SLOTS as u16
 }
 
 impl RedisStore {
@@ -294,20 +622,16 @@ impl RedisStore {
     }
 
     fn open_conn(&self) -> Result<Conn, Failure> {
-        let io = Some(self.options.io_timeout);
+        let (connect, io) = (self.options.connect_timeout, self.options.io_timeout);
         match &self.client {
-            Client::Single(client) => {
-                let conn = client.get_connection_with_timeout(self.options.connect_timeout)?;
-                conn.set_read_timeout(io)?;
-                conn.set_write_timeout(io)?;
-                Ok(Conn::Single(conn))
-            }
-            Client::Cluster(client) => {
-                let conn = client.get_connection()?;
-                conn.set_read_timeout(io)?;
-                conn.set_write_timeout(io)?;
-                Ok(Conn::Cluster(Box::new(conn)))
-            }
+            Client::Single(client) => Ok(Conn::Single(open(
+                client.get_connection_info(),
+                connect,
+                io,
+            )?)),
+            Client::Cluster(seeds) => Ok(Conn::Cluster(Box::new(ClusterConn::open(
+                seeds, connect, io,
+            )?))),
         }
     }
 
@@ -323,7 +647,7 @@ impl RedisStore {
             Some(conn) => conn,
             None => self
                 .open_conn()
-                .map_err(|e| remote(&self.describe, operation, e))?,
+                .map_err(|e| remote(&self.describe, operation, explain(e)))?,
         };
         match work(&mut conn, &self.round_trips) {
             Ok(value) => {
@@ -338,19 +662,33 @@ impl RedisStore {
                 if let Ok(mut idle) = self.idle.lock() {
                     idle.clear();
                 }
-                Err(remote(&self.describe, operation, e))
+                Err(remote(&self.describe, operation, explain(e)))
             }
         }
     }
 
     fn ping_as(&self, operation: &'static str) -> anyhow::Result<()> {
         self.with_conn(operation, |conn, trips| {
-            trips.fetch_add(1, Ordering::Relaxed);
-            match conn.command(&redis::cmd("PING"))? {
-                Value::SimpleString(s) if s == "PONG" => Ok(()),
-                Value::Okay => Ok(()),
-                other => Err(unexpected("PING", &other)),
+            // Every master of a cluster, in the one round trip.
+            let requests: Vec<Request> = match conn {
+                Conn::Single(_) => vec![Request::any(redis::cmd("PING"))],
+                Conn::Cluster(cluster) => cluster
+                    .masters
+                    .iter()
+                    .map(|addr| Request {
+                        cmd: redis::cmd("PING"),
+                        route: Route::Node(addr.clone()),
+                    })
+                    .collect(),
+            };
+            for reply in conn.run(&requests, trips)? {
+                match reply {
+                    Value::SimpleString(s) if s == "PONG" => {}
+                    Value::Okay => {}
+                    other => return Err(unexpected("PING", &other)),
+                }
             }
+            Ok(())
         })
     }
 
@@ -378,7 +716,7 @@ impl RedisStore {
     /// One SCAN page, on the node at `node` for a cluster: the next cursor and the keys.
     fn scan_page(
         &self,
-        node: Option<&(String, u16)>,
+        node: Option<&NodeAddr>,
         cursor: u64,
     ) -> anyhow::Result<(u64, Vec<DataKey>)> {
         let pattern = self.scan_pattern();
@@ -389,17 +727,8 @@ impl RedisStore {
                 .arg(&pattern)
                 .arg("COUNT")
                 .arg(SCAN_COUNT);
-            trips.fetch_add(1, Ordering::Relaxed);
-            let reply = match (conn, node) {
-                (Conn::Cluster(conn), Some((host, port))) => {
-                    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                        host: host.clone(),
-                        port: *port,
-                    });
-                    conn.route_command(&cmd, route)?
-                }
-                (conn, _) => conn.command(&cmd)?,
-            };
+            let route = node.map_or(Route::Any, |addr| Route::Node(addr.clone()));
+            let reply = conn.run_one(Request { cmd, route }, trips)?;
             let Value::Array(parts) = reply else {
                 return Err(unexpected("SCAN", &reply));
             };
@@ -424,36 +753,11 @@ impl RedisStore {
         })
     }
 
-    /// The cluster's masters as `(host, port)`, from `CLUSTER SLOTS`.
-    fn masters(&self) -> anyhow::Result<Vec<(String, u16)>> {
-        self.with_conn("list its cluster nodes", |conn, trips| {
-            trips.fetch_add(1, Ordering::Relaxed);
-            let reply = conn.command(&redis::cmd("CLUSTER").arg("SLOTS").clone())?;
-            let Value::Array(ranges) = &reply else {
-                return Err(unexpected("CLUSTER SLOTS", &reply));
-            };
-            let mut masters: Vec<(String, u16)> = Vec::new();
-            for range in ranges {
-                let master = match range {
-                    Value::Array(fields) => match fields.get(2) {
-                        Some(Value::Array(node)) => match (node.first(), node.get(1)) {
-                            (Some(Value::BulkString(host)), Some(Value::Int(port))) => {
-                                String::from_utf8(host.clone())
-                                    .ok()
-                                    .zip(u16::try_from(*port).ok())
-                            }
-                            _ => None,
-                        },
-                        _ => None,
-                    },
-                    _ => None,
-                };
-                let master = master.ok_or_else(|| unexpected("CLUSTER SLOTS", range))?;
-                if !masters.contains(&master) {
-                    masters.push(master);
-                }
-            }
-            Ok(masters)
+    /// The cluster's masters, from the slot map a connection holds.
+    fn masters(&self) -> anyhow::Result<Vec<NodeAddr>> {
+        self.with_conn("list its cluster nodes", |conn, _| match conn {
+            Conn::Cluster(cluster) => Ok(cluster.masters.clone()),
+            Conn::Single(_) => Ok(Vec::new()),
         })
     }
 }
@@ -470,33 +774,23 @@ impl RemoteStore for RedisStore {
     fn find_missing(&self, keys: &[DataKey]) -> anyhow::Result<Vec<DataKey>> {
         let mut missing = Vec::new();
         for batch in self.options.limits.split(keys, |_| 0) {
-            let cmds = batch
+            let requests: Vec<Request> = batch
                 .iter()
-                .map(|key| redis::cmd("EXISTS").arg(self.record_key(key)).clone())
+                .map(|key| {
+                    let name = self.record_key(key);
+                    Request::keyed(redis::cmd("EXISTS").arg(&name).clone(), &name)
+                })
                 .collect();
-            let replies = self.with_conn("check which records it holds", |conn, trips| {
-                trips.fetch_add(1, Ordering::Relaxed);
-                let replies = conn.pipeline(cmds)?;
-                if replies.len() != batch.len() {
-                    return Err(format!(
-                        "{} replies to {} EXISTS commands",
-                        replies.len(),
-                        batch.len()
-                    )
-                    .into());
-                }
-                Ok(replies)
-            })?;
-            for (key, reply) in batch.iter().zip(replies) {
-                match reply {
-                    Value::Int(0) => missing.push(*key),
-                    Value::Int(_) => {}
-                    other => {
-                        let e = unexpected("EXISTS", &other);
-                        return Err(remote(&self.describe, "check which records it holds", e));
+            self.with_conn("check which records it holds", |conn, trips| {
+                for (key, reply) in batch.iter().zip(conn.run(&requests, trips)?) {
+                    match reply {
+                        Value::Int(0) => missing.push(*key),
+                        Value::Int(_) => {}
+                        other => return Err(unexpected("EXISTS", &other)),
                     }
                 }
-            }
+                Ok(())
+            })?;
         }
         Ok(missing)
     }
@@ -505,78 +799,66 @@ impl RemoteStore for RedisStore {
         let mut records = Vec::with_capacity(keys.len());
         for batch in self.options.limits.split(keys, |_| 0) {
             let names: Vec<String> = batch.iter().map(|key| self.record_key(key)).collect();
-            let replies = self.with_conn("read records", |conn, trips| {
-                trips.fetch_add(1, Ordering::Relaxed);
+            self.with_conn("read records", |conn, trips| {
                 let replies = if matches!(conn, Conn::Single(_)) {
                     // MGET: one command and one reply array for the whole batch.
-                    match conn.command(redis::cmd("MGET").arg(&names))? {
+                    let mget = Request::any(redis::cmd("MGET").arg(&names).clone());
+                    match conn.run_one(mget, trips)? {
                         Value::Array(values) => values,
                         other => return Err(unexpected("MGET", &other)),
                     }
                 } else {
-                    // A cluster refuses an MGET across slots: one GET each, sent to every
-                    // shard at once.
-                    conn.pipeline(
-                        names
-                            .iter()
-                            .map(|name| redis::cmd("GET").arg(name).clone())
-                            .collect(),
-                    )?
+                    // A cluster refuses an MGET across slots: one GET each, every master's
+                    // share sent at once.
+                    let gets: Vec<Request> = names
+                        .iter()
+                        .map(|name| Request::keyed(redis::cmd("GET").arg(name).clone(), name))
+                        .collect();
+                    conn.run(&gets, trips)?
                 };
                 if replies.len() != batch.len() {
                     return Err(format!("{} values for {} keys", replies.len(), batch.len()).into());
                 }
-                replies
-                    .into_iter()
-                    .map(|reply| match reply {
-                        Value::Nil => Ok(None),
-                        Value::BulkString(bytes) => Ok(Some(bytes)),
-                        other => Err(unexpected("GET", &other)),
-                    })
-                    .collect::<Result<Vec<_>, Failure>>()
+                for reply in replies {
+                    match reply {
+                        Value::Nil => records.push(None),
+                        Value::BulkString(bytes) => records.push(Some(bytes)),
+                        other => return Err(unexpected("GET", &other)),
+                    }
+                }
+                Ok(())
             })?;
-            records.extend(replies);
         }
         Ok(records)
     }
 
     fn put_many(&self, records: &[(DataKey, &[u8])]) -> anyhow::Result<()> {
         for batch in self.options.limits.split(records, |(_, r)| r.len()) {
-            let cmds = batch
+            let requests: Vec<Request> = batch
                 .iter()
                 .map(|(key, record)| {
-                    redis::cmd("SET")
-                        .arg(self.record_key(key))
-                        .arg(*record)
-                        .clone()
+                    let name = self.record_key(key);
+                    Request::keyed(redis::cmd("SET").arg(&name).arg(*record).clone(), &name)
                 })
                 .collect();
             self.with_conn("store records", |conn, trips| {
-                trips.fetch_add(1, Ordering::Relaxed);
-                let replies = conn.pipeline(cmds)?;
-                if replies.len() != batch.len() {
-                    return Err(format!(
-                        "{} replies to {} SET commands",
-                        replies.len(),
-                        batch.len()
-                    )
-                    .into());
-                }
-                replies.iter().try_for_each(expect_ok("SET"))
+                conn.run(&requests, trips)?
+                    .iter()
+                    .try_for_each(expect_ok("SET"))
             })?;
         }
         Ok(())
     }
 
     fn set_root(&self, name: &str, key: DataKey) -> anyhow::Result<()> {
+        let roots = self.roots_key();
         let cmd = redis::cmd("HSET")
-            .arg(self.roots_key())
+            .arg(&roots)
             .arg(name)
             .arg(key.to_string())
             .clone();
         self.with_conn("set a root", |conn, trips| {
-            trips.fetch_add(1, Ordering::Relaxed);
-            match conn.command(&cmd)? {
+            match conn.run_one(Request::keyed(cmd, &roots), trips)? {
                 Value::Int(_) => Ok(()),
                 other => Err(unexpected("HSET", &other)),
             }
@@ -584,10 +866,10 @@ impl RemoteStore for RedisStore {
     }
 
     fn root(&self, name: &str) -> anyhow::Result<Option<DataKey>> {
-        let cmd = redis::cmd("HGET").arg(self.roots_key()).arg(name).clone();
+        let roots = self.roots_key();
+        let cmd = redis::cmd("HGET").arg(&roots).arg(name).clone();
         self.with_conn("read a root", |conn, trips| {
-            trips.fetch_add(1, Ordering::Relaxed);
-            match conn.command(&cmd)? {
+            match conn.run_one(Request::keyed(cmd, &roots), trips)? {
                 Value::Nil => Ok(None),
                 Value::BulkString(hex) => parse_root_key(&hex).map(Some),
                 other => Err(unexpected("HGET", &other)),
@@ -596,20 +878,21 @@ impl RemoteStore for RedisStore {
     }
 
     fn roots(&self) -> anyhow::Result<Vec<(String, DataKey)>> {
-        let cmd = redis::cmd("HGETALL").arg(self.roots_key()).clone();
+        let roots_key = self.roots_key();
+        let cmd = redis::cmd("HGETALL").arg(&roots_key).clone();
         self.with_conn("list its roots", |conn, trips| {
-            trips.fetch_add(1, Ordering::Relaxed);
-            let pairs: Vec<(Value, Value)> = match conn.command(&cmd)? {
-                Value::Map(pairs) => pairs,
-                Value::Array(flat) => {
-                    if flat.len() % 2 != 0 {
-                        return Err("HGETALL returned an odd number of items".into());
+            let pairs: Vec<(Value, Value)> =
+                match conn.run_one(Request::keyed(cmd, &roots_key), trips)? {
+                    Value::Map(pairs) => pairs,
+                    Value::Array(flat) => {
+                        if flat.len() % 2 != 0 {
+                            return Err("HGETALL returned an odd number of items".into());
+                        }
+                        let mut items = flat.into_iter();
+                        std::iter::from_fn(|| Some((items.next()?, items.next()?))).collect()
                     }
-                    let mut items = flat.into_iter();
-                    std::iter::from_fn(|| Some((items.next()?, items.next()?))).collect()
-                }
-                other => return Err(unexpected("HGETALL", &other)),
-            };
+                    other => return Err(unexpected("HGETALL", &other)),
+                };
             let mut roots = pairs
                 .into_iter()
                 .map(|pair| match pair {
@@ -627,10 +910,10 @@ impl RemoteStore for RedisStore {
     }
 
     fn remove_root(&self, name: &str) -> anyhow::Result<bool> {
-        let cmd = redis::cmd("HDEL").arg(self.roots_key()).arg(name).clone();
+        let roots = self.roots_key();
+        let cmd = redis::cmd("HDEL").arg(&roots).arg(name).clone();
         self.with_conn("remove a root", |conn, trips| {
-            trips.fetch_add(1, Ordering::Relaxed);
-            match conn.command(&cmd)? {
+            match conn.run_one(Request::keyed(cmd, &roots), trips)? {
                 Value::Int(n) => Ok(n > 0),
                 other => Err(unexpected("HDEL", &other)),
             }
@@ -647,7 +930,7 @@ impl RemoteStore for RedisStore {
         &self,
         visit: &mut dyn FnMut(DataKey) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        let nodes: Vec<Option<(String, u16)>> = match self.client {
+        let nodes: Vec<Option<NodeAddr>> = match self.client {
             Client::Single(_) => vec![None],
             Client::Cluster(_) => self.masters()?.into_iter().map(Some).collect(),
         };
@@ -668,6 +951,18 @@ impl RemoteStore for RedisStore {
             }
         }
         Ok(())
+    }
+}
+
+/// Says what a timeout means (the socket's own message is "resource temporarily
+/// unavailable", repeated by its source).
+fn explain(failure: Failure) -> Failure {
+    match failure.downcast_ref::<redis::RedisError>() {
+        Some(e) if e.is_timeout() => format!(
+            "no answer in time (RedisOptions::io_timeout and connect_timeout bound each wait): {e}"
+        )
+        .into(),
+        _ => failure,
     }
 }
 
@@ -737,6 +1032,18 @@ fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_are_the_clusters() {
+        // The cluster specification's check value, and CLUSTER KEYSLOT of a few keys.
+        assert_eq!(slot_of(b"123456789"), 0x31c3);
+        assert_eq!(slot_of(b"foo"), 12182);
+        assert_eq!(slot_of(b"bar"), 5061);
+        assert_eq!(slot_of(b"{user1000}.following"), slot_of(b"user1000"));
+        assert_eq!(slot_of(b"{user1000}.following"), 3443);
+        assert_eq!(slot_of(b"foo{}{bar}"), 8363); // an empty tag: the whole key
+        assert_eq!(slot_of(b"foo{{bar}}zap"), 4015); // the tag is "{bar"
+    }
 
     #[test]
     fn describe_never_shows_a_password() {
