@@ -343,6 +343,80 @@ fn a_stopped_server_fails_within_the_timeout_and_works_once_resumed() {
     assert!(got.iter().all(Option::is_some));
 }
 
+/// A slot that moves to another master after the store learned the slot map: the old
+/// owner answers MOVED, and the store follows it and learns the new map.
+#[test]
+fn a_cluster_store_follows_a_moved_slot() {
+    let Some(cluster) = RedisCluster::start(3) else {
+        return;
+    };
+    let store = RedisOptions::new()
+        .prefix(unique_prefix())
+        .connect_cluster(&cluster.urls())
+        .unwrap(); // its pooled connection holds the slot map from now on
+    let records = small_records(1);
+    let (key, _) = records[0];
+    let name = store.record_key(&key);
+    let slot = cluster.nodes()[0].cli(&["CLUSTER", "KEYSLOT", &name]);
+    let slot = slot.trim();
+
+    // `CLUSTER NODES`: "<id> <ip:port@bus> <flags> <master> … <slot ranges>".
+    let nodes = cluster.nodes()[0].cli(&["CLUSTER", "NODES"]);
+    let slot_number: u16 = slot.parse().unwrap();
+    let owns = |line: &str| {
+        line.split_whitespace().skip(8).any(|range| {
+            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+            let (lo, hi): (u16, u16) = (lo.parse().unwrap(), hi.parse().unwrap());
+            (lo..=hi).contains(&slot_number)
+        })
+    };
+    let new_owner = nodes
+        .lines()
+        .find(|line| !owns(line))
+        .and_then(|line| line.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    for node in cluster.nodes() {
+        let reply = node.cli(&["CLUSTER", "SETSLOT", slot, "NODE", &new_owner]);
+        assert_eq!(reply.trim(), "OK", "SETSLOT on {}", node.port());
+    }
+
+    let before = store.round_trips();
+    store.put_many(&as_refs(&records)).unwrap();
+    assert_eq!(
+        store.round_trips() - before,
+        2,
+        "the old owner's MOVED, then the new owner"
+    );
+    let counts: Vec<u64> = cluster
+        .nodes()
+        .iter()
+        .map(|node| {
+            node.cli(&["CLUSTER", "COUNTKEYSINSLOT", slot])
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(counts.iter().sum::<u64>(), 1, "one copy: {counts:?}");
+    let holder = counts.iter().position(|&n| n == 1).unwrap();
+    assert!(
+        nodes.lines().any(|line| line.starts_with(&new_owner)
+            && line.contains(&format!(":{}@", cluster.nodes()[holder].port()))),
+        "the record is on the new owner"
+    );
+    let before = store.round_trips();
+    assert_eq!(
+        store.get_many(&[key]).unwrap()[0].as_deref(),
+        Some(&records[0].1[..])
+    );
+    assert_eq!(
+        store.round_trips() - before,
+        1,
+        "the new map was learned: no redirect"
+    );
+}
+
 #[test]
 fn a_stopped_cluster_master_fails_a_batch_within_the_timeout() {
     let Some(cluster) = RedisCluster::start(3) else {
