@@ -296,6 +296,38 @@ fn an_evicting_server_loses_whole_nodes_never_returns_wrong_data() {
     );
 }
 
+/// Under `noeviction` a full server refuses writes: `put` fails with `Error::Remote` and
+/// what was stored stays readable.
+#[test]
+fn a_full_noeviction_server_refuses_writes_and_keeps_what_it_has() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    server.set_config("maxmemory", "2mb");
+    server.set_config("maxmemory-policy", "noeviction");
+    let store = RemoteNodeStore::new(
+        RedisOptions::new()
+            .prefix(unique_prefix())
+            .connect(&server.url())
+            .unwrap(),
+    );
+    let mut stored = Vec::new();
+    let err = loop {
+        let node = testing::node(stored.len() as u64, 1000, vec![]);
+        match store.put(node.clone()) {
+            Ok(key) => stored.push((key, node)),
+            Err(err) => break err,
+        }
+        assert!(stored.len() < 10_000, "2 MB never filled up");
+    };
+    assert!(is_remote_error(&err), "{err:#}");
+    assert!(format!("{err:#}").contains("OOM"), "{err:#}");
+    assert!(!stored.is_empty());
+    for (key, node) in &stored {
+        assert_eq!(&*store.get(key).unwrap(), node);
+    }
+}
+
 #[test]
 fn a_stopped_server_fails_within_the_timeout_and_works_once_resumed() {
     let Some(server) = RedisServer::start() else {
@@ -326,6 +358,26 @@ fn a_stopped_server_fails_within_the_timeout_and_works_once_resumed() {
             "{attempt} connection: failed after {elapsed:?}, timeout {timeout:?}"
         );
     }
+    // A pipeline of 512 commands fails as fast as one command.
+    let many = small_records(512);
+    let many_keys: Vec<DataKey> = many.iter().map(|(k, _)| *k).collect();
+    let started = Instant::now();
+    let err = store.find_missing(&many_keys).unwrap_err();
+    assert!(is_remote_error(&err), "find_missing: {err:#}");
+    assert!(
+        started.elapsed() < 3 * timeout,
+        "find_missing failed after {:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let err = store.put_many(&as_refs(&many)).unwrap_err();
+    assert!(is_remote_error(&err), "put_many: {err:#}");
+    assert!(
+        started.elapsed() < 3 * timeout,
+        "put_many failed after {:?}",
+        started.elapsed()
+    );
+
     // Connecting checks that the server answers, within the same bound.
     let started = Instant::now();
     let err = RedisOptions::new()

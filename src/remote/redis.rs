@@ -2,9 +2,11 @@
 //!
 //! Redis is the first remote because it is what teams already run as a shared cache: one
 //! server (or a cluster) that many machines reach in well under a millisecond. The store
-//! speaks to it through the `redis` crate's blocking client, on connections it pools, with
-//! a timeout on every connect, read and write: a remote that stops answering turns into an
-//! [`Error::Remote`](crate::Error::Remote) after about that long, never a hung caller.
+//! speaks to it over the `redis` crate's blocking connections, which it pools, with a
+//! timeout on every connect, read and write: a remote that stops answering turns into an
+//! [`Error::Remote`](crate::Error::Remote) after about that long, never a hung caller. It
+//! writes each batch and reads the replies itself (and routes a cluster's keys itself), so
+//! that the first timed-out reply ends the call (see `Conn::run` and `ClusterConn`).
 //!
 //! # Layout
 //!

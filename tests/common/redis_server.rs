@@ -80,18 +80,39 @@ impl RedisServer {
         if !available() {
             return None;
         }
-        let dir = tempfile::tempdir().expect("server directory");
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let port = free_port();
-        let child = spawn(port, dir.path(), &extra);
-        let server = RedisServer {
-            child,
-            port,
-            dir,
-            extra,
-        };
-        server.wait_ready();
-        Some(server)
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        Some(RedisServer::launch(extra, free_port))
+    }
+
+    /// Spawns a server on a port from `pick` and waits until it answers. The port was free
+    /// when picked but another process may take it before the server binds it; the server
+    /// then exits at once, and a new port is picked.
+    fn launch(extra: Vec<String>, pick: impl Fn() -> u16) -> RedisServer {
+        for _ in 0..10 {
+            let port = pick();
+            let dir = tempfile::tempdir().expect("server directory");
+            let mut child = spawn(port, dir.path(), &extra);
+            let deadline = Instant::now() + READY_TIMEOUT;
+            loop {
+                if answers_ping(port) {
+                    return RedisServer {
+                        child,
+                        port,
+                        dir,
+                        extra,
+                    };
+                }
+                if child.try_wait().is_ok_and(|status| status.is_some()) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("redis-server on port {port} did not answer PING");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("redis-server exited at start on 10 ports in a row");
     }
 
     fn wait_ready(&self) {
@@ -198,37 +219,26 @@ impl RedisCluster {
         if !available() {
             return None;
         }
-        let mut nodes = Vec::new();
-        for _ in 0..masters {
-            // The cluster bus listens on port + 10000: both must be free.
-            let port = loop {
-                let port = free_port();
-                if port <= u16::MAX - 10_000
-                    && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
-                {
-                    break port;
-                }
-            };
-            let dir = tempfile::tempdir().expect("server directory");
-            let extra: Vec<String> = [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-            ]
-            .iter()
-            .map(|s| s.to_string())
+        let extra: Vec<String> = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // The cluster bus listens on port + 10000: both must be free.
+        let pick = || loop {
+            let port = free_port();
+            if port <= u16::MAX - 10_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+            {
+                break port;
+            }
+        };
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| RedisServer::launch(extra.clone(), pick))
             .collect();
-            let child = spawn(port, dir.path(), &extra);
-            let node = RedisServer {
-                child,
-                port,
-                dir,
-                extra,
-            };
-            node.wait_ready();
-            nodes.push(node);
-        }
         let addresses: Vec<String> = nodes
             .iter()
             .map(|node| format!("127.0.0.1:{}", node.port))
