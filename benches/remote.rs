@@ -113,10 +113,22 @@ fn main() {
     );
     println!("| {uploaded} nodes, Redis on loopback, median of {runs} | time | nodes/s |");
     println!("|---|---:|---:|");
-    println!("| upload (`wait_for_upload` after page-out) | {up:.2?} | {:.0} |", rate(up));
-    println!("| hydrate, batched (512 keys per round trip) | {fill:.2?} | {:.0} |", rate(fill));
-    println!("| hydrate, one `GET` per key | {single:.2?} | {:.0} |", rate(single));
-    println!("| page_in from the hydrated local store | {read:.2?} | {:.0} |", rate(read));
+    println!(
+        "| upload (`wait_for_upload` after page-out) | {up:.2?} | {:.0} |",
+        rate(up)
+    );
+    println!(
+        "| hydrate, batched (512 keys per round trip) | {fill:.2?} | {:.0} |",
+        rate(fill)
+    );
+    println!(
+        "| hydrate, one `GET` per key | {single:.2?} | {:.0} |",
+        rate(single)
+    );
+    println!(
+        "| page_in from the hydrated local store | {read:.2?} | {:.0} |",
+        rate(read)
+    );
     println!(
         "\nbatched hydration is {:.1}x one GET per key",
         single.as_secs_f64() / fill.as_secs_f64()

@@ -87,6 +87,9 @@
 //!   fields as shared children inside `Vec`, `Option`, maps, … (`#[serde_as(as =
 //!   "Vec<AsShared>")]`). Without it, `Arc<T>` fields still page through the
 //!   [`graph::arc`] `with` module, and [`Shared<T>`] needs neither.
+//! - **`redis`**: [`remote::RedisStore`], a remote tier on a Redis server or a Redis Cluster
+//!   (the `redis` crate's blocking client; no async runtime). docs/remote.md gives its key
+//!   layout and the server settings it needs.
 //! - **`testing`**: the [`testing`] module, the contract suites a node store or a
 //!   `PagableStorage` passes.
 //! - **`cli`**: the `pagestore` command (`src/bin/pagestore.rs`), which inspects a SQLite

@@ -55,7 +55,11 @@ impl Tiered {
     fn prefix_of(&self, store: &TieredNodeStore) -> String {
         let dirs = self.dirs.lock().unwrap();
         let dir = store.local().path().parent().unwrap();
-        dirs.iter().find(|(d, _)| d.path() == dir).unwrap().1.clone()
+        dirs.iter()
+            .find(|(d, _)| d.path() == dir)
+            .unwrap()
+            .1
+            .clone()
     }
 }
 
@@ -141,7 +145,11 @@ fn share_between_two_machines(connect: impl Fn(&str) -> RedisStore) {
     a.set_root("build-42", key).unwrap();
     a.flush().unwrap();
     a.wait_for_upload().unwrap();
-    assert!(watched.violations().is_empty(), "{:?}", watched.violations());
+    assert!(
+        watched.violations().is_empty(),
+        "{:?}",
+        watched.violations()
+    );
     assert_eq!(watched.records_sent(), 401, "each node once");
 
     let b = Arc::new(TieredStorage::open(b_dir.path(), connect(&prefix)).unwrap());
@@ -204,7 +212,11 @@ fn a_stopped_server_times_out_and_local_work_goes_on() {
     let absent = testing::node(777, 5, vec![]).compute_key();
     let started = Instant::now();
     let err = store.get(&absent).unwrap_err();
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(
         matches!(
             err.downcast_ref::<Error>(),
@@ -214,7 +226,11 @@ fn a_stopped_server_times_out_and_local_work_goes_on() {
     );
     let started = Instant::now();
     assert!(store.wait_for_upload().is_err());
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 
     server.resume();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -235,7 +251,10 @@ fn a_killed_server_trips_the_breaker_then_the_queue_drains_after_restart() {
     let prefix = fresh_prefix();
     let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = fast_breaker()
-        .open(a_dir.path(), options(&prefix).connect(&server.url()).unwrap())
+        .open(
+            a_dir.path(),
+            options(&prefix).connect(&server.url()).unwrap(),
+        )
         .unwrap();
     let a = Arc::new(a);
 
@@ -263,7 +282,10 @@ fn a_killed_server_trips_the_breaker_then_the_queue_drains_after_restart() {
         )
         .unwrap(),
     );
-    let root = b.root("after-kill").unwrap().expect("published after the restart");
+    let root = b
+        .root("after-kill")
+        .unwrap()
+        .expect("published after the restart");
     let back: Module = page_in(&b, root).unwrap();
     assert_eq!(back, original, "nothing lost");
 }
@@ -304,7 +326,9 @@ fn garbage_written_with_redis_cli_is_corrupt_and_not_filled() {
 
 #[test]
 fn an_evicting_server_gives_not_found_never_wrong_data() {
-    let Some(server) = RedisServer::start_with(&["--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru"]) else {
+    let Some(server) =
+        RedisServer::start_with(&["--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru"])
+    else {
         return;
     };
     let prefix = fresh_prefix();
@@ -329,8 +353,11 @@ fn an_evicting_server_gives_not_found_never_wrong_data() {
     }
     let _ = a.wait_for_upload(); // an evicting server may also refuse writes (OOM)
 
-    let b = TieredNodeStore::open(b_dir.path(), options(&prefix).connect(&server.url()).unwrap())
-        .unwrap();
+    let b = TieredNodeStore::open(
+        b_dir.path(),
+        options(&prefix).connect(&server.url()).unwrap(),
+    )
+    .unwrap();
     let (mut found, mut not_found) = (0, 0);
     for (key, node) in &model {
         match b.get(key) {
@@ -342,6 +369,9 @@ fn an_evicting_server_gives_not_found_never_wrong_data() {
             Err(e) => panic!("expected the node or NotFound for {key}: {e:#}"),
         }
     }
-    assert!(not_found > 0, "the server evicted nothing: the test proves nothing");
+    assert!(
+        not_found > 0,
+        "the server evicted nothing: the test proves nothing"
+    );
     eprintln!("evicting server: {found} nodes read, {not_found} not found");
 }

@@ -11,10 +11,16 @@
 use crate::key::DataKey;
 
 mod memory;
+mod node_store;
+#[cfg(feature = "redis")]
+mod redis;
 #[cfg(feature = "sqlite")]
 pub(crate) mod tiered;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisOptions, RedisStore};
 pub use memory::MemoryRemoteStore;
+pub use node_store::RemoteNodeStore;
 #[cfg(feature = "sqlite")]
 pub use tiered::{BreakerState, TieredNodeStore, TieredOptions, TieredStats};
 

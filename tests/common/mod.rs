@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the shared helpers
 
+pub mod redis_server;
 pub mod tmpfs;
 pub mod watched;
 
