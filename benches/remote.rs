@@ -14,6 +14,8 @@ use pagestore::{DataKey, PagableStorage, Shared, TieredStorage, page_in, page_ou
 
 #[path = "common/dag.rs"]
 mod dag;
+// The test servers' helpers; this benchmark uses only `start`, `url` and `cli`.
+#[allow(dead_code)]
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
 
