@@ -480,6 +480,72 @@ impl SqliteNodeStore {
         Ok(())
     }
 
+    /// [`put`](NodeStore::put) of a record already encoded and checked: `record` is
+    /// `codec::encode` of a node whose key is `key` and whose children are `arcs` (the caller
+    /// parsed and hashed it, as the tiered store does with what it fetches), so it is
+    /// neither hashed nor encoded again. Children first, like `put`.
+    pub(crate) fn put_record(
+        &self,
+        key: DataKey,
+        arcs: &[DataKey],
+        record: Vec<u8>,
+    ) -> anyhow::Result<()> {
+        self.store_record(key, arcs, record.len(), || record)
+    }
+
+    /// The keys among `keys` that are not stored (committed or pending), in their order:
+    /// [`contains`](NodeStore::contains) of each, on one reader for the whole batch.
+    pub(crate) fn missing_of(&self, keys: &[DataKey]) -> anyhow::Result<Vec<DataKey>> {
+        let unbuffered: Vec<DataKey> = keys
+            .iter()
+            .copied()
+            .filter(|key| !self.inner.buffer.contains(key))
+            .collect();
+        let bytes: Vec<[u8; 16]> = unbuffered.iter().map(DataKey::as_bytes).collect();
+        let found = self.inner.pool.read_each(&bytes, |_, _| ())?;
+        Ok(unbuffered
+            .into_iter()
+            .zip(found)
+            .filter_map(|(key, found)| found.is_none().then_some(key))
+            .collect())
+    }
+
+    /// What `put` and `put_record` share: the checks, then `record()` queued unless the key
+    /// is stored already.
+    fn store_record(
+        &self,
+        key: DataKey,
+        arcs: &[DataKey],
+        record_len: usize,
+        record: impl FnOnce() -> Vec<u8>,
+    ) -> anyhow::Result<()> {
+        self.check_writable()?;
+        // Refused here, not at commit: a row over SQLite's limit would fail its whole batch
+        // and poison the store for every caller.
+        let bytes = conn::record_bytes(record_len);
+        let limit = self.options.max_record_bytes as u64;
+        if bytes > limit {
+            return Err(Error::TooLarge { key, bytes, limit }.into());
+        }
+        let buffer = &self.inner.buffer;
+        buffer.check()?;
+        // Under the collection gate's shared lock: no collection deletes anything until the
+        // record is queued, so the children checked here stay stored (and, if a collection
+        // runs, vouched for), and a key remembered as stored is stored.
+        let gate = &self.inner.gc;
+        let entered = gate.enter();
+        gate.vouch(&entered, std::iter::once(key).chain(arcs.iter().copied()));
+        for child in arcs {
+            if !self.contains(child)? {
+                return Err(Error::MissingChild { key, child: *child }.into());
+            }
+        }
+        if !buffer.contains(&key) {
+            buffer.push(key, record())?;
+        }
+        Ok(())
+    }
+
     /// Deletes every record no root reaches, then gives the freed pages back (see
     /// [`NodeStore::collect_garbage`] for what is kept and why it is safe while other threads
     /// store and read). With a runtime attached, call
@@ -578,34 +644,10 @@ impl Drop for SqliteNodeStore {
 #[async_trait::async_trait]
 impl NodeStore for SqliteNodeStore {
     fn put(&self, node: PagableData) -> anyhow::Result<DataKey> {
-        self.check_writable()?;
         let key = node.compute_key();
-        // Refused here, not at commit: a row over SQLite's limit would fail its whole batch
-        // and poison the store for every caller.
-        let bytes = conn::record_bytes(codec::encoded_len(&node));
-        let limit = self.options.max_record_bytes as u64;
-        if bytes > limit {
-            return Err(Error::TooLarge { key, bytes, limit }.into());
-        }
-        let buffer = &self.inner.buffer;
-        buffer.check()?;
-        // Under the collection gate's shared lock: no collection deletes anything until the
-        // record is queued, so the children checked here stay stored (and, if a collection
-        // runs, vouched for), and a key remembered as stored is stored.
-        let gate = &self.inner.gc;
-        let entered = gate.enter();
-        gate.vouch(
-            &entered,
-            std::iter::once(key).chain(node.arcs.iter().copied()),
-        );
-        for child in &node.arcs {
-            if !self.contains(child)? {
-                return Err(Error::MissingChild { key, child: *child }.into());
-            }
-        }
-        if !buffer.contains(&key) {
-            buffer.push(key, codec::encode(&node))?;
-        }
+        self.store_record(key, &node.arcs, codec::encoded_len(&node), || {
+            codec::encode(&node)
+        })?;
         Ok(key)
     }
 

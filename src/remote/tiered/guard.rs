@@ -84,6 +84,11 @@ impl Guarded {
         &self.described
     }
 
+    /// The remote's batch size.
+    pub fn limits(&self) -> crate::remote::BatchLimits {
+        self.remote.limits()
+    }
+
     pub fn state(&self) -> BreakerState {
         self.lock().state
     }

@@ -1,5 +1,5 @@
-//! Moving graphs between the tiers, a level of keys per round trip: [`fill`] brings what a
-//! read needs from the remote into the local store, [`upload`] sends what the remote lacks.
+//! Moving graphs between the tiers, many keys per round trip: [`fill`] brings what a read
+//! needs from the remote into the local store, [`upload`] sends what the remote lacks.
 //!
 //! Both keep the graph whole on the receiving side: a node goes in only after every node
 //! it names, so neither store ever holds a node whose children it lacks. On the remote this
@@ -7,15 +7,19 @@
 //! (unless an evicting remote dropped part of it), so an upload stops descending at the
 //! first key the remote already has.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 
 use super::Tiers;
 use crate::codec;
-use crate::data::PagableData;
 use crate::error::Error;
-use crate::key::DataKey;
+use crate::key::{DataKey, KeyHasherBuilder};
 use crate::store::NodeStore;
+
+/// Maps and sets of keys hash the keys' own (uniform) bits.
+type KeyMap<V> = HashMap<DataKey, V, KeyHasherBuilder>;
+type KeySet = HashSet<DataKey, KeyHasherBuilder>;
 
 /// Brings `keys`, and every node they reach that the local store lacks, from the remote
 /// into the local store. Each record is checked before anything is stored: one that does not
@@ -23,52 +27,168 @@ use crate::store::NodeStore;
 /// remote) and nothing of it is stored locally; a key the remote lacks fails it with
 /// [`Error::NotFound`].
 pub(super) fn fill(tiers: &Tiers, keys: &[DataKey]) -> anyhow::Result<()> {
-    let mut fetched: HashMap<DataKey, PagableData> = HashMap::new();
-    let mut queued: HashSet<DataKey> = HashSet::new();
-    let mut level: Vec<DataKey> = Vec::new();
-    for key in keys {
-        if queued.insert(*key) && !tiers.local.contains(key)? {
-            level.push(*key);
-        }
-    }
-    while !level.is_empty() {
-        let records = tiers.remote.call(|remote| remote.get_many(&level))?;
-        let mut next = Vec::new();
-        for (key, record) in level.iter().zip(records) {
-            let Some(record) = record else {
-                tiers.stats.remote_misses.fetch_add(1, Ordering::Relaxed);
-                return Err(Error::NotFound(*key).into());
-            };
-            tiers
-                .stats
-                .bytes_down
-                .fetch_add(record.len() as u64, Ordering::Relaxed);
-            let node = checked(tiers, *key, &record)?;
-            for child in &node.arcs {
-                if queued.insert(*child) && !tiers.local.contains(child)? {
-                    next.push(*child);
-                }
+    let mut queued = KeySet::default();
+    let wanted: Vec<DataKey> = keys.iter().copied().filter(|k| queued.insert(*k)).collect();
+    let mut to_fetch: VecDeque<DataKey> = tiers.local.missing_of(&wanted)?.into();
+    let mut fetched: KeyMap<Fetched> = KeyMap::default();
+    let batch_keys = tiers.remote.limits().max_keys.max(1);
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let mut fetcher = Fetcher::new(tiers, batch_keys, scope);
+        loop {
+            // Two batches in flight: the next is ready as soon as one comes back.
+            while fetcher.in_flight() < 2 && !to_fetch.is_empty() {
+                let take = to_fetch.len().min(batch_keys);
+                fetcher.submit(to_fetch.drain(..take).collect())?;
             }
-            fetched.insert(*key, node);
+            let Some((batch, records)) = fetcher.next()? else {
+                return Ok(());
+            };
+            let mut children = Vec::new();
+            for (key, record) in batch.into_iter().zip(records) {
+                let Some(record) = record else {
+                    tiers.stats.remote_misses.fetch_add(1, Ordering::Relaxed);
+                    return Err(Error::NotFound(key).into());
+                };
+                tiers
+                    .stats
+                    .bytes_down
+                    .fetch_add(record.len() as u64, Ordering::Relaxed);
+                let arcs = checked(tiers, key, &record)?;
+                children.extend(arcs.iter().copied().filter(|c| queued.insert(*c)));
+                fetched.insert(key, Fetched { record, arcs });
+            }
+            to_fetch.extend(tiers.local.missing_of(&children)?);
         }
-        level = next;
-    }
-    let arcs: HashMap<DataKey, &[DataKey]> = fetched
+    })?;
+    let arcs: KeyMap<&[DataKey]> = fetched
         .iter()
-        .map(|(k, n)| (*k, n.arcs.as_slice()))
+        .map(|(k, f)| (*k, f.arcs.as_slice()))
         .collect();
     let order: Vec<DataKey> = children_first(&arcs).into_iter().flatten().collect();
     for key in order {
-        if let Some(node) = fetched.remove(&key) {
-            tiers.local.put(node)?;
+        if let Some(Fetched { record, arcs }) = fetched.remove(&key) {
+            tiers.local.put_record(key, &arcs, record)?;
             tiers.stats.filled.fetch_add(1, Ordering::Relaxed);
         }
     }
     Ok(())
 }
 
-/// Decodes `record`, fetched from the remote for `key`, and checks it hashes to `key`.
-fn checked(tiers: &Tiers, key: DataKey, record: &[u8]) -> Result<PagableData, Error> {
+/// Batches at least this big are fetched on a second thread, so that the round trip (and
+/// parsing the reply) overlaps with checking the previous batch and looking its children up
+/// locally. Below it the hand-off between threads costs more than the overlap saves
+/// (measured: one key per batch took twice as long through the thread).
+const OVERLAP_FROM_KEYS: usize = 16;
+
+/// A batch of keys and what the remote returned for each.
+type FetchedBatch = (Vec<DataKey>, Vec<Option<Vec<u8>>>);
+
+/// Where [`fill`]'s batches are fetched: on this thread when they are small, on a second
+/// one otherwise (see [`OVERLAP_FROM_KEYS`]).
+enum Fetcher<'t> {
+    Inline {
+        tiers: &'t Tiers,
+        waiting: VecDeque<Vec<DataKey>>,
+    },
+    Overlapped {
+        batches: mpsc::Sender<Vec<DataKey>>,
+        replies: mpsc::Receiver<anyhow::Result<FetchedBatch>>,
+        in_flight: usize,
+    },
+}
+
+impl<'t> Fetcher<'t> {
+    fn new<'scope>(
+        tiers: &'t Tiers,
+        batch_keys: usize,
+        scope: &'scope std::thread::Scope<'scope, '_>,
+    ) -> Self
+    where
+        't: 'scope,
+    {
+        if batch_keys < OVERLAP_FROM_KEYS {
+            return Fetcher::Inline {
+                tiers,
+                waiting: VecDeque::new(),
+            };
+        }
+        let (batches, batches_out) = mpsc::channel::<Vec<DataKey>>();
+        let (replies_in, replies) = mpsc::channel::<anyhow::Result<FetchedBatch>>();
+        scope.spawn(move || {
+            for batch in batches_out {
+                let reply = tiers.remote.call(|remote| remote.get_many(&batch));
+                if replies_in
+                    .send(reply.map(|records| (batch, records)))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Fetcher::Overlapped {
+            batches,
+            replies,
+            in_flight: 0,
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        match self {
+            Fetcher::Inline { waiting, .. } => waiting.len(),
+            Fetcher::Overlapped { in_flight, .. } => *in_flight,
+        }
+    }
+
+    fn submit(&mut self, batch: Vec<DataKey>) -> anyhow::Result<()> {
+        match self {
+            Fetcher::Inline { waiting, .. } => waiting.push_back(batch),
+            Fetcher::Overlapped {
+                batches, in_flight, ..
+            } => {
+                batches
+                    .send(batch)
+                    .map_err(|_| anyhow::anyhow!("the fetching thread stopped"))?;
+                *in_flight += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The oldest batch submitted, fetched; `None` when none is waiting.
+    fn next(&mut self) -> anyhow::Result<Option<FetchedBatch>> {
+        match self {
+            Fetcher::Inline { tiers, waiting } => match waiting.pop_front() {
+                None => Ok(None),
+                Some(batch) => {
+                    let records = tiers.remote.call(|remote| remote.get_many(&batch))?;
+                    Ok(Some((batch, records)))
+                }
+            },
+            Fetcher::Overlapped {
+                replies, in_flight, ..
+            } => {
+                if *in_flight == 0 {
+                    return Ok(None);
+                }
+                *in_flight -= 1;
+                let reply = replies
+                    .recv()
+                    .map_err(|_| anyhow::anyhow!("the fetching thread stopped"))?;
+                reply.map(Some)
+            }
+        }
+    }
+}
+
+/// A record fetched from the remote and checked against its key, with the keys it names.
+struct Fetched {
+    record: Vec<u8>,
+    arcs: Vec<DataKey>,
+}
+
+/// Checks that `record`, fetched from the remote for `key`, decodes and hashes to `key`, and
+/// returns the keys it names.
+fn checked(tiers: &Tiers, key: DataKey, record: &[u8]) -> Result<Vec<DataKey>, Error> {
     let refused = |reason: String| {
         tiers
             .stats
@@ -83,12 +203,12 @@ fn checked(tiers: &Tiers, key: DataKey, record: &[u8]) -> Result<PagableData, Er
             ),
         }
     };
-    let node = codec::decode(record).map_err(|e| refused(format!("does not decode: {e}")))?;
-    let actual = node.compute_key();
+    let view = codec::parse(record).map_err(|e| refused(format!("does not decode: {e}")))?;
+    let actual = view.compute_key();
     if actual != key {
         return Err(refused(format!("hashes to {actual}")));
     }
-    Ok(node)
+    Ok(view.arcs().collect())
 }
 
 /// What one [`upload`] did.
@@ -108,9 +228,9 @@ pub(super) struct Uploaded {
 /// queued) is passed over, and so is every node above it: sending those would leave the
 /// remote with a node whose child it lacks.
 pub(super) fn upload(tiers: &Tiers, keys: &[DataKey]) -> anyhow::Result<Uploaded> {
-    let mut records: HashMap<DataKey, (Vec<u8>, Vec<DataKey>)> = HashMap::new();
-    let mut seen: HashSet<DataKey> = HashSet::new();
-    let mut gone: HashSet<DataKey> = HashSet::new();
+    let mut records: KeyMap<(Vec<u8>, Vec<DataKey>)> = KeyMap::default();
+    let mut seen = KeySet::default();
+    let mut gone = KeySet::default();
     let mut level: Vec<DataKey> = keys.iter().copied().filter(|k| seen.insert(*k)).collect();
     while !level.is_empty() {
         let missing = tiers.remote.call(|remote| remote.find_missing(&level))?;
@@ -129,7 +249,7 @@ pub(super) fn upload(tiers: &Tiers, keys: &[DataKey]) -> anyhow::Result<Uploaded
         }
         level = next;
     }
-    let arcs: HashMap<DataKey, &[DataKey]> = records
+    let arcs: KeyMap<&[DataKey]> = records
         .iter()
         .map(|(k, (_, arcs))| (*k, arcs.as_slice()))
         .collect();
@@ -171,8 +291,8 @@ pub(super) fn upload(tiers: &Tiers, keys: &[DataKey]) -> anyhow::Result<Uploaded
 /// the map, then those naming only nodes of earlier groups, and so on. Storing the groups
 /// in order stores every node after its children. Iterative, so deep chains do not
 /// exhaust the stack.
-pub(super) fn children_first(arcs: &HashMap<DataKey, &[DataKey]>) -> Vec<Vec<DataKey>> {
-    let mut height: HashMap<DataKey, usize> = HashMap::with_capacity(arcs.len());
+pub(super) fn children_first(arcs: &KeyMap<&[DataKey]>) -> Vec<Vec<DataKey>> {
+    let mut height: KeyMap<usize> = KeyMap::with_capacity_and_hasher(arcs.len(), KeyHasherBuilder);
     let mut groups: Vec<Vec<DataKey>> = Vec::new();
     for &start in arcs.keys() {
         if height.contains_key(&start) {
@@ -224,7 +344,7 @@ mod tests {
         let arcs_1 = [k2, k3];
         let arcs_2 = [k3];
         let arcs_5 = [k9];
-        let arcs: HashMap<DataKey, &[DataKey]> = [
+        let arcs: KeyMap<&[DataKey]> = [
             (k1, &arcs_1[..]),
             (k2, &arcs_2[..]),
             (k3, &[][..]),
@@ -250,7 +370,7 @@ mod tests {
                 DataKey::from_slice(&bytes).unwrap()
             })
             .collect();
-        let arcs: HashMap<DataKey, &[DataKey]> = keys
+        let arcs: KeyMap<&[DataKey]> = keys
             .iter()
             .enumerate()
             .map(|(i, k)| {
