@@ -12,22 +12,13 @@ use pagestore::{InMemoryPagableStorage, PagableStorage, Shared, SqliteOptions, p
 
 #[path = "common/dag.rs"]
 mod dag;
+#[path = "common/runs.rs"]
+mod runs;
 
 use dag::{Node, build};
+use runs::{env, median};
 
 type Graph = Vec<Shared<Node>>;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut runs: Vec<Duration>) -> Duration {
-    runs.sort();
-    runs[runs.len() / 2]
-}
 
 /// Medians of `runs` page-outs of `graph` into a fresh storage, and of page-ins of it from
 /// the storage `reopen` gives after the page-out (each page-in with nothing alive).

@@ -17,26 +17,17 @@ use pagestore::{DataKey, PagableStorage, Shared, TieredStorage, page_in, page_ou
 
 #[path = "common/dag.rs"]
 mod dag;
+#[path = "common/runs.rs"]
+mod runs;
 // The test servers' helpers; this benchmark uses only `start`, `url` and `cli`.
 #[allow(dead_code)]
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
 
 use dag::{Node, build};
+use runs::{env, median};
 
 type Graph = Vec<Shared<Node>>;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut runs: Vec<Duration>) -> Duration {
-    runs.sort();
-    runs[runs.len() / 2]
-}
 
 fn connect(url: &str, prefix: &str, limits: BatchLimits) -> RedisStore {
     RedisOptions::new()

@@ -278,14 +278,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_breaker_opens_fails_fast_and_closes_after_a_probe() {
+    /// A remote that is down, and the guard around it.
+    fn down_remote() -> (std::sync::Arc<Flaky>, Guarded) {
         let flaky = std::sync::Arc::new(Flaky {
             inner: MemoryRemoteStore::new(),
             down: AtomicBool::new(true),
             calls: AtomicU32::new(0),
         });
         let guarded = Guarded::new(Box::new(std::sync::Arc::clone(&flaky)), policy());
+        (flaky, guarded)
+    }
+
+    #[test]
+    fn the_breaker_opens_fails_fast_and_closes_after_a_probe() {
+        let (flaky, guarded) = down_remote();
         for _ in 0..2 {
             let err = guarded.call(|r| r.find_missing(&[])).unwrap_err();
             assert!(matches!(err.downcast_ref(), Some(Error::Remote { .. })));
@@ -316,12 +322,7 @@ mod tests {
 
     #[test]
     fn a_failed_probe_waits_longer() {
-        let flaky = std::sync::Arc::new(Flaky {
-            inner: MemoryRemoteStore::new(),
-            down: AtomicBool::new(true),
-            calls: AtomicU32::new(0),
-        });
-        let guarded = Guarded::new(Box::new(std::sync::Arc::clone(&flaky)), policy());
+        let (_flaky, guarded) = down_remote();
         for _ in 0..2 {
             let _ = guarded.call(|r| r.ping());
         }
