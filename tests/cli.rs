@@ -95,12 +95,7 @@ fn path(dir: &Path) -> &str {
 /// Deletes the record of `key` behind the store's back (the store is closed).
 fn delete_record(dir: &Path, key: DataKey) {
     let conn = rusqlite::Connection::open(dir.join("pagable.db")).unwrap();
-    let deleted = conn
-        .execute(
-            "DELETE FROM pagable_data WHERE key = ?1",
-            [&key.as_bytes()[..]],
-        )
-        .unwrap();
+    let deleted = common::on_record(&conn, key, "DELETE FROM {table} WHERE {row}");
     assert_eq!(deleted, 1);
 }
 
@@ -700,12 +695,10 @@ fn compact_shrinks_the_file_after_gc() {
     store_unrooted(dir.path(), 2_000, 1);
     {
         let conn = rusqlite::Connection::open(&db).unwrap();
-        let deleted = conn
-            .execute(
-                "DELETE FROM pagable_data WHERE key != ?1",
-                [&kept.as_bytes()[..]],
-            )
-            .unwrap();
+        let deleted = common::on_record(&conn, kept, "DELETE FROM {table} WHERE NOT ({row})")
+            + conn
+                .execute("DELETE FROM pagestore_overflow", [])
+                .unwrap_or(0);
         assert_eq!(deleted, 2_000);
     }
     let before = std::fs::metadata(&db).unwrap().len();

@@ -7,48 +7,29 @@ use rusqlite::limits::Limit;
 use rusqlite::{Connection, MAIN_DB, OpenFlags};
 
 use super::options::{Durability, SqliteOptions, TableLayout};
+use super::table;
 use crate::error::Error;
-
-/// The reference's table statement without its `WITHOUT ROWID` clause: the columns and
-/// constraint both layouts share.
-macro_rules! create_table_sql {
-    () => {
-        "CREATE TABLE IF NOT EXISTS pagable_data (key BLOB PRIMARY KEY, value BLOB NOT NULL)"
-    };
-}
 
 /// The named roots: pagestore's own table, which the reference never reads.
 pub(super) const CREATE_ROOTS_SQL: &str =
     "CREATE TABLE IF NOT EXISTS pagestore_roots (name TEXT PRIMARY KEY, key BLOB NOT NULL)";
-/// Reads one record (`?1` key bytes).
-pub(super) const READ_VALUE_SQL: &str = "SELECT value FROM pagable_data WHERE key = ?1";
 /// Sets a root (`?1` name, `?2` key bytes).
 pub(super) const SET_ROOT_SQL: &str =
     "INSERT OR REPLACE INTO pagestore_roots (name, key) VALUES (?1, ?2)";
 /// Removes a root (`?1` name).
 pub(super) const REMOVE_ROOT_SQL: &str = "DELETE FROM pagestore_roots WHERE name = ?1";
 
-/// The statement that creates the table in a new database, in the chosen layout.
-fn create_table(layout: TableLayout) -> &'static str {
-    match layout {
-        TableLayout::Rowid => create_table_sql!(),
-        TableLayout::WithoutRowid => concat!(create_table_sql!(), " WITHOUT ROWID"),
-    }
-}
-
-/// Which layout the `pagable_data` table of `conn` has (SQLite's `table_list` pragma
-/// reports `wr` = 1 for a WITHOUT ROWID table).
-fn table_layout(conn: &Connection) -> rusqlite::Result<TableLayout> {
-    let without_rowid: bool = conn.query_row(
-        "SELECT wr FROM pragma_table_list('pagable_data') WHERE schema = 'main'",
-        [],
-        |row| row.get(0),
-    )?;
-    Ok(if without_rowid {
-        TableLayout::WithoutRowid
+/// Checks that the `pagable_data` table (and, in the `IntegerKey` layout, the overflow
+/// table) has the columns `layout` reads and writes: another program's table of the same
+/// name is refused rather than failing every read.
+fn check_columns(conn: &Connection, layout: TableLayout) -> rusqlite::Result<()> {
+    if layout == TableLayout::IntegerKey {
+        conn.prepare("SELECT key_head, key_tail, value FROM pagable_data")?;
+        conn.prepare("SELECT key, value FROM pagestore_overflow")?;
     } else {
-        TableLayout::Rowid
-    })
+        conn.prepare("SELECT key, value FROM pagable_data WHERE key = ?1")?;
+    }
+    Ok(())
 }
 
 /// Page size for databases pagestore creates. Bigger pages than the reference's 8 KiB make
@@ -170,18 +151,28 @@ pub(super) fn open_writer(
         ))
         .map_err(Error::sqlite("set the page size of", path))?;
     }
-    conn.execute_batch(create_table(new_layout))
+    let found = table::detect(&conn).map_err(Error::sqlite("read the table layout of", path))?;
+    let layout = found.unwrap_or(new_layout);
+    if found.is_none() || layout == TableLayout::IntegerKey {
+        // Both tables of the IntegerKey layout in one transaction: a reader never finds
+        // one without the other.
+        let overflow = if layout == TableLayout::IntegerKey {
+            table::CREATE_OVERFLOW_SQL
+        } else {
+            "SELECT 1"
+        };
+        conn.execute_batch(&format!(
+            "BEGIN; {}; {overflow}; COMMIT;",
+            table::create_sql(layout)
+        ))
         .map_err(Error::sqlite("create the table in", path))?;
-    // Another program's table of the same name: refuse it rather than fail every read.
-    conn.prepare("SELECT key, value FROM pagable_data WHERE key = ?1")
-        .map_err(Error::sqlite(
-            "find the columns key and value of table pagable_data (is this another program's \
-             database?) in",
-            path,
-        ))?;
+    }
+    check_columns(&conn, layout).map_err(Error::sqlite(
+        "find the columns of table pagable_data (is this another program's database?) in",
+        path,
+    ))?;
     conn.execute_batch(CREATE_ROOTS_SQL)
         .map_err(Error::sqlite("create the roots table in", path))?;
-    let layout = table_layout(&conn).map_err(Error::sqlite("read the table layout of", path))?;
     Ok((conn, layout))
 }
 
@@ -305,15 +296,20 @@ pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connec
 }
 
 /// Checks, on a read-only connection, that the file is pagestore's (its `pagable_data`
-/// table has the `key` and `value` columns) and returns the table's layout. Writes nothing.
+/// table has the columns of one of the layouts) and returns the table's layout. Writes nothing.
 pub(super) fn check_read_only(conn: &Connection, path: &Path) -> Result<TableLayout, Error> {
-    conn.prepare("SELECT key, value FROM pagable_data WHERE key = ?1")
-        .map_err(Error::sqlite(
-            "find the columns key and value of table pagable_data (is this a pagestore \
-             database?) in",
+    let refused = || {
+        Error::sqlite(
+            "find the columns of table pagable_data (is this a pagestore database?) in",
             path,
-        ))?;
-    table_layout(conn).map_err(Error::sqlite("read the table layout of", path))
+        )
+    };
+    let layout = table::detect(conn)
+        .map_err(Error::sqlite("read the table layout of", path))?
+        // No table: the check below fails with SQLite's "no such table".
+        .unwrap_or(TableLayout::Rowid);
+    check_columns(conn, layout).map_err(refused())?;
+    Ok(layout)
 }
 
 #[cfg(test)]
