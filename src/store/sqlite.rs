@@ -1,13 +1,14 @@
-//! [`SqliteNodeStore`]: nodes in one SQLite file, in the reference implementation's format,
-//! with a background writer and a pool of readers.
+//! [`SqliteNodeStore`]: nodes in one SQLite file, with the reference implementation's keys
+//! and records, with a background writer and a pool of readers.
 //!
 //! The on-disk format (table, record encoding, page size, journal modes, marker file) is
-//! written down in `docs/format.md`. In short: one table
-//! `pagable_data (key BLOB PRIMARY KEY, value BLOB NOT NULL)`, the key's 16 bytes as `key`,
-//! the [`codec`] record as `value` — what `pagable` 0.3.3 writes, so databases move between
-//! the two in both directions. The reference declares the table `WITHOUT ROWID`; pagestore
-//! creates new tables as rowid tables by default, which write much faster and are read and
-//! written by the same SQL (see [`TableLayout`]), and keeps whichever layout it finds.
+//! written down in `docs/format.md`. In short: keys and records are what `pagable` 0.3.3
+//! writes, in a table `pagable_data` of one of three [`TableLayout`]s. New databases get
+//! `IntegerKey` (the key's first 8 bytes are the rowid, so a read is one B-tree descent; a
+//! key whose head another key holds goes to a second table, `pagestore_overflow`); the
+//! reference's own `WithoutRowid` and the earlier default `Rowid`, which the reference reads
+//! and writes too, are kept when found and can be chosen for new databases. `table` has the
+//! SQL of each layout.
 //! Named roots are in a table of pagestore's own, `pagestore_roots (name TEXT PRIMARY KEY,
 //! key BLOB NOT NULL)`, which the reference never reads; root changes go through the
 //! writer's batches, after the nodes stored before them.
@@ -854,9 +855,10 @@ impl Collectable for Collector<'_> {
         self.store.inner.buffer.is_pending(key)
     }
 
-    /// A rowid table, newest row first: a node is committed after the children it names
+    /// A `Rowid` table, newest row first: a node is committed after the children it names
     /// (and in a later or the same batch, whose rows get higher rowids), so its row comes
-    /// before theirs. Without rowids the table is in key order: `false`.
+    /// before theirs. In the other layouts the rows are in key order, which says nothing
+    /// about who names whom: `false` (marking then reads record by record, by key).
     fn records_parents_first(&self, visit: &mut gc::VisitRecord<'_>) -> anyhow::Result<bool> {
         if self.store.table.layout != TableLayout::Rowid {
             return Ok(false);

@@ -73,8 +73,10 @@ pub(super) fn synchronous(durability: Durability) -> &'static str {
 /// The size of the row SQLite builds to store a value of `value_len` bytes, which is what its
 /// length limit (`SQLITE_LIMIT_LENGTH`) is checked against: the record header (its own
 /// length, the 16-byte key's type, the value's type as a varint), the key, and the value.
-/// The same in both layouts: a `WithoutRowid` row is this record, and a rowid table keeps
-/// the rowid outside it (its index on `key` holds only the key and the rowid).
+/// Exact for a `WithoutRowid` row and an overflow row of the `IntegerKey` layout, which are
+/// this record; a `Rowid` table keeps the rowid outside it (its index on `key` holds only the
+/// key and the rowid). An `IntegerKey` main row (a null for the rowid alias, the 8-byte tail,
+/// the value) is 7 bytes smaller, so a row this bound accepts fits in either table.
 pub(super) fn record_bytes(value_len: usize) -> u64 {
     let value_len = value_len as u64;
     // SQLite's serial type of a BLOB of n bytes is 2n + 12, stored as a varint of 7 bits
@@ -119,8 +121,8 @@ fn size_pragmas(conn: &Connection, cache_bytes: u64, path: &Path) -> Result<(), 
 }
 
 /// Opens the single read-write connection and makes sure the file is pagestore's: a SQLite
-/// database (created if missing, with 32 KiB pages and a table in `new_layout`) whose
-/// `pagable_data` table has the `key` and `value` columns. Runs in SQLite's default
+/// database (created if missing, with 32 KiB pages and a table in `new_layout`) whose tables
+/// have the columns of the layout they are in. Runs in SQLite's default
 /// rollback journal, so a crash here cannot damage the file, and changes nothing in a file
 /// that is refused. Returns the connection for [`tune_writer`] and [`set_durability`], and the table's
 /// layout.
@@ -354,20 +356,33 @@ mod tests {
     /// `record_bytes` is exactly the size SQLite checks: a limit of that size stores the
     /// value, one byte less refuses it. Around each change of the varint's length above
     /// the 1 KiB floor of `max_record_bytes` (below it SQLite refuses smaller things too).
+    /// In an `IntegerKey` main table (whose rows are smaller) a limit of that size stores
+    /// the value too; its overflow table is a `WithoutRowid` table.
     #[test]
     fn record_bytes_is_the_size_sqlite_limits() {
-        for layout in [TableLayout::Rowid, TableLayout::WithoutRowid] {
+        for layout in [
+            TableLayout::Rowid,
+            TableLayout::WithoutRowid,
+            TableLayout::IntegerKey,
+        ] {
             let conn = Connection::open_in_memory().unwrap();
-            conn.execute_batch(create_table(layout)).unwrap();
+            conn.execute_batch(table::create_sql(layout)).unwrap();
+            let insert = if layout == TableLayout::IntegerKey {
+                "INSERT INTO pagable_data (key_head, key_tail, value) VALUES (1, ?1, ?2)"
+            } else {
+                "INSERT INTO pagable_data (key, value) VALUES (?1, ?2)"
+            };
+            let key: &[u8] = if layout == TableLayout::IntegerKey {
+                &[1u8; 8]
+            } else {
+                &[1u8; 16]
+            };
             for value_len in [1010, 8185, 8186, 1_048_569, 1_048_570] {
                 let value = vec![0u8; value_len];
                 let fits = |limit: u64| {
                     conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, limit as i32)
                         .unwrap();
-                    let result = conn.execute(
-                        "INSERT INTO pagable_data (key, value) VALUES (?1, ?2)",
-                        rusqlite::params![[1u8; 16], value],
-                    );
+                    let result = conn.execute(insert, rusqlite::params![key, value]);
                     conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, i32::MAX)
                         .unwrap();
                     conn.execute("DELETE FROM pagable_data", []).unwrap();
@@ -381,7 +396,9 @@ mod tests {
                 };
                 let bytes = record_bytes(value_len);
                 assert!(fits(bytes), "{layout:?}, {value_len}-byte value");
-                assert!(!fits(bytes - 1), "{layout:?}, {value_len}-byte value");
+                if layout != TableLayout::IntegerKey {
+                    assert!(!fits(bytes - 1), "{layout:?}, {value_len}-byte value");
+                }
             }
         }
     }
