@@ -83,8 +83,7 @@ fn a_new_database_has_the_integer_key_layout_and_the_reference_fails_clearly_on_
     .unwrap();
     let err = conn
         .prepare("SELECT value FROM pagable_data WHERE key = ?1")
-        .err()
-        .expect("the reference's read must fail");
+        .expect_err("the reference's read must fail");
     assert!(err.to_string().contains("no such column: key"), "{err}");
     drop(conn);
 
