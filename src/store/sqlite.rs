@@ -269,7 +269,7 @@ impl SqliteNodeStore {
         let inner = Arc::new(Inner {
             path: path.clone(),
             pool: ReaderPool::new(&path, table, readers, options.mmap_size_bytes, false),
-            buffer: WriteBuffer::new(2, 2, 0),
+            buffer: WriteBuffer::new(2, 2, 0, 2),
             verify_on_read: options.verify_on_read,
             roots_lock: std::sync::Mutex::new(()),
             gc: GcGate::default(),
@@ -308,6 +308,7 @@ impl SqliteNodeStore {
             options.write_buffer_rows,
             options.write_buffer_bytes,
             options.dedup_keys,
+            writer::batches_per_budget(layout),
         );
         // The marker is written only once the file is known to be a usable database (a
         // refused file, not a database or another program's table, is never "recovered"),

@@ -172,8 +172,10 @@ impl SqliteOptions {
 
     /// The most nodes held in memory waiting for their commit; `store_data` waits when it is
     /// reached (back-pressure). One transaction commits up to half of it while the other half
-    /// fills. Each waiting node costs its record and about 120 bytes besides (measured with
-    /// 1,000,000 small nodes: 524,288 rows / 64 MiB peaked at 172 MiB RSS, 131,072 / 32 MiB
+    /// fills (in a [`TableLayout::IntegerKey`] table all of it: a commit there costs about
+    /// the table's size, however few rows it has, so fewer commits are better). Each waiting
+    /// node costs its record and about 120 bytes besides (measured with 1,000,000 small nodes,
+    /// `Rowid` layout: 524,288 rows / 64 MiB peaked at 172 MiB RSS, 131,072 / 32 MiB
     /// at 103 MiB, 65,536 / 16 MiB at 81 MiB, at 4.75×, 4.61× and 3.70× the reference's
     /// write speed). Default = 131,072. Clamped: values below 2 are raised to 2.
     #[must_use]
@@ -184,7 +186,8 @@ impl SqliteOptions {
 
     /// The most encoded bytes held in memory waiting for their commit; `store_data` waits
     /// when it is reached (back-pressure; a single node larger than this is still accepted,
-    /// alone). One transaction commits up to half of it. Default = 32 MiB. Clamped: values
+    /// alone). One transaction commits up to half of it (all of it in a
+    /// [`TableLayout::IntegerKey`] table). Default = 32 MiB. Clamped: values
     /// below 2 are raised to 2.
     #[must_use]
     pub fn write_buffer_bytes(mut self, bytes: usize) -> Self {
