@@ -303,7 +303,7 @@ impl SqliteNodeStore {
         };
         let (writer_conn, layout) = conn::open_writer(&path, options.table_layout)?;
         let table = Table::new(layout, options.key_head_bytes);
-        conn::tune_writer(&writer_conn, &path, &options)?;
+        conn::tune_writer(&writer_conn, &path, &options, layout)?;
         let buffer = WriteBuffer::new(
             options.write_buffer_rows,
             options.write_buffer_bytes,

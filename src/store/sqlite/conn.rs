@@ -184,6 +184,7 @@ pub(super) fn tune_writer(
     conn: &Connection,
     path: &Path,
     options: &SqliteOptions,
+    layout: TableLayout,
 ) -> Result<(), Error> {
     // A batch of random keys rewrites most leaf pages, so one commit can put most of the
     // database in the WAL; after a checkpoint, truncate the log back to this size instead of
@@ -194,7 +195,11 @@ pub(super) fn tune_writer(
     // checkpoint is only a backstop (see `checkpoint`). Nothing in the other modes.
     conn.execute_batch(&format!(
         "PRAGMA wal_autocheckpoint = {};",
-        super::checkpoint::BACKSTOP_PAGES
+        if layout == TableLayout::IntegerKey {
+            super::checkpoint::INTEGER_KEY_BACKSTOP_PAGES
+        } else {
+            super::checkpoint::BACKSTOP_PAGES
+        }
     ))
     .map_err(Error::sqlite("set the checkpoint interval of", path))?;
     let limit = i32::try_from(options.max_record_bytes).unwrap_or(i32::MAX);
@@ -344,7 +349,7 @@ mod tests {
             let path = dir.path().join("pagable.db");
             let options = SqliteOptions::default().durability(durability);
             let (conn, _) = open_writer(&path, TableLayout::Rowid).unwrap();
-            tune_writer(&conn, &path, &options).unwrap();
+            tune_writer(&conn, &path, &options, TableLayout::Rowid).unwrap();
             set_durability(&conn, &path, &options).unwrap();
             let got: i64 = conn
                 .query_row("PRAGMA synchronous", [], |row| row.get(0))
