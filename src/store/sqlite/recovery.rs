@@ -276,13 +276,12 @@ fn repair(db: &Path, options: &SqliteOptions) -> Result<OpenReport, String> {
     let tx = conn.transaction().map_err(sql)?;
     // The rows the scan skipped: no key could ever fetch them.
     let mut removed_corrupt = table.delete_malformed(&tx).map_err(sql)?;
-    let mut removed_dangling = 0;
-    for &i in &corrupt {
-        removed_corrupt += table.delete(&tx, &graph.keys[i as usize]).map_err(sql)?;
-    }
-    for &i in &dangling {
-        removed_dangling += table.delete(&tx, &graph.keys[i as usize]).map_err(sql)?;
-    }
+    removed_corrupt += table
+        .delete(&tx, corrupt.iter().map(|&i| &graph.keys[i as usize]))
+        .map_err(sql)?;
+    let removed_dangling = table
+        .delete(&tx, dangling.iter().map(|&i| &graph.keys[i as usize]))
+        .map_err(sql)?;
     // A root whose graph lost a node names nothing complete any more: drop it too.
     let roots_exist: bool = tx
         .query_row(

@@ -181,18 +181,36 @@ impl Table {
         Ok(self.read(conn, key, |_| ())?.is_some())
     }
 
-    /// Deletes the row of `key`, wherever it is; returns how many rows went (0 or 1).
-    pub(super) fn delete(&self, conn: &Connection, key: &[u8; 16]) -> rusqlite::Result<u64> {
+    /// Deletes the rows of `keys`, wherever they are; returns how many rows went.
+    pub(super) fn delete<'k>(
+        &self,
+        conn: &Connection,
+        keys: impl IntoIterator<Item = &'k [u8; 16]>,
+    ) -> rusqlite::Result<u64> {
+        let mut deleted = 0;
         if !self.integer_key() {
             let mut stmt = conn.prepare_cached("DELETE FROM pagable_data WHERE key = ?1")?;
-            return Ok(stmt.execute([&key[..]])? as u64);
+            for key in keys {
+                deleted += stmt.execute([&key[..]])? as u64;
+            }
+            return Ok(deleted);
         }
+        // A key is in the overflow table only after a collision: while it is empty (almost
+        // always), looking there is skipped.
+        let overflow_used: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pagestore_overflow)",
+            [],
+            |row| row.get(0),
+        )?;
         let mut main =
             conn.prepare_cached("DELETE FROM pagable_data WHERE key_head = ?1 AND key_tail = ?2")?;
-        let mut deleted = main.execute(rusqlite::params![self.head(key), self.tail(key)])? as u64;
-        // Only after a collision is the key possibly there; a probe of an empty tree else.
         let mut overflow = conn.prepare_cached("DELETE FROM pagestore_overflow WHERE key = ?1")?;
-        deleted += overflow.execute([&key[..]])? as u64;
+        for key in keys {
+            deleted += main.execute(rusqlite::params![self.head(key), self.tail(key)])? as u64;
+            if overflow_used {
+                deleted += overflow.execute([&key[..]])? as u64;
+            }
+        }
         Ok(deleted)
     }
 

@@ -821,10 +821,8 @@ fn commit(conn: &mut Connection, table: Table, batch: &Batch) -> rusqlite::Resul
 /// Deletes the records of `keys` in one transaction; returns how many rows went.
 fn delete(conn: &mut Connection, table: Table, keys: &[DataKey]) -> rusqlite::Result<u64> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut deleted = 0;
-    for key in keys {
-        deleted += table.delete(&tx, &key.as_bytes())?;
-    }
+    let keys: Vec<[u8; 16]> = keys.iter().map(DataKey::as_bytes).collect();
+    let deleted = table.delete(&tx, &keys)?;
     tx.commit()?;
     Ok(deleted)
 }
