@@ -8,6 +8,10 @@
 //! live heap is sampled every millisecond from a counting allocator (Rust allocations
 //! only; SQLite's page cache is in the RSS figure).
 //!
+//! `GC_BENCH_LAYOUT=rowid` (or `without-rowid`) builds the store in that table layout
+//! instead of the default `IntegerKey` (the collection reads by key there; a `Rowid` table is
+//! marked in one pass, newest row first), to compare the two.
+//!
 //! Prints one Markdown table. The figures are for the machine it runs on; compare runs
 //! made one after the other.
 
@@ -16,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use pagestore::{Durability, NodeStore, PagableData, SqliteOptions};
+use pagestore::{Durability, NodeStore, PagableData, SqliteOptions, TableLayout};
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
 #[global_allocator]
@@ -58,8 +62,19 @@ fn node(graph: u64, i: u64, earlier: &[pagestore::DataKey]) -> PagableData {
     pagestore::testing::node(graph << 40 | i, 64, arcs)
 }
 
+/// The table layout `GC_BENCH_LAYOUT` names; the default layout without it.
+fn layout() -> TableLayout {
+    match std::env::var("GC_BENCH_LAYOUT").as_deref() {
+        Ok("rowid") => TableLayout::Rowid,
+        Ok("without-rowid") => TableLayout::WithoutRowid,
+        Ok("integer-key") | Err(_) => TableLayout::IntegerKey,
+        Ok(other) => panic!("GC_BENCH_LAYOUT={other}: rowid, without-rowid or integer-key"),
+    }
+}
+
 fn build(dir: &std::path::Path, nodes: u64) {
     let store = SqliteOptions::default()
+        .table_layout(layout())
         .durability(Durability::Cache)
         .open_node_store(dir)
         .expect("open the bench store");
@@ -219,7 +234,8 @@ fn main() {
     let t = Instant::now();
     build(dir.path(), nodes);
     eprintln!(
-        "built {nodes} nodes in {:.1} s; collecting in a child process",
+        "built {nodes} nodes ({:?} layout) in {:.1} s; collecting in a child process",
+        layout(),
         t.elapsed().as_secs_f64()
     );
     let status = std::process::Command::new(std::env::current_exe().expect("this binary"))

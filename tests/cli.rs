@@ -95,12 +95,7 @@ fn path(dir: &Path) -> &str {
 /// Deletes the record of `key` behind the store's back (the store is closed).
 fn delete_record(dir: &Path, key: DataKey) {
     let conn = rusqlite::Connection::open(dir.join("pagable.db")).unwrap();
-    let deleted = conn
-        .execute(
-            "DELETE FROM pagable_data WHERE key = ?1",
-            [&key.as_bytes()[..]],
-        )
-        .unwrap();
+    let deleted = common::on_record(&conn, key, "DELETE FROM {table} WHERE {row}");
     assert_eq!(deleted, 1);
 }
 
@@ -172,6 +167,7 @@ fn stats_shows_the_store_s_figures() {
     assert!(text.contains("records: 4\n"), "{text}");
     assert!(text.contains("roots: 2\n"), "{text}");
     assert!(text.contains("page size: "), "{text}");
+    assert!(text.contains("table layout: integer-key"), "{text}");
 
     let (code, json) = run_json(&["stats", path(dir.path())]);
     assert_eq!(code, 0);
@@ -700,12 +696,10 @@ fn compact_shrinks_the_file_after_gc() {
     store_unrooted(dir.path(), 2_000, 1);
     {
         let conn = rusqlite::Connection::open(&db).unwrap();
-        let deleted = conn
-            .execute(
-                "DELETE FROM pagable_data WHERE key != ?1",
-                [&kept.as_bytes()[..]],
-            )
-            .unwrap();
+        let deleted = common::on_record(&conn, kept, "DELETE FROM {table} WHERE NOT ({row})")
+            + conn
+                .execute("DELETE FROM pagestore_overflow", [])
+                .unwrap_or(0);
         assert_eq!(deleted, 2_000);
     }
     let before = std::fs::metadata(&db).unwrap().len();

@@ -475,13 +475,9 @@ fn a_value_that_is_not_a_blob_is_corrupt_naming_the_key() {
     {
         let conn = rusqlite::Connection::open(dir.path().join("pagable.db")).expect("raw open");
         for (key, sql_type) in keys.iter().zip(["TEXT", "INTEGER", "REAL"]) {
-            conn.execute(
-                &format!(
-                    "UPDATE pagable_data SET value = CAST(value AS {sql_type}) WHERE key = ?1"
-                ),
-                [&key.as_bytes()[..]],
-            )
-            .expect("change the value's type");
+            let sql =
+                format!("UPDATE {{table}} SET value = CAST(value AS {sql_type}) WHERE {{row}}");
+            common::on_record(&conn, *key, &sql);
         }
     }
     let storage = SqliteOptions::default().open(dir.path()).expect("reopen");

@@ -174,15 +174,9 @@ fn raw_keys(db: &Path) -> Vec<DataKey> {
     let conn =
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap_or_else(|e| panic!("open {} read-only: {e}", db.display()));
-    let mut stmt = conn
-        .prepare("SELECT key FROM pagable_data")
-        .expect("prepare key scan");
-    stmt.query_map([], |row| row.get::<_, Vec<u8>>(0))
-        .expect("scan keys")
-        .map(|k| {
-            let k = k.expect("read key");
-            DataKey::from_slice(&k).unwrap_or_else(|| panic!("row with invalid key {k:02x?}"))
-        })
+    common::stored_keys(&conn)
+        .into_iter()
+        .map(|k| DataKey::from_slice(&k).unwrap_or_else(|| panic!("row with invalid key {k:02x?}")))
         .collect()
 }
 

@@ -575,7 +575,13 @@ fn sqlite_with_records(
     dir: &std::path::Path,
     records: &[(DataKey, Record)],
 ) -> Arc<pagestore::SqliteBackedPagableStorage> {
-    drop(pagestore::SqliteBackedPagableStorage::try_new(dir).unwrap());
+    // The legacy rowid layout: a table with a `key` column, written by plain SQL.
+    drop(
+        pagestore::SqliteOptions::default()
+            .table_layout(pagestore::TableLayout::Rowid)
+            .open(dir)
+            .unwrap(),
+    );
     let db = rusqlite::Connection::open(dir.join("pagable.db")).unwrap();
     // Record format: u64_le(data.len()) ‖ u64_le(arcs.len()) ‖ data ‖ 16-byte child keys.
     for (key, (data, arcs)) in records {

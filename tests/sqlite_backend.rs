@@ -157,6 +157,8 @@ fn new_databases_get_the_chosen_layout_and_existing_ones_keep_theirs() {
     for (layout, other) in [
         (TableLayout::Rowid, TableLayout::WithoutRowid),
         (TableLayout::WithoutRowid, TableLayout::Rowid),
+        (TableLayout::IntegerKey, TableLayout::Rowid),
+        (TableLayout::Rowid, TableLayout::IntegerKey),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let storage = SqliteOptions::default()
@@ -187,7 +189,7 @@ fn new_databases_get_the_chosen_layout_and_existing_ones_keep_theirs() {
     }
     let dir = tempfile::tempdir().unwrap();
     let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
-    assert_eq!(storage.table_layout(), TableLayout::Rowid);
+    assert_eq!(storage.table_layout(), TableLayout::IntegerKey);
 }
 
 #[test]
@@ -299,11 +301,7 @@ fn an_unclean_shutdown_in_cache_mode_is_detected_and_repaired() {
         .iter()
         .find(|k| model.values().any(|d| d.arcs.contains(k)))
         .unwrap();
-    conn.execute(
-        "DELETE FROM pagable_data WHERE key = ?1",
-        [&child.as_bytes()[..]],
-    )
-    .unwrap();
+    common::on_record(&conn, child, "DELETE FROM {table} WHERE {row}");
 
     // Roots on the deleted child, on a parent the repair deletes, and on an untouched leaf.
     let parent = *keys
@@ -482,16 +480,12 @@ fn verify_reports_corrupt_records_and_missing_children() {
     let conn = Connection::open(storage.path()).unwrap();
     conn.busy_timeout(std::time::Duration::from_secs(10))
         .unwrap();
-    conn.execute(
-        "DELETE FROM pagable_data WHERE key = ?1",
-        [&leaf.as_bytes()[..]],
-    )
-    .unwrap();
-    conn.execute(
-        "UPDATE pagable_data SET value = zeroblob(5) WHERE key = ?1",
-        [&other.as_bytes()[..]],
-    )
-    .unwrap();
+    common::on_record(&conn, leaf, "DELETE FROM {table} WHERE {row}");
+    common::on_record(
+        &conn,
+        other,
+        "UPDATE {table} SET value = zeroblob(5) WHERE {row}",
+    );
     drop(conn);
     let report = storage.verify().unwrap();
     assert!(!report.is_ok());
@@ -575,8 +569,9 @@ fn verify_reports_a_row_whose_key_is_an_empty_blob() {
     conn.busy_timeout(std::time::Duration::from_secs(10))
         .unwrap();
     // The scan walks keys greater than x'', so this row is the one it can never visit.
+    let table = common::keyed_table(&conn);
     conn.execute(
-        "INSERT INTO pagable_data (key, value) VALUES (x'', x'00')",
+        &format!("INSERT INTO {table} (key, value) VALUES (x'', x'00')"),
         [],
     )
     .unwrap();
@@ -729,12 +724,11 @@ fn repairing_a_long_chain_after_a_crash_takes_one_pass() {
     drop(storage);
     // Damage the leaf, which every other node reaches, and leave the crash marker behind.
     let conn = Connection::open(dir.path().join("pagable.db")).unwrap();
-    let changed = conn
-        .execute(
-            "UPDATE pagable_data SET value = x'00' WHERE key = ?1",
-            [&chain[0].as_bytes()[..]],
-        )
-        .unwrap();
+    let changed = common::on_record(
+        &conn,
+        chain[0],
+        "UPDATE {table} SET value = x'00' WHERE {row}",
+    );
     assert_eq!(changed, 1);
     drop(conn);
     std::fs::write(dir.path().join("pagable.db.open"), b"crashed").unwrap();
@@ -802,13 +796,7 @@ fn a_root_is_never_committed_before_the_nodes_stored_before_it() {
                         |row| row.get(0),
                     )
                     .ok();
-                let committed: std::collections::HashSet<Vec<u8>> = tx
-                    .prepare("SELECT key FROM pagable_data")
-                    .unwrap()
-                    .query_map([], |row| row.get(0))
-                    .unwrap()
-                    .collect::<Result<_, _>>()
-                    .unwrap();
+                let committed = common::stored_keys(&tx);
                 drop(tx);
                 snapshots += 1;
                 if let Some(root) = root {

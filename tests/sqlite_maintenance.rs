@@ -3,6 +3,7 @@
 
 #![cfg(feature = "sqlite")]
 
+mod common;
 mod contract;
 
 use std::path::Path;
@@ -147,11 +148,11 @@ fn store_then_delete_half(dir: &Path, durability: Durability, n: u32) -> Vec<Dat
     let db = store.path().to_owned();
     drop(store);
     let conn = rusqlite::Connection::open(&db).unwrap();
-    let mut delete = conn
-        .prepare("DELETE FROM pagable_data WHERE key = ?1")
-        .unwrap();
     for key in keys.iter().step_by(2) {
-        assert_eq!(delete.execute([&key.as_bytes()[..]]).unwrap(), 1);
+        assert_eq!(
+            common::on_record(&conn, *key, "DELETE FROM {table} WHERE {row}"),
+            1
+        );
     }
     keys.into_iter().skip(1).step_by(2).collect()
 }
@@ -312,11 +313,9 @@ fn a_repair_releases_the_pages_it_frees() {
     // unclean shutdown.
     {
         let conn = rusqlite::Connection::open(&db).unwrap();
-        let mut damage = conn
-            .prepare("UPDATE pagable_data SET value = x'00' WHERE key = ?1")
-            .unwrap();
         for key in keys.iter().step_by(2) {
-            assert_eq!(damage.execute([&key.as_bytes()[..]]).unwrap(), 1);
+            let sql = "UPDATE {table} SET value = x'00' WHERE {row}";
+            assert_eq!(common::on_record(&conn, *key, sql), 1);
         }
     }
     let mut marker = db.as_os_str().to_owned();

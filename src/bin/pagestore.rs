@@ -49,7 +49,8 @@ enum Command {
         /// The store's directory (the one holding pagable.db).
         dir: PathBuf,
     },
-    /// Show the store's figures: records, bytes, free pages, roots (no record is decoded).
+    /// Show the store's figures: records, bytes, page size, table layout, free pages, roots
+    /// (no record is decoded).
     Stats {
         /// The store's directory (the one holding pagable.db).
         dir: PathBuf,
@@ -351,6 +352,16 @@ fn verify(dir: &Path) -> Result<Output, Failure> {
     })
 }
 
+/// How `stats` names a table layout (`docs/format.md` describes each).
+fn layout_name(layout: pagestore::TableLayout) -> &'static str {
+    match layout {
+        pagestore::TableLayout::IntegerKey => "integer-key",
+        pagestore::TableLayout::Rowid => "rowid",
+        pagestore::TableLayout::WithoutRowid => "without-rowid (the reference's)",
+        _ => "unknown",
+    }
+}
+
 fn stats(dir: &Path) -> Result<Output, Failure> {
     let store = open(dir)?;
     let stats = store.stats().map_err(operational)?;
@@ -362,6 +373,7 @@ fn stats(dir: &Path) -> Result<Output, Failure> {
     let _ = writeln!(text, "roots: {}", stats.roots);
     let _ = writeln!(text, "file bytes: {}", optional(stats.file_bytes));
     let _ = writeln!(text, "page size: {}", optional(stats.page_size));
+    let _ = writeln!(text, "table layout: {}", layout_name(store.table_layout()));
     let _ = writeln!(text, "free pages: {}", optional(stats.free_pages));
     let _ = writeln!(text, "free bytes: {}", optional(stats.free_bytes));
     if let Some(note) = open_note(&store) {
@@ -374,6 +386,7 @@ fn stats(dir: &Path) -> Result<Output, Failure> {
         "roots": stats.roots,
         "file_bytes": stats.file_bytes,
         "page_size": stats.page_size,
+        "table_layout": layout_name(store.table_layout()),
         "free_pages": stats.free_pages,
         "free_bytes": stats.free_bytes,
     });

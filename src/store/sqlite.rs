@@ -1,13 +1,14 @@
-//! [`SqliteNodeStore`]: nodes in one SQLite file, in the reference implementation's format,
-//! with a background writer and a pool of readers.
+//! [`SqliteNodeStore`]: nodes in one SQLite file, with the reference implementation's keys
+//! and records, with a background writer and a pool of readers.
 //!
 //! The on-disk format (table, record encoding, page size, journal modes, marker file) is
-//! written down in `docs/format.md`. In short: one table
-//! `pagable_data (key BLOB PRIMARY KEY, value BLOB NOT NULL)`, the key's 16 bytes as `key`,
-//! the [`codec`] record as `value` — what `pagable` 0.3.3 writes, so databases move between
-//! the two in both directions. The reference declares the table `WITHOUT ROWID`; pagestore
-//! creates new tables as rowid tables by default, which write much faster and are read and
-//! written by the same SQL (see [`TableLayout`]), and keeps whichever layout it finds.
+//! written down in `docs/format.md`. In short: keys and records are what `pagable` 0.3.3
+//! writes, in a table `pagable_data` of one of three [`TableLayout`]s. New databases get
+//! `IntegerKey` (the key's first 8 bytes are the rowid, so a read is one B-tree descent; a
+//! key whose head another key holds goes to a second table, `pagestore_overflow`); the
+//! reference's own `WithoutRowid` and the earlier default `Rowid`, which the reference reads
+//! and writes too, are kept when found and can be chosen for new databases. `table` has the
+//! SQL of each layout.
 //! Named roots are in a table of pagestore's own, `pagestore_roots (name TEXT PRIMARY KEY,
 //! key BLOB NOT NULL)`, which the reference never reads; root changes go through the
 //! writer's batches, after the nodes stored before them.
@@ -23,6 +24,7 @@ mod conn;
 mod options;
 mod pool;
 mod recovery;
+mod table;
 mod verify;
 mod writer;
 
@@ -37,6 +39,7 @@ pub use verify::VerifyReport;
 use rusqlite::types::ValueRef;
 
 use self::pool::ReaderPool;
+use self::table::Table;
 use self::writer::{Maintenance, WriteBuffer};
 use crate::codec;
 use crate::data::PagableData;
@@ -109,7 +112,7 @@ pub struct SqliteNodeStore {
     checkpointer: Option<(Arc<checkpoint::Checkpointer>, JoinHandle<()>)>,
     open_report: OpenReport,
     options: SqliteOptions,
-    table_layout: TableLayout,
+    table: Table,
     /// The unclean-shutdown marker, in Cache mode.
     marker: Option<PathBuf>,
     /// Held until after `close` (fields drop after `Drop::drop`), released last; none when
@@ -258,14 +261,15 @@ impl SqliteNodeStore {
         };
         let first = conn::open_reader(&path, &options)?;
         let layout = conn::check_read_only(&first, &path)?;
+        let table = Table::new(layout, options.key_head_bytes);
         let mut readers = vec![first];
         for _ in 1..options.readers {
             readers.push(conn::open_reader(&path, &options)?);
         }
         let inner = Arc::new(Inner {
             path: path.clone(),
-            pool: ReaderPool::new(&path, readers, options.mmap_size_bytes, false),
-            buffer: WriteBuffer::new(2, 2, 0),
+            pool: ReaderPool::new(&path, table, readers, options.mmap_size_bytes, false),
+            buffer: WriteBuffer::new(2, 2, 0, 2),
             verify_on_read: options.verify_on_read,
             roots_lock: std::sync::Mutex::new(()),
             gc: GcGate::default(),
@@ -278,7 +282,7 @@ impl SqliteNodeStore {
             checkpointer: None,
             open_report,
             options,
-            table_layout: layout,
+            table,
             marker: None,
             _dir_lock: None,
         })
@@ -298,11 +302,13 @@ impl SqliteNodeStore {
             OpenReport::Clean
         };
         let (writer_conn, layout) = conn::open_writer(&path, options.table_layout)?;
-        conn::tune_writer(&writer_conn, &path, &options)?;
+        let table = Table::new(layout, options.key_head_bytes);
+        conn::tune_writer(&writer_conn, &path, &options, layout)?;
         let buffer = WriteBuffer::new(
             options.write_buffer_rows,
             options.write_buffer_bytes,
             options.dedup_keys,
+            writer::batches_per_budget(layout),
         );
         // The marker is written only once the file is known to be a usable database (a
         // refused file, not a database or another program's table, is never "recovered"),
@@ -330,7 +336,7 @@ impl SqliteNodeStore {
             .collect::<Result<Vec<_>, _>>()?;
         let inner = Arc::new(Inner {
             path: path.clone(),
-            pool: ReaderPool::new(&path, readers, options.mmap_size_bytes, true),
+            pool: ReaderPool::new(&path, table, readers, options.mmap_size_bytes, true),
             buffer,
             verify_on_read: options.verify_on_read,
             roots_lock: std::sync::Mutex::new(()),
@@ -355,7 +361,7 @@ impl SqliteNodeStore {
                         &inner.buffer,
                         &inner.pool,
                         writer_conn,
-                        layout,
+                        table,
                         &inner.path,
                         cache_bytes,
                         told.as_deref(),
@@ -370,7 +376,7 @@ impl SqliteNodeStore {
             checkpointer,
             open_report,
             options,
-            table_layout: layout,
+            table,
             marker: cache_mode.then_some(marker),
             _dir_lock: Some(dir_lock),
         })
@@ -393,6 +399,7 @@ impl SqliteNodeStore {
         let buffer = &self.inner.buffer;
         Ok(verify::scan(
             &mut conn,
+            self.table,
             &self.inner.path,
             &|key| buffer.is_pending(key),
             &mut progress,
@@ -417,13 +424,7 @@ impl SqliteNodeStore {
         let mut conn = conn::open_reader(path, &self.options)?;
         let sql = || Error::sqlite("read the figures of", path);
         let tx = conn.transaction().map_err(sql())?;
-        let (records, data_bytes): (u64, u64) = tx
-            .query_row(
-                "SELECT count(*), coalesce(sum(length(value)), 0) FROM pagable_data",
-                [],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .map_err(sql())?;
+        let (records, data_bytes) = self.table.count(&tx).map_err(sql())?;
         let page_size: u64 = tx
             .query_row("PRAGMA page_size", [], |row| row.get(0))
             .map_err(sql())?;
@@ -573,7 +574,7 @@ impl SqliteNodeStore {
     /// The layout of the database's table: the one [`SqliteOptions::table_layout`] asked
     /// for if this open created the database, else the one the database already had.
     pub fn table_layout(&self) -> TableLayout {
-        self.table_layout
+        self.table.layout
     }
 
     /// Whether this store was opened with [`SqliteOptions::read_only`].
@@ -768,13 +769,18 @@ impl NodeStore for SqliteNodeStore {
         // What is pending is committed first, so the scan sees every node once, from one place.
         self.flush()?;
         let mut conn = conn::open_reader(&self.inner.path, &self.options)?;
-        verify::for_each_record(&mut conn, &self.inner.path, &mut |key, record| {
-            let node = match record {
-                Ok(bytes) => decode(&key, bytes, true).map(|node| PagableData::clone(&node)),
-                Err(err) => Err(err),
-            };
-            visit(key, node.map_err(anyhow::Error::from))
-        })
+        verify::for_each_record(
+            &mut conn,
+            self.table,
+            &self.inner.path,
+            &mut |key, record| {
+                let node = match record {
+                    Ok(bytes) => decode(&key, bytes, true).map(|node| PagableData::clone(&node)),
+                    Err(err) => Err(err),
+                };
+                visit(key, node.map_err(anyhow::Error::from))
+            },
+        )
     }
 
     fn store_stats(&self) -> anyhow::Result<Option<StoreStats>> {
@@ -892,11 +898,12 @@ impl Collectable for Collector<'_> {
         self.store.inner.buffer.is_pending(key)
     }
 
-    /// A rowid table, newest row first: a node is committed after the children it names
+    /// A `Rowid` table, newest row first: a node is committed after the children it names
     /// (and in a later or the same batch, whose rows get higher rowids), so its row comes
-    /// before theirs. Without rowids the table is in key order: `false`.
+    /// before theirs. In the other layouts the rows are in key order, which says nothing
+    /// about who names whom: `false` (marking then reads record by record, by key).
     fn records_parents_first(&self, visit: &mut gc::VisitRecord<'_>) -> anyhow::Result<bool> {
-        if self.store.table_layout != TableLayout::Rowid {
+        if self.store.table.layout != TableLayout::Rowid {
             return Ok(false);
         }
         self.end_snapshot()?;
@@ -948,25 +955,26 @@ impl Collectable for Collector<'_> {
         }
         let mut misses = Vec::new();
         {
-            let mut stmt = conn.prepare_cached(conn::READ_VALUE_SQL).map_err(sql())?;
+            let table = self.store.table;
             for key in keys {
                 if let Some(record) = buffer.pending(key) {
                     Self::visit_record(key, Some(&record), found)?;
                     continue;
                 }
-                let mut rows = stmt.query([&key.as_bytes()[..]]).map_err(sql())?;
-                match rows.next().map_err(sql())? {
-                    Some(row) => {
-                        let record = row.get_ref(0).map_err(sql())?;
-                        let bytes = record.as_blob().map_err(|_| Error::Corrupt {
+                let read = table
+                    .read(&conn, &key.as_bytes(), |record| match record {
+                        ValueRef::Blob(bytes) => Self::visit_record(key, Some(bytes), found),
+                        other => Err(Error::Corrupt {
                             key: *key,
                             reason: format!(
                                 "the stored value is {}, not a BLOB",
-                                record.data_type()
+                                other.data_type()
                             ),
-                        })?;
-                        Self::visit_record(key, Some(bytes), found)?;
-                    }
+                        }),
+                    })
+                    .map_err(sql())?;
+                match read {
+                    Some(visited) => visited?,
                     None => misses.push(*key),
                 }
             }
@@ -983,16 +991,18 @@ impl Collectable for Collector<'_> {
                 Self::visit_record(&key, Some(&record), found)?;
                 continue;
             }
-            let record: Option<Vec<u8>> = conn
-                .query_row(conn::READ_VALUE_SQL, [&key.as_bytes()[..]], |row| {
-                    row.get(0)
+            let record: Option<Vec<u8>> = self
+                .store
+                .table
+                .read(&conn, &key.as_bytes(), |record| {
+                    record.as_blob().map(<[u8]>::to_vec)
                 })
-                .map(Some)
-                .or_else(|e| match e {
-                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                    e => Err(e),
-                })
-                .map_err(sql())?;
+                .map_err(sql())?
+                .transpose()
+                .map_err(|_| Error::Corrupt {
+                    key,
+                    reason: "the stored value is not a BLOB".into(),
+                })?;
             Self::visit_record(&key, record.as_deref(), found)?;
         }
         Ok(())
@@ -1032,20 +1042,39 @@ impl Collectable for Collector<'_> {
         visit: &mut dyn FnMut(&[StoredKey]) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         // In the table's own order, one short query per chunk: by rowid (the rows in file
-        // order, not the key index's) or, without rowids, by key.
+        // order, not the key index's) or, in the other layouts, by key.
         self.end_snapshot()?;
-        let by_rowid = self.store.table_layout == TableLayout::Rowid;
+        if self.store.table.layout != TableLayout::Rowid {
+            let mut rows = table::Scan::new(self.store.table);
+            while !rows.is_done() {
+                let mut chunk: Vec<StoredKey> = Vec::with_capacity(SWEEP_CHUNK as usize);
+                {
+                    let conn = self.conn.borrow();
+                    rows.step(
+                        &conn,
+                        SWEEP_CHUNK as usize,
+                        table::Column::Length,
+                        |key, len| {
+                            // A key column that is not a key is not ours to judge: left alone.
+                            if let (Some(key), ValueRef::Integer(len)) = (key, len) {
+                                chunk.push((key, len.max(0) as u64));
+                            }
+                            Ok::<(), rusqlite::Error>(())
+                        },
+                    )
+                    .map_err(self.sql("list the records of"))?;
+                }
+                if !chunk.is_empty() {
+                    visit(&chunk)?;
+                }
+            }
+            return Ok(());
+        }
         // Newest first: a parent is then mostly deleted before its children, so a
         // collection killed midway leaves few garbage parents without their children.
-        let sql = if by_rowid {
-            "SELECT rowid, key, length(value) FROM pagable_data WHERE rowid < ?1 \
-             ORDER BY rowid DESC LIMIT ?2"
-        } else {
-            "SELECT 0, key, length(value) FROM pagable_data WHERE key > ?1 \
-             ORDER BY key LIMIT ?2"
-        };
+        let sql = "SELECT rowid, key, length(value) FROM pagable_data WHERE rowid < ?1 \
+                   ORDER BY rowid DESC LIMIT ?2";
         let mut after_rowid: i64 = i64::MAX;
-        let mut after_key: Vec<u8> = Vec::new();
         loop {
             let mut chunk: Vec<StoredKey> = Vec::with_capacity(SWEEP_CHUNK as usize);
             let mut rows_read = 0;
@@ -1054,16 +1083,14 @@ impl Collectable for Collector<'_> {
                 let mut stmt = conn
                     .prepare_cached(sql)
                     .map_err(self.sql("list the records of"))?;
-                let after: &dyn rusqlite::ToSql = if by_rowid { &after_rowid } else { &after_key };
                 let mut rows = stmt
-                    .query(rusqlite::params![after, SWEEP_CHUNK])
+                    .query(rusqlite::params![after_rowid, SWEEP_CHUNK])
                     .map_err(self.sql("list the records of"))?;
                 while let Some(row) = rows.next().map_err(self.sql("list the records of"))? {
                     rows_read += 1;
                     after_rowid = row.get(0).map_err(self.sql("list the records of"))?;
                     let key_ref = row.get_ref(1).map_err(self.sql("list the records of"))?;
                     if let rusqlite::types::ValueRef::Blob(bytes) = key_ref {
-                        after_key = bytes.to_vec();
                         // A key column that is not a key is not ours to judge: left alone.
                         if let Some(key) = DataKey::from_slice(bytes) {
                             let len: i64 = row.get(2).map_err(self.sql("list the records of"))?;

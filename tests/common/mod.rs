@@ -257,19 +257,69 @@ pub fn damage_stored_record(
     let conn = rusqlite::Connection::open(storage.path()).unwrap();
     conn.busy_timeout(std::time::Duration::from_secs(10))
         .unwrap();
+    let (table, row) = record_row(&conn, key);
     let mut value: Vec<u8> = conn
         .query_row(
-            "SELECT value FROM pagable_data WHERE key = ?1",
-            [&key.as_bytes()[..]],
+            &format!("SELECT value FROM {table} WHERE {row}"),
+            [],
             |row| row.get(0),
         )
         .unwrap();
     value[offset] ^= mask;
     conn.execute(
-        "UPDATE pagable_data SET value = ?2 WHERE key = ?1",
-        rusqlite::params![&key.as_bytes()[..], value],
+        &format!("UPDATE {table} SET value = ?1 WHERE {row}"),
+        [value],
     )
     .unwrap();
+}
+
+/// Where `key`'s row is in the database of `conn`, for tests that change it behind the
+/// store's back: the table, and a condition (literals only) that selects the row. In the
+/// `IntegerKey` layout (a `key_head` column) the main table's row of the key, or, if it is
+/// not there, the overflow table's; in the others the row whose `key` is the key.
+pub fn record_row(conn: &rusqlite::Connection, key: DataKey) -> (&'static str, String) {
+    let bytes = key.as_bytes();
+    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let integer_key: bool = conn
+        .query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info('pagable_data') WHERE name = 'key_head'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    if !integer_key {
+        return ("pagable_data", format!("key = x'{}'", hex(&bytes)));
+    }
+    // The head's width, from a tail (8 bytes but in tests of shared heads).
+    let tail_len: i64 = conn
+        .query_row(
+            "SELECT coalesce(max(length(key_tail)), 8) FROM pagable_data",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    let n = 16 - tail_len as usize;
+    let mut head_bytes = [0u8; 8];
+    head_bytes[8 - n..].copy_from_slice(&bytes[..n]);
+    let head = u64::from_be_bytes(head_bytes);
+    let head = if n == 8 {
+        (head ^ (1 << 63)) as i64
+    } else {
+        head as i64
+    };
+    let main = format!("key_head = {head} AND key_tail = x'{}'", hex(&bytes[n..]));
+    let in_main: bool = conn
+        .query_row(
+            &format!("SELECT count(*) > 0 FROM pagable_data WHERE {main}"),
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    if in_main {
+        ("pagable_data", main)
+    } else {
+        ("pagestore_overflow", format!("key = x'{}'", hex(&bytes)))
+    }
 }
 
 /// Runs `check` on a scratch directory with permission bits in force. Root ignores them (CI
@@ -342,4 +392,76 @@ pub fn unprivileged_child(env: &str, check: impl FnOnce(&Path)) {
     );
     check(scratch.path());
     println!("CHILD-OK");
+}
+
+/// Runs `sql` on the row of `key` (see [`record_row`]), with `{table}` and `{row}` in it
+/// replaced by the row's table and condition; returns the rows changed.
+pub fn on_record(conn: &rusqlite::Connection, key: DataKey, sql: &str) -> usize {
+    let (table, row) = record_row(conn, key);
+    conn.execute(&sql.replace("{table}", table).replace("{row}", &row), [])
+        .unwrap()
+}
+
+/// Every stored key's 16 bytes, in any layout (main and overflow tables).
+pub fn stored_keys(conn: &rusqlite::Connection) -> std::collections::HashSet<Vec<u8>> {
+    let integer_key: bool = conn
+        .query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info('pagable_data') WHERE name = 'key_head'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    let keyed = |table: &str| -> Vec<Vec<u8>> {
+        conn.prepare(&format!("SELECT key FROM {table}"))
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    if !integer_key {
+        return keyed("pagable_data").into_iter().collect();
+    }
+    let mut keys: std::collections::HashSet<Vec<u8>> =
+        keyed("pagestore_overflow").into_iter().collect();
+    let mut stmt = conn
+        .prepare("SELECT key_head, key_tail FROM pagable_data")
+        .unwrap();
+    let main = stmt
+        .query_map([], |row| {
+            let head: i64 = row.get(0)?;
+            let tail: Vec<u8> = row.get(1)?;
+            Ok((head, tail))
+        })
+        .unwrap();
+    for row in main {
+        let (head, tail) = row.unwrap();
+        let n = 16 - tail.len();
+        let head = if n == 8 {
+            (head as u64) ^ (1 << 63)
+        } else {
+            head as u64
+        };
+        let mut key = head.to_be_bytes()[8 - n..].to_vec();
+        key.extend_from_slice(&tail);
+        keys.insert(key);
+    }
+    keys
+}
+
+/// The table a test inserts a row with a malformed key into: the one whose `key` column
+/// is a BLOB (the overflow table in the `IntegerKey` layout).
+pub fn keyed_table(conn: &rusqlite::Connection) -> &'static str {
+    let integer_key: bool = conn
+        .query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info('pagable_data') WHERE name = 'key_head'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    if integer_key {
+        "pagestore_overflow"
+    } else {
+        "pagable_data"
+    }
 }

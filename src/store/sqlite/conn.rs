@@ -7,48 +7,29 @@ use rusqlite::limits::Limit;
 use rusqlite::{Connection, MAIN_DB, OpenFlags};
 
 use super::options::{Durability, SqliteOptions, TableLayout};
+use super::table;
 use crate::error::Error;
-
-/// The reference's table statement without its `WITHOUT ROWID` clause: the columns and
-/// constraint both layouts share.
-macro_rules! create_table_sql {
-    () => {
-        "CREATE TABLE IF NOT EXISTS pagable_data (key BLOB PRIMARY KEY, value BLOB NOT NULL)"
-    };
-}
 
 /// The named roots: pagestore's own table, which the reference never reads.
 pub(super) const CREATE_ROOTS_SQL: &str =
     "CREATE TABLE IF NOT EXISTS pagestore_roots (name TEXT PRIMARY KEY, key BLOB NOT NULL)";
-/// Reads one record (`?1` key bytes).
-pub(super) const READ_VALUE_SQL: &str = "SELECT value FROM pagable_data WHERE key = ?1";
 /// Sets a root (`?1` name, `?2` key bytes).
 pub(super) const SET_ROOT_SQL: &str =
     "INSERT OR REPLACE INTO pagestore_roots (name, key) VALUES (?1, ?2)";
 /// Removes a root (`?1` name).
 pub(super) const REMOVE_ROOT_SQL: &str = "DELETE FROM pagestore_roots WHERE name = ?1";
 
-/// The statement that creates the table in a new database, in the chosen layout.
-fn create_table(layout: TableLayout) -> &'static str {
-    match layout {
-        TableLayout::Rowid => create_table_sql!(),
-        TableLayout::WithoutRowid => concat!(create_table_sql!(), " WITHOUT ROWID"),
-    }
-}
-
-/// Which layout the `pagable_data` table of `conn` has (SQLite's `table_list` pragma
-/// reports `wr` = 1 for a WITHOUT ROWID table).
-fn table_layout(conn: &Connection) -> rusqlite::Result<TableLayout> {
-    let without_rowid: bool = conn.query_row(
-        "SELECT wr FROM pragma_table_list('pagable_data') WHERE schema = 'main'",
-        [],
-        |row| row.get(0),
-    )?;
-    Ok(if without_rowid {
-        TableLayout::WithoutRowid
+/// Checks that the `pagable_data` table (and, in the `IntegerKey` layout, the overflow
+/// table) has the columns `layout` reads and writes: another program's table of the same
+/// name is refused rather than failing every read.
+fn check_columns(conn: &Connection, layout: TableLayout) -> rusqlite::Result<()> {
+    if layout == TableLayout::IntegerKey {
+        conn.prepare("SELECT key_head, key_tail, value FROM pagable_data")?;
+        conn.prepare("SELECT key, value FROM pagestore_overflow")?;
     } else {
-        TableLayout::Rowid
-    })
+        conn.prepare("SELECT key, value FROM pagable_data WHERE key = ?1")?;
+    }
+    Ok(())
 }
 
 /// Page size for databases pagestore creates. Bigger pages than the reference's 8 KiB make
@@ -92,8 +73,10 @@ pub(super) fn synchronous(durability: Durability) -> &'static str {
 /// The size of the row SQLite builds to store a value of `value_len` bytes, which is what its
 /// length limit (`SQLITE_LIMIT_LENGTH`) is checked against: the record header (its own
 /// length, the 16-byte key's type, the value's type as a varint), the key, and the value.
-/// The same in both layouts: a `WithoutRowid` row is this record, and a rowid table keeps
-/// the rowid outside it (its index on `key` holds only the key and the rowid).
+/// Exact for a `WithoutRowid` row and an overflow row of the `IntegerKey` layout, which are
+/// this record; a `Rowid` table keeps the rowid outside it (its index on `key` holds only the
+/// key and the rowid). An `IntegerKey` main row (a null for the rowid alias, the 8-byte tail,
+/// the value) is 7 bytes smaller, so a row this bound accepts fits in either table.
 pub(super) fn record_bytes(value_len: usize) -> u64 {
     let value_len = value_len as u64;
     // SQLite's serial type of a BLOB of n bytes is 2n + 12, stored as a varint of 7 bits
@@ -138,8 +121,8 @@ fn size_pragmas(conn: &Connection, cache_bytes: u64, path: &Path) -> Result<(), 
 }
 
 /// Opens the single read-write connection and makes sure the file is pagestore's: a SQLite
-/// database (created if missing, with 32 KiB pages and a table in `new_layout`) whose
-/// `pagable_data` table has the `key` and `value` columns. Runs in SQLite's default
+/// database (created if missing, with 32 KiB pages and a table in `new_layout`) whose tables
+/// have the columns of the layout they are in. Runs in SQLite's default
 /// rollback journal, so a crash here cannot damage the file, and changes nothing in a file
 /// that is refused. Returns the connection for [`tune_writer`] and [`set_durability`], and the table's
 /// layout.
@@ -170,18 +153,28 @@ pub(super) fn open_writer(
         ))
         .map_err(Error::sqlite("set the page size of", path))?;
     }
-    conn.execute_batch(create_table(new_layout))
+    let found = table::detect(&conn).map_err(Error::sqlite("read the table layout of", path))?;
+    let layout = found.unwrap_or(new_layout);
+    if found.is_none() || layout == TableLayout::IntegerKey {
+        // Both tables of the IntegerKey layout in one transaction: a reader never finds
+        // one without the other.
+        let overflow = if layout == TableLayout::IntegerKey {
+            table::CREATE_OVERFLOW_SQL
+        } else {
+            "SELECT 1"
+        };
+        conn.execute_batch(&format!(
+            "BEGIN; {}; {overflow}; COMMIT;",
+            table::create_sql(layout)
+        ))
         .map_err(Error::sqlite("create the table in", path))?;
-    // Another program's table of the same name: refuse it rather than fail every read.
-    conn.prepare("SELECT key, value FROM pagable_data WHERE key = ?1")
-        .map_err(Error::sqlite(
-            "find the columns key and value of table pagable_data (is this another program's \
-             database?) in",
-            path,
-        ))?;
+    }
+    check_columns(&conn, layout).map_err(Error::sqlite(
+        "find the columns of table pagable_data (is this another program's database?) in",
+        path,
+    ))?;
     conn.execute_batch(CREATE_ROOTS_SQL)
         .map_err(Error::sqlite("create the roots table in", path))?;
-    let layout = table_layout(&conn).map_err(Error::sqlite("read the table layout of", path))?;
     Ok((conn, layout))
 }
 
@@ -191,6 +184,7 @@ pub(super) fn tune_writer(
     conn: &Connection,
     path: &Path,
     options: &SqliteOptions,
+    layout: TableLayout,
 ) -> Result<(), Error> {
     // A batch of random keys rewrites most leaf pages, so one commit can put most of the
     // database in the WAL; after a checkpoint, truncate the log back to this size instead of
@@ -201,7 +195,11 @@ pub(super) fn tune_writer(
     // checkpoint is only a backstop (see `checkpoint`). Nothing in the other modes.
     conn.execute_batch(&format!(
         "PRAGMA wal_autocheckpoint = {};",
-        super::checkpoint::BACKSTOP_PAGES
+        if layout == TableLayout::IntegerKey {
+            super::checkpoint::INTEGER_KEY_BACKSTOP_PAGES
+        } else {
+            super::checkpoint::BACKSTOP_PAGES
+        }
     ))
     .map_err(Error::sqlite("set the checkpoint interval of", path))?;
     let limit = i32::try_from(options.max_record_bytes).unwrap_or(i32::MAX);
@@ -305,15 +303,20 @@ pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connec
 }
 
 /// Checks, on a read-only connection, that the file is pagestore's (its `pagable_data`
-/// table has the `key` and `value` columns) and returns the table's layout. Writes nothing.
+/// table has the columns of one of the layouts) and returns the table's layout. Writes nothing.
 pub(super) fn check_read_only(conn: &Connection, path: &Path) -> Result<TableLayout, Error> {
-    conn.prepare("SELECT key, value FROM pagable_data WHERE key = ?1")
-        .map_err(Error::sqlite(
-            "find the columns key and value of table pagable_data (is this a pagestore \
-             database?) in",
+    let refused = || {
+        Error::sqlite(
+            "find the columns of table pagable_data (is this a pagestore database?) in",
             path,
-        ))?;
-    table_layout(conn).map_err(Error::sqlite("read the table layout of", path))
+        )
+    };
+    let layout = table::detect(conn)
+        .map_err(Error::sqlite("read the table layout of", path))?
+        // No table: the check below fails with SQLite's "no such table".
+        .unwrap_or(TableLayout::Rowid);
+    check_columns(conn, layout).map_err(refused())?;
+    Ok(layout)
 }
 
 #[cfg(test)]
@@ -346,7 +349,7 @@ mod tests {
             let path = dir.path().join("pagable.db");
             let options = SqliteOptions::default().durability(durability);
             let (conn, _) = open_writer(&path, TableLayout::Rowid).unwrap();
-            tune_writer(&conn, &path, &options).unwrap();
+            tune_writer(&conn, &path, &options, TableLayout::Rowid).unwrap();
             set_durability(&conn, &path, &options).unwrap();
             let got: i64 = conn
                 .query_row("PRAGMA synchronous", [], |row| row.get(0))
@@ -358,20 +361,33 @@ mod tests {
     /// `record_bytes` is exactly the size SQLite checks: a limit of that size stores the
     /// value, one byte less refuses it. Around each change of the varint's length above
     /// the 1 KiB floor of `max_record_bytes` (below it SQLite refuses smaller things too).
+    /// In an `IntegerKey` main table (whose rows are smaller) a limit of that size stores
+    /// the value too; its overflow table is a `WithoutRowid` table.
     #[test]
     fn record_bytes_is_the_size_sqlite_limits() {
-        for layout in [TableLayout::Rowid, TableLayout::WithoutRowid] {
+        for layout in [
+            TableLayout::Rowid,
+            TableLayout::WithoutRowid,
+            TableLayout::IntegerKey,
+        ] {
             let conn = Connection::open_in_memory().unwrap();
-            conn.execute_batch(create_table(layout)).unwrap();
+            conn.execute_batch(table::create_sql(layout)).unwrap();
+            let insert = if layout == TableLayout::IntegerKey {
+                "INSERT INTO pagable_data (key_head, key_tail, value) VALUES (1, ?1, ?2)"
+            } else {
+                "INSERT INTO pagable_data (key, value) VALUES (?1, ?2)"
+            };
+            let key: &[u8] = if layout == TableLayout::IntegerKey {
+                &[1u8; 8]
+            } else {
+                &[1u8; 16]
+            };
             for value_len in [1010, 8185, 8186, 1_048_569, 1_048_570] {
                 let value = vec![0u8; value_len];
                 let fits = |limit: u64| {
                     conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, limit as i32)
                         .unwrap();
-                    let result = conn.execute(
-                        "INSERT INTO pagable_data (key, value) VALUES (?1, ?2)",
-                        rusqlite::params![[1u8; 16], value],
-                    );
+                    let result = conn.execute(insert, rusqlite::params![key, value]);
                     conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, i32::MAX)
                         .unwrap();
                     conn.execute("DELETE FROM pagable_data", []).unwrap();
@@ -385,7 +401,9 @@ mod tests {
                 };
                 let bytes = record_bytes(value_len);
                 assert!(fits(bytes), "{layout:?}, {value_len}-byte value");
-                assert!(!fits(bytes - 1), "{layout:?}, {value_len}-byte value");
+                if layout != TableLayout::IntegerKey {
+                    assert!(!fits(bytes - 1), "{layout:?}, {value_len}-byte value");
+                }
             }
         }
     }

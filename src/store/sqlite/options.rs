@@ -42,30 +42,43 @@ pub enum Durability {
 }
 
 /// How the `pagable_data` table stores its rows. Chosen when a database is created; an
-/// existing database keeps the layout it has, whichever is asked for. Both layouts have the
-/// reference's columns, constraint and record format, and both are read and written with
-/// the same SQL, by pagestore and by the reference (whose `CREATE TABLE IF NOT EXISTS`
-/// leaves either in place), so a database in either layout opens in both.
+/// existing database keeps the layout it has, whichever is asked for (the reference's
+/// databases, `WithoutRowid`, open and work as they are). Every layout stores the reference's
+/// record format; `docs/format.md` describes each.
 ///
-/// The trade-off: `Rowid` writes faster (markedly so for records of several KiB) and reads by
-/// key a little slower (two B-tree descents instead of one); `docs/bench-sqlite.md` has the
-/// measurements.
+/// The trade-off: `IntegerKey` reads by key in one descent of one B-tree with integer
+/// comparisons; `Rowid` needs two descents (its key index, then the table) and
+/// `WithoutRowid` one descent comparing 16-byte keys; only `WithoutRowid` opens in the
+/// reference implementation. `docs/bench-sqlite.md` has the measurements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum TableLayout {
+    /// `pagable_data (key_head INTEGER PRIMARY KEY, key_tail BLOB NOT NULL, value BLOB NOT
+    /// NULL)`: the key's first 8 bytes, as an integer that sorts like them, are the rowid;
+    /// the other 8 bytes are `key_tail`. A read by key is one descent of the table B-tree.
+    /// A key whose first 8 bytes are those of another stored key (rare: about 3% of stores
+    /// of a billion keys hold one such pair) is stored whole in a second table,
+    /// `pagestore_overflow (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID`,
+    /// which a read consults when the main table has no row for the key.
+    ///
+    /// The reference implementation cannot use such a database: its table has no `key`
+    /// column, so its first read or write fails with SQLite's `no such column: key` (it
+    /// neither reads wrong data nor writes a second table beside it).
+    #[default]
+    IntegerKey,
     /// A rowid table, `pagable_data (key BLOB PRIMARY KEY, value BLOB NOT NULL)`: rows in
     /// a table B-tree keyed by an integer rowid, plus SQLite's automatic unique index on
     /// `key` (key and rowid only). Each batch is inserted in key order and SQLite gives the
     /// rows the next rowids, so rows are appended to the table and keys go into the small
-    /// index in order; an insert never compares whole records. A read by key descends the
-    /// index, then the table.
-    #[default]
+    /// index in order. A read by key descends the index, then the table. pagestore's
+    /// default before `IntegerKey`; the reference opens it too (its SQL is the same).
     Rowid,
     /// The reference's table, `pagable_data (key BLOB PRIMARY KEY, value BLOB NOT NULL)
     /// WITHOUT ROWID`: one index B-tree holding whole records in key order. A read by key is
     /// one descent. An insert compares the new key with cells on its path by their whole
     /// record, so next to records that overflow their page (over about 4 KiB with 32 KiB
-    /// pages) each comparison copies the neighbour's overflow chain.
+    /// pages) each comparison copies the neighbour's overflow chain. The layout to choose
+    /// for a database the reference must open.
     WithoutRowid,
 }
 
@@ -96,6 +109,7 @@ pub struct SqliteOptions {
     pub(super) dedup_keys: usize,
     pub(super) repair_unclean: bool,
     pub(super) table_layout: TableLayout,
+    pub(super) key_head_bytes: u8,
     pub(super) read_only: bool,
     memory_budget: usize,
     /// `None`: the runtime's default.
@@ -131,6 +145,7 @@ impl Default for SqliteOptions {
             dedup_keys: 2 << 20,
             repair_unclean: true,
             table_layout: TableLayout::default(),
+            key_head_bytes: 8,
             read_only: false,
             memory_budget: usize::MAX,
             gc_grace: None,
@@ -157,8 +172,10 @@ impl SqliteOptions {
 
     /// The most nodes held in memory waiting for their commit; `store_data` waits when it is
     /// reached (back-pressure). One transaction commits up to half of it while the other half
-    /// fills. Each waiting node costs its record and about 120 bytes besides (measured with
-    /// 1,000,000 small nodes: 524,288 rows / 64 MiB peaked at 172 MiB RSS, 131,072 / 32 MiB
+    /// fills (in a [`TableLayout::IntegerKey`] table all of it: a commit there costs about
+    /// the table's size, however few rows it has, so fewer commits are better). Each waiting
+    /// node costs its record and about 120 bytes besides (measured with 1,000,000 small nodes,
+    /// `Rowid` layout: 524,288 rows / 64 MiB peaked at 172 MiB RSS, 131,072 / 32 MiB
     /// at 103 MiB, 65,536 / 16 MiB at 81 MiB, at 4.75×, 4.61× and 3.70× the reference's
     /// write speed). Default = 131,072. Clamped: values below 2 are raised to 2.
     #[must_use]
@@ -169,7 +186,8 @@ impl SqliteOptions {
 
     /// The most encoded bytes held in memory waiting for their commit; `store_data` waits
     /// when it is reached (back-pressure; a single node larger than this is still accepted,
-    /// alone). One transaction commits up to half of it. Default = 32 MiB. Clamped: values
+    /// alone). One transaction commits up to half of it (all of it in a
+    /// [`TableLayout::IntegerKey`] table). Default = 32 MiB. Clamped: values
     /// below 2 are raised to 2.
     #[must_use]
     pub fn write_buffer_bytes(mut self, bytes: usize) -> Self {
@@ -236,10 +254,22 @@ impl SqliteOptions {
 
     /// The table layout of a database this open *creates*; an existing database keeps its
     /// own ([`SqliteNodeStore::table_layout`] says which it has). Default =
-    /// [`TableLayout::Rowid`].
+    /// [`TableLayout::IntegerKey`].
     #[must_use]
     pub fn table_layout(mut self, layout: TableLayout) -> Self {
         self.table_layout = layout;
+        self
+    }
+
+    /// For tests of keys that share their head only: how many leading key bytes a
+    /// [`TableLayout::IntegerKey`] row's integer head holds (the tail holds the rest). With
+    /// 1, at most 256 keys fit in the main table and every further key takes the overflow
+    /// path. A database must be opened with the value it was created with every time (with
+    /// another, its rows hold no key and nothing is found). Clamped to 1..=8. Default = 8.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn key_head_bytes_for_tests(mut self, bytes: u8) -> Self {
+        self.key_head_bytes = bytes.clamp(1, 8);
         self
     }
 

@@ -31,6 +31,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::Connection;
 use rusqlite::types::{Type, ValueRef};
 
+use super::table::Table;
 use crate::error::Error;
 
 /// Records larger than this count as large for the memory-map decision.
@@ -106,6 +107,7 @@ pub(super) struct ReaderPool {
     writing: AtomicBool,
     epoch: AtomicU64,
     path: PathBuf,
+    table: Table,
     mmap_bytes: u64,
     /// Whether a reader keeps its read transaction open between reads. Only when this
     /// store's own writer ends them before it writes: a read-only store's readers would
@@ -120,6 +122,7 @@ impl ReaderPool {
     /// read is its own transaction.
     pub(super) fn new(
         path: &Path,
+        table: Table,
         conns: Vec<Connection>,
         mmap_bytes: u64,
         hold_transactions: bool,
@@ -141,6 +144,7 @@ impl ReaderPool {
             writing: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             path: path.to_path_buf(),
+            table,
             mmap_bytes,
             hold_transactions,
         }
@@ -172,7 +176,7 @@ impl ReaderPool {
     ) -> Result<Option<R>, Error> {
         let mut reader = self.ready_reader()?;
         let mut len = None;
-        let result = Self::select(&reader.conn, key, |value| {
+        let result = self.select(&reader.conn, key, |value| {
             len = Some(value.map_or(0, <[u8]>::len));
             on_row(value)
         });
@@ -198,7 +202,7 @@ impl ReaderPool {
         let mut results = Vec::with_capacity(keys.len());
         for (i, key) in keys.iter().enumerate() {
             let mut len = None;
-            let result = Self::select(&reader.conn, key, |value| {
+            let result = self.select(&reader.conn, key, |value| {
                 len = Some(value.map_or(0, <[u8]>::len));
                 on_row(i, value)
             });
@@ -252,20 +256,16 @@ impl ReaderPool {
     }
 
     fn select<R>(
+        &self,
         conn: &Connection,
         key: &[u8; 16],
         on_row: impl FnOnce(Result<&[u8], Type>) -> R,
     ) -> rusqlite::Result<Option<R>> {
-        let mut stmt = conn.prepare_cached(super::conn::READ_VALUE_SQL)?;
-        let mut rows = stmt.query([&key[..]])?;
-        match rows.next()? {
-            None => Ok(None),
-            Some(row) => Ok(Some(match row.get_ref(0)? {
-                ValueRef::Blob(bytes) => on_row(Ok(bytes)),
-                // Damaged, or written by someone else: the caller reports it as corrupt.
-                other => on_row(Err(other.data_type())),
-            })),
-        }
+        self.table.read(conn, key, |value| match value {
+            ValueRef::Blob(bytes) => on_row(Ok(bytes)),
+            // Damaged, or written by someone else: the caller reports it as corrupt.
+            other => on_row(Err(other.data_type())),
+        })
     }
 
     /// Called by the writer before it writes: no reader keeps a transaction open until

@@ -15,9 +15,24 @@ use rusqlite::Connection;
 
 use super::conn::BUSY_TIMEOUT;
 use super::options::SqliteOptions;
+use super::table::{self, Column, Scan, Table};
+
+/// Why a repair step failed, as the message it reports.
+struct Failed(String);
+
+impl From<rusqlite::Error> for Failed {
+    fn from(e: rusqlite::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl From<String> for Failed {
+    fn from(e: String) -> Self {
+        Self(e)
+    }
+}
 use crate::codec;
 use crate::error::Error;
-use crate::key::DataKey;
 
 /// What opening the store found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,7 +201,7 @@ pub(super) fn recover(db: &Path, options: &SqliteOptions) -> Result<OpenReport, 
     let report = if !options.repair_unclean {
         reset(db, "repair after an unclean shutdown is turned off".into())?
     } else {
-        match repair(db) {
+        match repair(db, options) {
             Ok(report) => report,
             Err(reason) => reset(db, reason)?,
         }
@@ -229,7 +244,7 @@ fn reset(db: &Path, reason: String) -> Result<OpenReport, Error> {
 /// or a missing record through its children, at any depth. One scan of the table finds them
 /// all, so the cost does not grow with the depth of the damage.
 /// Returns why the database cannot be repaired.
-fn repair(db: &Path) -> Result<OpenReport, String> {
+fn repair(db: &Path, options: &SqliteOptions) -> Result<OpenReport, String> {
     if !db.exists() {
         return Ok(OpenReport::Repaired {
             records: 0,
@@ -248,43 +263,25 @@ fn repair(db: &Path) -> Result<OpenReport, String> {
     if check != "ok" {
         return Err(format!("integrity_check: {check}"));
     }
-    let table_exists: bool = conn
-        .query_row(
-            "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'pagable_data'",
-            [],
-            |row| row.get(0),
-        )
-        .map_err(sql)?;
-    if !table_exists {
+    let Some(layout) = table::detect(&conn).map_err(sql)? else {
         return Ok(OpenReport::Repaired {
             records: 0,
             removed_corrupt: 0,
             removed_dangling: 0,
         });
-    }
-    let graph = Graph::scan(&conn)?;
+    };
+    let table = Table::new(layout, options.key_head_bytes);
+    let graph = Graph::scan(&conn, table)?;
     let (corrupt, dangling) = graph.doomed();
     let tx = conn.transaction().map_err(sql)?;
     // The rows the scan skipped: no key could ever fetch them.
-    let mut removed_corrupt = tx
-        .execute(
-            "DELETE FROM pagable_data WHERE typeof(key) != 'blob' OR length(key) != 16 \
-             OR key = zeroblob(16)",
-            [],
-        )
-        .map_err(sql)? as u64;
-    let mut removed_dangling = 0;
-    {
-        let mut delete = tx
-            .prepare("DELETE FROM pagable_data WHERE key = ?1")
-            .map_err(sql)?;
-        for &i in &corrupt {
-            removed_corrupt += delete.execute([&graph.keys[i as usize][..]]).map_err(sql)? as u64;
-        }
-        for &i in &dangling {
-            removed_dangling += delete.execute([&graph.keys[i as usize][..]]).map_err(sql)? as u64;
-        }
-    }
+    let mut removed_corrupt = table.delete_malformed(&tx).map_err(sql)?;
+    removed_corrupt += table
+        .delete(&tx, corrupt.iter().map(|&i| &graph.keys[i as usize]))
+        .map_err(sql)?;
+    let removed_dangling = table
+        .delete(&tx, dangling.iter().map(|&i| &graph.keys[i as usize]))
+        .map_err(sql)?;
     // A root whose graph lost a node names nothing complete any more: drop it too.
     let roots_exist: bool = tx
         .query_row(
@@ -294,12 +291,25 @@ fn repair(db: &Path) -> Result<OpenReport, String> {
         )
         .map_err(sql)?;
     if roots_exist {
-        let dropped = tx
-            .execute(
-                "DELETE FROM pagestore_roots WHERE key NOT IN (SELECT key FROM pagable_data)",
-                [],
-            )
+        let mut dropped = 0;
+        let roots: Vec<(String, Vec<u8>)> = tx
+            .prepare("SELECT name, key FROM pagestore_roots")
+            .and_then(|mut stmt| {
+                stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect()
+            })
             .map_err(sql)?;
+        for (name, key) in roots {
+            let kept = match <[u8; 16]>::try_from(key.as_slice()) {
+                Ok(key) => table.exists(&tx, &key).map_err(sql)?,
+                Err(_) => false,
+            };
+            if !kept {
+                dropped += tx
+                    .execute("DELETE FROM pagestore_roots WHERE name = ?1", [&name])
+                    .map_err(sql)?;
+            }
+        }
         if dropped > 0 {
             log::warn!(
                 "pagestore: {}: dropped {dropped} roots whose node was not kept",
@@ -342,43 +352,35 @@ struct Graph {
 impl Graph {
     /// One pass over the table. Rows with a malformed key are left out (no record can name
     /// them as a child, and the caller deletes them by SQL).
-    fn scan(conn: &Connection) -> Result<Graph, String> {
-        let sql = |e: rusqlite::Error| e.to_string();
+    fn scan(conn: &Connection, table: Table) -> Result<Graph, String> {
         let mut keys: Vec<[u8; 16]> = Vec::new();
         let mut corrupt = Vec::new();
         // By child key until every key is known and has its number.
         let mut named: Vec<([u8; 16], u32)> = Vec::new();
-        let mut stmt = conn
-            .prepare("SELECT key, value FROM pagable_data")
-            .map_err(sql)?;
-        let mut rows = stmt.query([]).map_err(sql)?;
-        while let Some(row) = rows.next().map_err(sql)? {
-            let Some(key) = row
-                .get_ref(0)
-                .map_err(sql)?
-                .as_blob()
-                .ok()
-                .and_then(DataKey::from_slice)
-            else {
-                continue;
-            };
-            let index = u32::try_from(keys.len())
-                .map_err(|_| "more than 4,294,967,295 records, more than repair indexes")?;
-            keys.push(key.as_bytes());
-            let record = row
-                .get_ref(1)
-                .map_err(sql)?
-                .as_blob()
-                .ok()
-                .and_then(|bytes| codec::parse(bytes).ok());
-            match record {
-                Some(record) if record.compute_key() == key => {
-                    named.extend(record.arcs().map(|child| (child.as_bytes(), index)));
+        let mut rows = Scan::new(table);
+        while !rows.is_done() {
+            rows.step(conn, usize::MAX, Column::Value, |key, value| {
+                let Some(key) = key else {
+                    return Ok(());
+                };
+                let index = u32::try_from(keys.len()).map_err(|_| {
+                    "more than 4,294,967,295 records, more than repair indexes".to_string()
+                })?;
+                keys.push(key.as_bytes());
+                let record = value
+                    .as_blob()
+                    .ok()
+                    .and_then(|bytes| codec::parse(bytes).ok());
+                match record {
+                    Some(record) if record.compute_key() == key => {
+                        named.extend(record.arcs().map(|child| (child.as_bytes(), index)));
+                    }
+                    _ => corrupt.push(index),
                 }
-                _ => corrupt.push(index),
-            }
+                Ok::<(), Failed>(())
+            })
+            .map_err(|Failed(e)| e)?;
         }
-        drop(rows);
         let mut by_key: Vec<u32> = (0..keys.len() as u32).collect();
         by_key.sort_unstable_by_key(|&i| keys[i as usize]);
         let mut missing_child = Vec::new();

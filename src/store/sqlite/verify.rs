@@ -4,6 +4,9 @@
 use std::path::Path;
 
 use rusqlite::Connection;
+use rusqlite::types::ValueRef;
+
+use super::table::{Column, Scan, Table};
 
 use crate::codec;
 use crate::error::Error;
@@ -35,43 +38,36 @@ impl VerifyReport {
     }
 }
 
-/// Scans every row of `conn`'s table in key order. `is_pending` says whether a key that is
-/// not in the table yet is on its way (buffered, so not missing).
+/// Scans every row of `conn`'s table (see [`Scan`]). `is_pending` says whether a key that
+/// is not in the table yet is on its way (buffered, so not missing).
 pub(super) fn scan(
     conn: &mut Connection,
+    table: Table,
     path: &Path,
     is_pending: &dyn Fn(&DataKey) -> bool,
     progress: &mut dyn FnMut(u64),
 ) -> Result<VerifyReport, Error> {
-    let malformed_keys = conn
-        .query_row(
-            // The scan below visits keys greater than x'', so it counts every other
-            // malformed key itself; these are the rows it cannot reach.
-            "SELECT count(*) FROM pagable_data WHERE typeof(key) != 'blob' OR length(key) = 0",
-            [],
-            |row| row.get(0),
-        )
+    // The scan below counts every other malformed key itself; these are the rows it cannot
+    // reach.
+    let malformed_keys = table
+        .count_unreachable(conn)
         .map_err(Error::sqlite("count malformed keys in", path))?;
     let mut report = VerifyReport {
         malformed_keys,
         ..VerifyReport::default()
     };
-    let mut after: Vec<u8> = Vec::new();
-    loop {
-        let rows = scan_chunk(conn, &mut after, &mut report, is_pending)
+    let mut rows = Scan::new(table);
+    while !rows.is_done() {
+        scan_chunk(conn, table, &mut rows, &mut report, is_pending)
             .map_err(Error::sqlite("scan the records of", path))?;
         progress(report.records);
-        if rows < CHUNK {
-            break;
-        }
     }
     // A child committed after a step's snapshot began (possible in WAL mode while the writer
     // runs) was neither in that snapshot nor pending any more: look again, now.
     let mut still_missing = Vec::new();
     for (parent, child) in std::mem::take(&mut report.missing_children) {
-        let exists = conn
-            .prepare_cached("SELECT 1 FROM pagable_data WHERE key = ?1")
-            .and_then(|mut stmt| stmt.exists([&child.as_bytes()[..]]))
+        let exists = table
+            .exists(conn, &child.as_bytes())
             .map_err(Error::sqlite("look up a child key in", path))?;
         if !exists && !is_pending(&child) {
             still_missing.push((parent, child));
@@ -81,53 +77,41 @@ pub(super) fn scan(
     Ok(report)
 }
 
-/// Checks up to [`CHUNK`] rows after `after` in one read transaction; returns how many.
+/// Checks up to [`CHUNK`] rows from where `rows` stands, in one read transaction.
 fn scan_chunk(
     conn: &mut Connection,
-    after: &mut Vec<u8>,
+    table: Table,
+    rows: &mut Scan,
     report: &mut VerifyReport,
     is_pending: &dyn Fn(&DataKey) -> bool,
-) -> rusqlite::Result<usize> {
+) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     let mut children = Vec::new();
-    let mut rows_seen = 0;
-    {
-        let mut stmt = tx.prepare_cached(
-            "SELECT key, value FROM pagable_data WHERE key > ?1 ORDER BY key LIMIT ?2",
-        )?;
-        let mut rows = stmt.query(rusqlite::params![&after[..], CHUNK as i64])?;
-        while let Some(row) = rows.next()? {
-            rows_seen += 1;
-            report.records += 1;
-            let raw_key = row.get_ref(0)?.as_blob().unwrap_or_default();
-            after.clear();
-            after.extend_from_slice(raw_key);
-            let Some(key) = DataKey::from_slice(raw_key) else {
-                report.malformed_keys += 1;
-                continue;
-            };
-            let record = match row.get_ref(1)?.as_blob() {
-                Ok(bytes) => codec::parse(bytes).ok(),
-                Err(_) => None,
-            };
-            match record {
-                Some(record) if record.compute_key() == key => {
-                    children.extend(record.arcs().map(|child| (key, child)));
-                }
-                _ => report.corrupt.push(key),
+    rows.step(&tx, CHUNK, Column::Value, |key, value| {
+        report.records += 1;
+        let Some(key) = key else {
+            report.malformed_keys += 1;
+            return Ok::<(), rusqlite::Error>(());
+        };
+        let record = match value {
+            ValueRef::Blob(bytes) => codec::parse(bytes).ok(),
+            _ => None,
+        };
+        match record {
+            Some(record) if record.compute_key() == key => {
+                children.extend(record.arcs().map(|child| (key, child)));
             }
+            _ => report.corrupt.push(key),
         }
-    }
-    {
-        let mut exists = tx.prepare_cached("SELECT 1 FROM pagable_data WHERE key = ?1")?;
-        for (parent, child) in children {
-            if !is_pending(&child) && !exists.exists([&child.as_bytes()[..]])? {
-                report.missing_children.push((parent, child));
-            }
+        Ok(())
+    })?;
+    for (parent, child) in children {
+        if !is_pending(&child) && !table.exists(&tx, &child.as_bytes())? {
+            report.missing_children.push((parent, child));
         }
     }
     tx.commit()?;
-    Ok(rows_seen)
+    Ok(())
 }
 
 /// What [`for_each_record`] calls with each row: its key, and its record or why it has none.
@@ -135,65 +119,40 @@ pub(super) type RecordVisitor<'a> =
     dyn FnMut(DataKey, Result<&[u8], Error>) -> anyhow::Result<()> + 'a;
 
 /// Calls `visit` with every row's key and record (or, for a record that is not a BLOB, a
-/// [`Error::Corrupt`]), in key order, in short read transactions of [`CHUNK`] rows. Rows with
-/// a malformed key are skipped (see [`VerifyReport::malformed_keys`]).
+/// [`Error::Corrupt`]), in the order of [`Scan`], in short read transactions of [`CHUNK`]
+/// rows. Rows with a malformed key are skipped (see [`VerifyReport::malformed_keys`]).
 pub(super) fn for_each_record(
     conn: &mut Connection,
+    table: Table,
     path: &Path,
     visit: &mut RecordVisitor<'_>,
 ) -> anyhow::Result<()> {
-    let mut after: Vec<u8> = Vec::new();
-    loop {
+    let mut rows = Scan::new(table);
+    while !rows.is_done() {
         let tx = conn
             .transaction()
             .map_err(Error::sqlite("begin a scan of", path))?;
-        let mut rows_seen = 0;
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "SELECT key, value FROM pagable_data WHERE key > ?1 ORDER BY key LIMIT ?2",
-                )
-                .map_err(Error::sqlite("scan the records of", path))?;
-            let mut rows = stmt
-                .query(rusqlite::params![&after[..], CHUNK as i64])
-                .map_err(Error::sqlite("scan the records of", path))?;
-            while let Some(row) = rows
-                .next()
-                .map_err(Error::sqlite("scan the records of", path))?
-            {
-                rows_seen += 1;
-                let raw_key = row
-                    .get_ref(0)
-                    .map_err(Error::sqlite("scan the records of", path))?
-                    .as_blob()
-                    .unwrap_or_default();
-                after.clear();
-                after.extend_from_slice(raw_key);
-                let Some(key) = DataKey::from_slice(raw_key) else {
-                    continue;
-                };
-                let value = row
-                    .get_ref(1)
-                    .map_err(Error::sqlite("scan the records of", path))?;
-                match value.as_blob() {
-                    Ok(bytes) => visit(key, Ok(bytes))?,
-                    Err(_) => visit(
+        rows.step(&tx, CHUNK, Column::Value, |key, value| {
+            let Some(key) = key else {
+                return Ok::<(), anyhow::Error>(());
+            };
+            match value {
+                ValueRef::Blob(bytes) => visit(key, Ok(bytes)),
+                other => visit(
+                    key,
+                    Err(Error::Corrupt {
                         key,
-                        Err(Error::Corrupt {
-                            key,
-                            reason: format!(
-                                "the stored value is {}, not a BLOB",
-                                value.data_type()
-                            ),
-                        }),
-                    )?,
-                }
+                        reason: format!("the stored value is {}, not a BLOB", other.data_type()),
+                    }),
+                ),
             }
-        }
+        })
+        .map_err(|e| match e.downcast::<rusqlite::Error>() {
+            Ok(e) => Error::sqlite("scan the records of", path)(e).into(),
+            Err(e) => e,
+        })?;
         tx.commit()
             .map_err(Error::sqlite("end a scan step of", path))?;
-        if rows_seen < CHUNK {
-            return Ok(());
-        }
     }
+    Ok(())
 }

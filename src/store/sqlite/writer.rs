@@ -9,7 +9,8 @@
 //! - A batch is sealed when it holds half the row or byte budget (or at `flush`); the writer
 //!   commits sealed batches in order, one transaction each, so a parent is never committed
 //!   before its children. While one batch commits the next one fills: hashing and inserting
-//!   overlap. When the whole budget is in flight, callers wait (back-pressure).
+//!   overlap. When the whole budget is in flight, callers wait (back-pressure). In the
+//!   `IntegerKey` layout a batch is the whole budget instead (see [`batches_per_budget`]).
 //! - Once a batch is committed, the writer moves its keys from the pending map to the set of
 //!   committed keys (16 bytes a key, no record), which makes storing them again cost only a
 //!   hash and a lookup, and drops the batch, which frees its records. The set is bounded
@@ -30,12 +31,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
 use super::checkpoint::Checkpointer;
 use super::conn;
 use super::options::TableLayout;
 use super::pool::ReaderPool;
+use super::table::Table;
 use crate::error::Error;
 use crate::key::{DataKey, KeyHasherBuilder};
 
@@ -171,11 +173,19 @@ pub(super) struct WriteBuffer {
     /// Signalled when the writer has work (a sealed batch, a memory request, shutdown).
     work: Condvar,
     max_rows: usize,
+    /// Batches the budget is split into: a batch is sealed at `max_rows / batches` rows or
+    /// `max_bytes / batches` bytes.
+    batches: usize,
     max_bytes: usize,
 }
 
 impl WriteBuffer {
-    pub(super) fn new(max_rows: usize, max_bytes: usize, committed_cap: usize) -> Self {
+    pub(super) fn new(
+        max_rows: usize,
+        max_bytes: usize,
+        committed_cap: usize,
+        batches: usize,
+    ) -> Self {
         Self {
             pending: DashMap::default(),
             committed_keys: DashMap::default(),
@@ -187,6 +197,7 @@ impl WriteBuffer {
             committed: Condvar::new(),
             work: Condvar::new(),
             max_rows,
+            batches: batches.max(1),
             max_bytes,
         }
     }
@@ -273,7 +284,9 @@ impl WriteBuffer {
         state.filling.push((key, record));
         state.filling_bytes += bytes;
         state.in_flight_bytes += bytes;
-        if state.filling.len() >= self.max_rows / 2 || state.filling_bytes >= self.max_bytes / 2 {
+        if state.filling.len() >= self.max_rows / self.batches
+            || state.filling_bytes >= self.max_bytes / self.batches
+        {
             self.seal(&mut state);
         }
         Ok(())
@@ -519,6 +532,20 @@ impl WriteBuffer {
     }
 }
 
+/// How many batches the write buffer's budget is split into for a table in `layout`: two
+/// (one commits while the other fills) where rows are appended, one in the `IntegerKey`
+/// layout. There a batch of random keys rewrites most of the table's leaf pages whatever its
+/// size, so a commit costs about the table's size, and halving the number of commits saves
+/// more than the overlap of hashing and inserting gains (measured side by side, three
+/// alternating runs of a million small writes: 1.63× the reference's speed on average
+/// against 1.38× with two batches; 64 KiB writes 1.28× against 1.16×).
+pub(super) fn batches_per_budget(layout: TableLayout) -> usize {
+    match layout {
+        TableLayout::IntegerKey => 1,
+        _ => 2,
+    }
+}
+
 /// The name of the writer thread.
 pub(super) const THREAD_NAME: &str = "pagestore-sqlite-writer";
 
@@ -535,14 +562,14 @@ pub(super) fn run(
     buffer: &WriteBuffer,
     pool: &ReaderPool,
     conn: Connection,
-    layout: TableLayout,
+    table: Table,
     path: &Path,
     cache_bytes: u64,
     checkpointer: Option<&Checkpointer>,
 ) {
     let committer = Committer {
         conn,
-        layout,
+        table,
         path,
         cache_bytes,
         current_cache: cache_bytes,
@@ -574,7 +601,7 @@ fn report_panic(buffer: &WriteBuffer, batch: Option<Batch>, payload: &(dyn Any +
 /// The writer's connection and the settings it commits with.
 struct Committer<'a> {
     conn: Connection,
-    layout: TableLayout,
+    table: Table,
     path: &'a Path,
     /// The page cache as configured, and as currently set.
     cache_bytes: u64,
@@ -647,7 +674,7 @@ impl Committer<'_> {
     ) -> Result<u64, Error> {
         if let Maintenance::Delete(keys) = &op {
             pool.begin_write();
-            let result = delete(&mut self.conn, keys)
+            let result = delete(&mut self.conn, self.table, keys)
                 .map_err(Error::sqlite("delete unreachable records from", self.path));
             if result.is_ok() {
                 buffer.forget_deleted(keys);
@@ -724,7 +751,7 @@ impl Committer<'_> {
             return;
         };
         let large = pending.bytes / pending.entries.len().max(1) > LARGE_RECORD;
-        let want_cache = if large && self.layout == TableLayout::WithoutRowid {
+        let want_cache = if large && self.table.layout == TableLayout::WithoutRowid {
             self.cache_bytes.max(LARGE_BATCH_CACHE)
         } else {
             self.cache_bytes
@@ -738,8 +765,8 @@ impl Committer<'_> {
         let t0 = std::time::Instant::now();
         pool.begin_write();
         let t1 = std::time::Instant::now();
-        let result =
-            commit(&mut self.conn, pending).map_err(Error::sqlite("commit a batch to", self.path));
+        let result = commit(&mut self.conn, self.table, pending)
+            .map_err(Error::sqlite("commit a batch to", self.path));
         let t2 = std::time::Instant::now();
         pool.end_write();
         let (seq, rows, bytes) = (pending.seq, pending.entries.len(), pending.bytes);
@@ -762,7 +789,7 @@ impl Committer<'_> {
 /// Inserts one batch in one transaction, in key order (which makes the B-tree inserts
 /// mostly sequential: the largest single speed-up of the write path). In a rowid table,
 /// SQLite gives each row the next rowid, so the rows are appended in that order too.
-fn commit(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<()> {
+fn commit(conn: &mut Connection, table: Table, batch: &Batch) -> rusqlite::Result<()> {
     let mut rows: Vec<([u8; 16], &[u8])> = batch
         .entries
         .iter()
@@ -771,7 +798,11 @@ fn commit(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<()> {
     // SQLite orders BLOBs by memcmp, so sort by the stored bytes, not by the key's value.
     rows.sort_unstable_by_key(|row| row.0);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    insert_rows(&tx, &rows)?;
+    if table.integer_key() {
+        insert_by_head(&tx, table, &rows)?;
+    } else {
+        insert_rows(&tx, &rows)?;
+    }
     // After the batch's nodes, in the order they were set: a root never commits before the
     // nodes stored before it (those are in this batch or an earlier one).
     if !batch.roots.is_empty() {
@@ -788,17 +819,107 @@ fn commit(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<()> {
 }
 
 /// Deletes the records of `keys` in one transaction; returns how many rows went.
-fn delete(conn: &mut Connection, keys: &[DataKey]) -> rusqlite::Result<u64> {
+fn delete(conn: &mut Connection, table: Table, keys: &[DataKey]) -> rusqlite::Result<u64> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut deleted = 0;
-    {
-        let mut stmt = tx.prepare_cached("DELETE FROM pagable_data WHERE key = ?1")?;
-        for key in keys {
-            deleted += stmt.execute([&key.as_bytes()[..]])? as u64;
-        }
-    }
+    let keys: Vec<[u8; 16]> = keys.iter().map(DataKey::as_bytes).collect();
+    let deleted = table.delete(&tx, &keys)?;
     tx.commit()?;
     Ok(deleted)
+}
+
+/// Inserts the sorted `rows` in the open transaction, in the `IntegerKey` layout: by head,
+/// a few rows per statement, with `INSERT OR IGNORE`. A row ignored because its head's slot
+/// is taken is either a repeat of the stored key (nothing to do) or another key with the
+/// same head, which then goes to the overflow table. While the overflow table holds
+/// anything, each key is looked up there first, so that a key stored there (its slot was
+/// taken then, and may be free now) is not stored twice.
+fn insert_by_head(
+    tx: &rusqlite::Transaction<'_>,
+    table: Table,
+    rows: &[([u8; 16], &[u8])],
+) -> rusqlite::Result<()> {
+    let overflow_used: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pagestore_overflow)",
+        [],
+        |row| row.get(0),
+    )?;
+    let mut many = tx.prepare_cached(&insert_head_sql(ROWS_PER_INSERT))?;
+    let mut one = tx.prepare_cached(&insert_head_sql(1))?;
+    if overflow_used {
+        let mut in_overflow =
+            tx.prepare_cached("SELECT 1 FROM pagestore_overflow WHERE key = ?1")?;
+        for row in rows {
+            if in_overflow.exists([&row.0[..]])? {
+                continue;
+            }
+            if insert_one_by_head(&mut one, table, row)? == 0 {
+                settle_collision(tx, table, row)?;
+            }
+        }
+        return Ok(());
+    }
+    let mut chunks = rows.chunks_exact(ROWS_PER_INSERT);
+    for (n, chunk) in (&mut chunks).enumerate() {
+        if n % (TOUCH_AHEAD / ROWS_PER_INSERT) == 0 {
+            let start = n * ROWS_PER_INSERT;
+            touch(&rows[start..(start + TOUCH_AHEAD).min(rows.len())]);
+        }
+        for (i, (key, value)) in chunk.iter().enumerate() {
+            many.raw_bind_parameter(3 * i + 1, table.head(key))?;
+            many.raw_bind_parameter(3 * i + 2, table.tail(key))?;
+            many.raw_bind_parameter(3 * i + 3, *value)?;
+        }
+        if many.raw_execute()? < chunk.len() {
+            for row in chunk {
+                settle_collision(tx, table, row)?;
+            }
+        }
+    }
+    for row in chunks.remainder() {
+        if insert_one_by_head(&mut one, table, row)? == 0 {
+            settle_collision(tx, table, row)?;
+        }
+    }
+    Ok(())
+}
+
+/// Inserts one row by head (`INSERT OR IGNORE`); returns how many rows it added.
+fn insert_one_by_head(
+    one: &mut rusqlite::CachedStatement<'_>,
+    table: Table,
+    (key, value): &([u8; 16], &[u8]),
+) -> rusqlite::Result<usize> {
+    one.raw_bind_parameter(1, table.head(key))?;
+    one.raw_bind_parameter(2, table.tail(key))?;
+    one.raw_bind_parameter(3, *value)?;
+    one.raw_execute()
+}
+
+/// After the main table ignored the row of `key`: if its slot holds another key, stores
+/// the row in the overflow table (`INSERT OR IGNORE`: a repeat is dropped there too).
+fn settle_collision(
+    tx: &rusqlite::Transaction<'_>,
+    table: Table,
+    (key, value): &([u8; 16], &[u8]),
+) -> rusqlite::Result<()> {
+    let mut tail = tx.prepare_cached("SELECT key_tail FROM pagable_data WHERE key_head = ?1")?;
+    let same = tail
+        .query_row([table.head(key)], |row| {
+            Ok(row.get_ref(0)?.as_blob().ok() == Some(table.tail(key)))
+        })
+        .optional()?;
+    if same == Some(false) {
+        let mut overflow = tx.prepare_cached(
+            "INSERT OR IGNORE INTO pagestore_overflow (key, value) VALUES (?1, ?2)",
+        )?;
+        overflow.execute(rusqlite::params![&key[..], *value])?;
+    }
+    Ok(())
+}
+
+fn insert_head_sql(rows: usize) -> String {
+    let values = vec!["(?,?,?)"; rows].join(",");
+    format!("INSERT OR IGNORE INTO pagable_data (key_head, key_tail, value) VALUES {values}")
 }
 
 /// Inserts the sorted `rows` in the open transaction.
