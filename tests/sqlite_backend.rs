@@ -189,7 +189,7 @@ fn new_databases_get_the_chosen_layout_and_existing_ones_keep_theirs() {
     }
     let dir = tempfile::tempdir().unwrap();
     let storage = SqliteBackedPagableStorage::try_new(dir.path()).unwrap();
-    assert_eq!(storage.table_layout(), TableLayout::IntegerKey);
+    assert_eq!(storage.table_layout(), TableLayout::Rowid);
 }
 
 #[test]

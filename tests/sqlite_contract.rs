@@ -97,10 +97,10 @@ fn the_reference_table_layout_keeps_the_contract() {
 }
 
 #[test]
-fn the_legacy_rowid_layout_keeps_the_contract() {
+fn the_integer_key_layout_keeps_the_contract() {
     for durability in [Durability::Cache, Durability::Durable] {
         let mut backend = Sqlite::new(durability);
-        backend.layout = TableLayout::Rowid;
+        backend.layout = TableLayout::IntegerKey;
         keeps_both_contracts(backend);
     }
 }
@@ -112,6 +112,7 @@ fn the_legacy_rowid_layout_keeps_the_contract() {
 fn keys_sharing_their_head_keep_the_contract() {
     for durability in [Durability::Cache, Durability::Durable] {
         let mut backend = Sqlite::new(durability);
+        backend.layout = TableLayout::IntegerKey;
         backend.head_bytes = 1;
         keeps_both_contracts(backend);
     }

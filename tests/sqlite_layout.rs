@@ -28,6 +28,7 @@ fn rows(db: &Path) -> (u64, u64) {
 /// Options whose `IntegerKey` heads are one byte: keys share heads after the first few.
 fn shared_heads() -> SqliteOptions {
     SqliteOptions::default()
+        .table_layout(TableLayout::IntegerKey)
         .key_head_bytes_for_tests(1)
         .write_buffer_rows(64)
         .write_buffer_bytes(64 << 10)
@@ -50,9 +51,10 @@ fn store_nodes(store: &SqliteNodeStore, seed: u64, n: u64) -> Vec<(DataKey, Paga
 }
 
 #[test]
-fn a_new_database_has_the_integer_key_layout_and_the_reference_fails_clearly_on_it() {
+fn an_integer_key_database_keeps_its_layout_and_the_reference_fails_clearly_on_it() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteOptions::default()
+        .table_layout(TableLayout::IntegerKey)
         .open_node_store(dir.path())
         .unwrap();
     assert_eq!(store.table_layout(), TableLayout::IntegerKey);

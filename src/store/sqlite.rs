@@ -4,10 +4,11 @@
 //! The on-disk format (table, record encoding, page size, journal modes, marker file) is
 //! written down in `docs/format.md`. In short: keys and records are what `pagable` 0.3.3
 //! writes, in a table `pagable_data` of one of three [`TableLayout`]s. New databases get
-//! `IntegerKey` (the key's first 8 bytes are the rowid, so a read is one B-tree descent; a
-//! key whose head another key holds goes to a second table, `pagestore_overflow`); the
-//! reference's own `WithoutRowid` and the earlier default `Rowid`, which the reference reads
-//! and writes too, are kept when found and can be chosen for new databases. `table` has the
+//! `Rowid` (rows appended, a key index beside them), which the reference reads and writes
+//! too; `IntegerKey` (the key's first 8 bytes are the rowid, so a read is one B-tree
+//! descent; a key whose head another key holds goes to a second table,
+//! `pagestore_overflow`) and the reference's own `WithoutRowid` can be chosen for new
+//! databases, and every layout is kept when found. `table` has the
 //! SQL of each layout.
 //! Named roots are in a table of pagestore's own, `pagestore_roots (name TEXT PRIMARY KEY,
 //! key BLOB NOT NULL)`, which the reference never reads; root changes go through the

@@ -7,8 +7,8 @@
 //! [`CHECKPOINT_BYTES`] or [`CHECKPOINT_COMMITS`] the checkpointer runs a `PASSIVE`
 //! checkpoint on its own connection, which never waits for the writer or the readers and
 //! copies what it can. The writer's own automatic checkpoint stays as a backstop, at
-//! [`BACKSTOP_PAGES`] ([`INTEGER_KEY_BACKSTOP_PAGES`] in that layout), for when this thread
-//! falls behind.
+//! `conn::BACKSTOP_PAGES` (`conn::INTEGER_KEY_BACKSTOP_PAGES` in that layout), for when this
+//! thread falls behind.
 //!
 //! A `PASSIVE` checkpoint copies the log but does not restart it, and while the log holds a
 //! page, readers read that page from the log. So once the writer is idle it truncates the log
@@ -32,16 +32,6 @@ const CHECKPOINT_BYTES: u64 = 32 << 20;
 /// Commits between two background checkpoints, whatever their size (a batch of small
 /// records rewrites far more pages than its records' bytes).
 const CHECKPOINT_COMMITS: u64 = 16;
-
-/// The writer's own automatic checkpoint, in pages, as a backstop (64 MiB at 32 KiB pages).
-pub(super) const BACKSTOP_PAGES: u32 = 2048;
-
-/// The backstop in the `IntegerKey` layout (512 MiB at 32 KiB pages). There one commit of
-/// random keys writes most of the table to the log, so the 2,048-page backstop would make
-/// the writer checkpoint (and sync) after nearly every commit of a large store, instead of
-/// the checkpointer beside it. Measured side by side, three alternating runs of a million
-/// small writes: 1.92× the reference's speed on average against 1.63×.
-pub(super) const INTEGER_KEY_BACKSTOP_PAGES: u32 = 16_384;
 
 #[derive(Default)]
 struct Due {

@@ -45,6 +45,16 @@ pub(super) const NEW_PAGE_SIZE: u32 = 32 * 1024;
 /// process holds the database.
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The writer's own automatic checkpoint, in pages, as a backstop behind the checkpointer thread (`checkpoint`) (64 MiB at 32 KiB pages).
+const BACKSTOP_PAGES: u32 = 2048;
+
+/// The backstop in the `IntegerKey` layout (512 MiB at 32 KiB pages). There one commit of
+/// random keys writes most of the table to the log, so the 2,048-page backstop would make
+/// the writer checkpoint (and sync) after nearly every commit of a large store, instead of
+/// the checkpointer beside it. Measured side by side, three alternating runs of a million
+/// small writes: 1.92× the reference's speed on average against 1.63×.
+const INTEGER_KEY_BACKSTOP_PAGES: u32 = 16_384;
+
 /// The size the WAL is truncated to after a checkpoint (Durable and Sync modes).
 const WAL_SIZE_LIMIT: u64 = 64 << 20;
 
@@ -196,9 +206,9 @@ pub(super) fn tune_writer(
     conn.execute_batch(&format!(
         "PRAGMA wal_autocheckpoint = {};",
         if layout == TableLayout::IntegerKey {
-            super::checkpoint::INTEGER_KEY_BACKSTOP_PAGES
+            INTEGER_KEY_BACKSTOP_PAGES
         } else {
-            super::checkpoint::BACKSTOP_PAGES
+            BACKSTOP_PAGES
         }
     ))
     .map_err(Error::sqlite("set the checkpoint interval of", path))?;
