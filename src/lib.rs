@@ -63,6 +63,10 @@
 //!   [`WithRuntime::gc`] deletes what neither they nor this process need, safely while other
 //!   threads work ([`NodeStore::collect_garbage`] for a store alone);
 //!   [`WithRuntime::stats`] gives the figures.
+//! - **Many machines**: [`TieredStorage`] puts the local SQLite store in front of a shared
+//!   remote ([`remote::RemoteStore`]; Redis with the `redis` feature): reads fill the local
+//!   store from the remote, checked against their keys; writes stay local and an uploader
+//!   sends them on, children first, publishing a root once its graph is remote.
 //! - **Another backend**: implement [`NodeStore`], attach it with [`WithRuntime::attach`],
 //!   and run the contract suite of [`testing`] (feature `testing`) on it.
 //!
