@@ -167,7 +167,7 @@ fn stats_shows_the_store_s_figures() {
     assert!(text.contains("records: 4\n"), "{text}");
     assert!(text.contains("roots: 2\n"), "{text}");
     assert!(text.contains("page size: "), "{text}");
-    assert!(text.contains("table layout: integer-key"), "{text}");
+    assert!(text.contains("table layout: rowid"), "{text}");
 
     let (code, json) = run_json(&["stats", path(dir.path())]);
     assert_eq!(code, 0);
