@@ -8,6 +8,8 @@
 //! The remote is not trusted: [`get_many`](RemoteStore::get_many) returns bytes, and the
 //! caller checks that they decode and hash to the key they were asked for before using them.
 
+use crate::codec::{self, RecordRef};
+use crate::error::Error;
 use crate::key::DataKey;
 
 mod memory;
@@ -131,6 +133,25 @@ pub trait RemoteStore: Send + Sync + 'static {
         &self,
         visit: &mut dyn FnMut(DataKey) -> anyhow::Result<()>,
     ) -> anyhow::Result<()>;
+}
+
+/// Checks `record`, returned by the remote described as `remote` for `key`: it must decode
+/// and hash to `key`. Anything else is [`Error::Corrupt`] naming the key and the remote.
+pub(crate) fn verified<'a>(
+    remote: &str,
+    key: DataKey,
+    record: &'a [u8],
+) -> Result<RecordRef<'a>, Error> {
+    let corrupt = |what: String| Error::Corrupt {
+        key,
+        reason: format!("the record read from the remote store {remote} {what}"),
+    };
+    let view = codec::parse(record).map_err(|e| corrupt(format!("does not decode: {e}")))?;
+    let actual = view.compute_key();
+    if actual != key {
+        return Err(corrupt(format!("hashes to {actual}, not to its key")));
+    }
+    Ok(view)
 }
 
 impl<R: RemoteStore + ?Sized> RemoteStore for std::sync::Arc<R> {

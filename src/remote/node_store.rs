@@ -53,32 +53,14 @@ impl<R: RemoteStore> RemoteNodeStore<R> {
     }
 }
 
-/// Decodes the record the remote returned for `key` and checks that it hashes to `key`.
+/// The node the remote returned for `key`, checked against its key.
 fn check<R: RemoteStore + ?Sized>(
     remote: &R,
     key: DataKey,
     record: Option<Vec<u8>>,
 ) -> anyhow::Result<PagableData> {
     let record = record.ok_or(Error::NotFound(key))?;
-    let node = codec::decode(&record).map_err(|e| Error::Corrupt {
-        key,
-        reason: format!(
-            "the record read from {} does not decode: {e}",
-            remote.describe()
-        ),
-    })?;
-    let actual = node.compute_key();
-    if actual != key {
-        return Err(Error::Corrupt {
-            key,
-            reason: format!(
-                "the record read from {} hashes to {actual}, not to its key",
-                remote.describe()
-            ),
-        }
-        .into());
-    }
-    Ok(node)
+    Ok(super::verified(&remote.describe(), key, &record)?.to_data())
 }
 
 /// Reads `keys` in one `get_many` call (one round trip per batch) and checks every record;

@@ -186,29 +186,19 @@ struct Fetched {
     arcs: Vec<DataKey>,
 }
 
-/// Checks that `record`, fetched from the remote for `key`, decodes and hashes to `key`, and
-/// returns the keys it names.
+/// Checks that `record`, fetched from the remote for `key`, decodes and hashes to `key`
+/// (counting a failure), and returns the keys it names.
 fn checked(tiers: &Tiers, key: DataKey, record: &[u8]) -> Result<Vec<DataKey>, Error> {
-    let refused = |reason: String| {
-        tiers
-            .stats
-            .verification_failures
-            .fetch_add(1, Ordering::Relaxed);
-        Error::Corrupt {
-            key,
-            reason: format!(
-                "the remote store {} returned a record that {reason}; nothing was stored \
-                 locally",
-                tiers.remote.describe()
-            ),
+    match crate::remote::verified(tiers.remote.describe(), key, record) {
+        Ok(view) => Ok(view.arcs().collect()),
+        Err(e) => {
+            tiers
+                .stats
+                .verification_failures
+                .fetch_add(1, Ordering::Relaxed);
+            Err(e)
         }
-    };
-    let view = codec::parse(record).map_err(|e| refused(format!("does not decode: {e}")))?;
-    let actual = view.compute_key();
-    if actual != key {
-        return Err(refused(format!("hashes to {actual}")));
     }
-    Ok(view.arcs().collect())
 }
 
 /// What one [`upload`] did.
