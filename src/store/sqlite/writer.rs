@@ -860,10 +860,7 @@ fn insert_by_head(
     }
     let mut chunks = rows.chunks_exact(ROWS_PER_INSERT);
     for (n, chunk) in (&mut chunks).enumerate() {
-        if n % (TOUCH_AHEAD / ROWS_PER_INSERT) == 0 {
-            let start = n * ROWS_PER_INSERT;
-            touch(&rows[start..(start + TOUCH_AHEAD).min(rows.len())]);
-        }
+        touch_ahead(rows, n);
         for (i, (key, value)) in chunk.iter().enumerate() {
             many.raw_bind_parameter(3 * i + 1, table.head(key))?;
             many.raw_bind_parameter(3 * i + 2, table.tail(key))?;
@@ -929,10 +926,7 @@ fn insert_rows(tx: &rusqlite::Transaction<'_>, rows: &[([u8; 16], &[u8])]) -> ru
         let mut one = tx.prepare_cached(&insert_sql(1))?;
         let mut chunks = rows.chunks_exact(ROWS_PER_INSERT);
         for (n, chunk) in (&mut chunks).enumerate() {
-            if n % (TOUCH_AHEAD / ROWS_PER_INSERT) == 0 {
-                let start = n * ROWS_PER_INSERT;
-                touch(&rows[start..(start + TOUCH_AHEAD).min(rows.len())]);
-            }
+            touch_ahead(rows, n);
             for (i, (key, value)) in chunk.iter().enumerate() {
                 many.raw_bind_parameter(2 * i + 1, &key[..])?;
                 many.raw_bind_parameter(2 * i + 2, *value)?;
@@ -966,6 +960,15 @@ fn touch(rows: &[([u8; 16], &[u8])]) {
         }
     }
     std::hint::black_box(acc);
+}
+
+/// Before the `n`th chunk of [`ROWS_PER_INSERT`] rows: every [`TOUCH_AHEAD`] rows,
+/// [`touch`]es the next ones.
+fn touch_ahead(rows: &[([u8; 16], &[u8])], n: usize) {
+    if n % (TOUCH_AHEAD / ROWS_PER_INSERT) == 0 {
+        let start = n * ROWS_PER_INSERT;
+        touch(&rows[start..(start + TOUCH_AHEAD).min(rows.len())]);
+    }
 }
 
 fn insert_sql(rows: usize) -> String {
