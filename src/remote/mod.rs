@@ -79,7 +79,7 @@ impl BatchLimits {
 
 /// A content-addressed store on other machines: records by [`DataKey`] and named roots.
 ///
-/// Records are the bytes of the local store's `value` column ([`codec::encode`](crate::codec::encode)
+/// Records are the bytes of the local store's `value` column ([`codec::encode`]
 /// of the node); a remote stores them as given and returns them as stored. Every method is
 /// blocking and may be called from many threads at once; each takes any number of keys and
 /// makes one round trip per batch of at most [`limits`](Self::limits), never one per key.

@@ -182,8 +182,11 @@ pub struct TieredStats {
     pub breaker: BreakerState,
 }
 
-/// A [`NodeStore`] made of a local SQLite store in front of a remote one (see the
-/// [module docs](self)): the node store of [`TieredStorage`](crate::TieredStorage).
+/// A [`NodeStore`] made of a local SQLite store in front of a remote one: the node store of
+/// [`TieredStorage`](crate::TieredStorage). Reads fill the local store from the remote
+/// (checked against their keys), writes stay local and an uploader thread sends them on,
+/// children first; `docs/remote.md` says how it reads, uploads and rides out a remote
+/// that fails.
 ///
 /// Keeps the node-store contract over both tiers: a node is stored if either holds it
 /// ([`get`](NodeStore::get) fetches it from the remote if need be), and a node may name a
