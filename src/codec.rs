@@ -87,6 +87,12 @@ pub struct RecordRef<'a> {
 }
 
 impl<'a> RecordRef<'a> {
+    /// The whole record, as parsed.
+    #[inline]
+    pub fn record(&self) -> &'a [u8] {
+        self.record
+    }
+
     /// The node's data bytes.
     #[inline]
     pub fn data(&self) -> &'a [u8] {

@@ -153,20 +153,26 @@ impl Inner {
         self.roots_lock.lock().unwrap_or_else(|p| p.into_inner())
     }
     fn fetch(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
+        self.fetch_as(key, |view| Arc::new(view.to_data()))
+    }
+
+    /// `make` of the checked record stored under `key` (pending or committed), borrowed
+    /// where it lies: [`fetch`](Self::fetch) builds the node from it, the tiered store's
+    /// uploader copies the bytes.
+    fn fetch_as<T>(
+        &self,
+        key: &DataKey,
+        make: impl FnOnce(codec::RecordRef<'_>) -> T,
+    ) -> anyhow::Result<T> {
         if let Some(record) = self.buffer.pending(key) {
             // Encoded by this process from a node that hashed to `key`: no need to re-hash.
-            return Ok(decode(key, &record, false)?);
+            return Ok(make(checked(key, Ok(&record), false)?));
         }
-        let bytes = key.as_bytes();
-        let on_row = |value: Result<&[u8], rusqlite::types::Type>| match value {
-            Ok(record) => decode(key, record, self.verify_on_read),
-            Err(sql_type) => Err(Error::Corrupt {
-                key: *key,
-                reason: format!("the stored value is {sql_type}, not a BLOB"),
-            }),
+        let on_row = |value: Result<&[u8], rusqlite::types::Type>| {
+            checked(key, value, self.verify_on_read).map(make)
         };
-        match self.pool.read(&bytes, on_row)? {
-            Some(node) => Ok(node?),
+        match self.pool.read(&key.as_bytes(), on_row)? {
+            Some(made) => Ok(made?),
             None => Err(Error::NotFound(*key).into()),
         }
     }
@@ -181,7 +187,7 @@ impl Inner {
         for (i, key) in keys.iter().enumerate() {
             match self.buffer.pending(key) {
                 // Encoded by this process from a node that hashed to `key`: no re-hash.
-                Some(record) => found.push(decode(key, &record, false)),
+                Some(record) => found.push(decode(key, Ok(&record), false)),
                 None => {
                     found.push(Err(Error::NotFound(*key)));
                     stored.push(key.as_bytes());
@@ -191,14 +197,7 @@ impl Inner {
         }
         if !stored.is_empty() {
             let read = self.pool.read_each(&stored, |j, value| {
-                let key = &keys[positions[j]];
-                match value {
-                    Ok(record) => decode(key, record, self.verify_on_read),
-                    Err(sql_type) => Err(Error::Corrupt {
-                        key: *key,
-                        reason: format!("the stored value is {sql_type}, not a BLOB"),
-                    }),
-                }
+                decode(&keys[positions[j]], value, self.verify_on_read)
             })?;
             for (node, &i) in read.into_iter().zip(&positions) {
                 if let Some(node) = node {
@@ -210,9 +209,16 @@ impl Inner {
     }
 }
 
-/// Decodes the record stored under `key`; with `verify`, also checks it hashes to `key`.
-fn decode(key: &DataKey, record: &[u8], verify: bool) -> Result<Arc<PagableData>, Error> {
+/// Checks the value stored under `key`: a BLOB (else the SQL type it has) that parses as a
+/// record and, with `verify`, hashes to `key`.
+fn checked<'a>(
+    key: &DataKey,
+    value: Result<&'a [u8], rusqlite::types::Type>,
+    verify: bool,
+) -> Result<codec::RecordRef<'a>, Error> {
     let corrupt = |reason: String| Error::Corrupt { key: *key, reason };
+    let record =
+        value.map_err(|sql_type| corrupt(format!("the stored value is {sql_type}, not a BLOB")))?;
     let view = codec::parse(record).map_err(|e| corrupt(e.to_string()))?;
     if verify {
         let actual = view.compute_key();
@@ -220,7 +226,16 @@ fn decode(key: &DataKey, record: &[u8], verify: bool) -> Result<Arc<PagableData>
             return Err(corrupt(format!("its content hashes to {actual}")));
         }
     }
-    Ok(Arc::new(view.to_data()))
+    Ok(view)
+}
+
+/// The node of the value stored under `key`, [`checked`].
+fn decode(
+    key: &DataKey,
+    value: Result<&[u8], rusqlite::types::Type>,
+    verify: bool,
+) -> Result<Arc<PagableData>, Error> {
+    checked(key, value, verify).map(|view| Arc::new(view.to_data()))
 }
 
 impl SqliteNodeStore {
@@ -495,6 +510,13 @@ impl SqliteNodeStore {
         self.store_record(key, arcs, record.len(), || record)
     }
 
+    /// The record stored under `key` as it is stored (checked like [`get`](NodeStore::get)),
+    /// with the keys it names: for sending it on without decoding and encoding it again.
+    pub(crate) fn get_record(&self, key: &DataKey) -> anyhow::Result<(Vec<u8>, Vec<DataKey>)> {
+        self.inner
+            .fetch_as(key, |view| (view.record().to_vec(), view.arcs().collect()))
+    }
+
     /// The keys among `keys` that are not stored (committed or pending), in their order:
     /// [`contains`](NodeStore::contains) of each, on one reader for the whole batch.
     pub(crate) fn missing_of(&self, keys: &[DataKey]) -> anyhow::Result<Vec<DataKey>> {
@@ -660,7 +682,7 @@ impl NodeStore for SqliteNodeStore {
     async fn get_async(&self, key: &DataKey) -> anyhow::Result<Arc<PagableData>> {
         if let Some(record) = self.inner.buffer.pending(key) {
             // In memory, encoded here from a node that hashed to `key`: no I/O, no re-hash.
-            return Ok(decode(key, &record, false)?);
+            return Ok(decode(key, Ok(&record), false)?);
         }
         #[cfg(feature = "tokio")]
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -776,7 +798,7 @@ impl NodeStore for SqliteNodeStore {
             &self.inner.path,
             &mut |key, record| {
                 let node = match record {
-                    Ok(bytes) => decode(&key, bytes, true).map(|node| PagableData::clone(&node)),
+                    Ok(bytes) => checked(&key, Ok(bytes), true).map(|view| view.to_data()),
                     Err(err) => Err(err),
                 };
                 visit(key, node.map_err(anyhow::Error::from))
