@@ -291,8 +291,10 @@ impl TieredNodeStore {
 #[async_trait::async_trait]
 impl NodeStore for TieredNodeStore {
     fn put(&self, node: PagableData) -> anyhow::Result<DataKey> {
-        for child in &node.arcs {
-            if let Err(e) = self.hold_locally(child) {
+        // One lookup for all the children (usually all local); the local `put` checks again
+        // under its collection gate.
+        for child in &self.tiers.local.missing_of(&node.arcs)? {
+            if let Err(e) = transfer::fill(&self.tiers, std::slice::from_ref(child)) {
                 return Err(if Error::is_not_found(&e) {
                     Error::MissingChild {
                         key: node.compute_key(),

@@ -12,10 +12,8 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 
 use super::Tiers;
-use crate::codec;
 use crate::error::Error;
 use crate::key::{DataKey, KeyHasherBuilder};
-use crate::store::NodeStore;
 
 /// Maps and sets of keys hash the keys' own (uniform) bits.
 type KeyMap<V> = HashMap<DataKey, V, KeyHasherBuilder>;
@@ -201,13 +199,14 @@ fn checked(tiers: &Tiers, key: DataKey, record: &[u8]) -> Result<Vec<DataKey>, E
     }
 }
 
-/// What one [`upload`] did.
+/// What one [`upload`] could not do.
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Uploaded {
-    pub nodes: u64,
-    pub bytes: u64,
     /// Nodes that could not go because a node below them is in neither store.
     pub skipped: u64,
+    /// Whether every key given now has its whole graph on the remote: no key of it is in
+    /// neither store.
+    pub complete: bool,
 }
 
 /// Makes `keys`, and everything they reach, remote: asks the remote which of them it lacks,
@@ -226,16 +225,16 @@ pub(super) fn upload(tiers: &Tiers, keys: &[DataKey]) -> anyhow::Result<Uploaded
         let missing = tiers.remote.call(|remote| remote.find_missing(&level))?;
         let mut next = Vec::new();
         for key in missing {
-            let node = match tiers.local.get(&key) {
-                Ok(node) => node,
+            let (record, arcs) = match tiers.local.get_record(&key) {
+                Ok(found) => found,
                 Err(e) if Error::is_not_found(&e) => {
                     gone.insert(key);
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            next.extend(node.arcs.iter().copied().filter(|c| seen.insert(*c)));
-            records.insert(key, (codec::encode(&node), node.arcs.clone()));
+            next.extend(arcs.iter().copied().filter(|c| seen.insert(*c)));
+            records.insert(key, (record, arcs));
         }
         level = next;
     }
@@ -266,14 +265,13 @@ pub(super) fn upload(tiers: &Tiers, keys: &[DataKey]) -> anyhow::Result<Uploaded
         }
         tiers.remote.call(|remote| remote.put_many(&batch))?;
         let bytes: u64 = batch.iter().map(|(_, r)| r.len() as u64).sum();
-        done.nodes += batch.len() as u64;
-        done.bytes += bytes;
         tiers
             .stats
             .uploaded
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         tiers.stats.bytes_up.fetch_add(bytes, Ordering::Relaxed);
     }
+    done.complete = gone.is_empty();
     Ok(done)
 }
 

@@ -200,10 +200,7 @@ fn round(tiers: &Tiers, control: &Control) -> anyhow::Result<()> {
             match entry {
                 Entry::Node(_) => {}
                 Entry::SetRoot(name, key) => {
-                    let sent = transfer::upload(tiers, &[*key])?;
-                    if sent.skipped > 0
-                        || !tiers.remote.call(|r| r.find_missing(&[*key]))?.is_empty()
-                    {
+                    if !transfer::upload(tiers, &[*key])?.complete {
                         log::warn!(
                             "not publishing root {name:?}: part of its graph is in neither store"
                         );
