@@ -53,14 +53,10 @@ impl<R: RemoteStore> RemoteNodeStore<R> {
     }
 }
 
-/// The node the remote returned for `key`, checked against its key.
-fn check<R: RemoteStore + ?Sized>(
-    remote: &R,
-    key: DataKey,
-    record: Option<Vec<u8>>,
-) -> anyhow::Result<PagableData> {
+/// The node the remote described as `remote` returned for `key`, checked against its key.
+fn check(remote: &str, key: DataKey, record: Option<Vec<u8>>) -> anyhow::Result<PagableData> {
     let record = record.ok_or(Error::NotFound(key))?;
-    Ok(super::verified(&remote.describe(), key, &record)?.to_data())
+    Ok(super::verified(remote, key, &record)?.to_data())
 }
 
 /// Reads `keys` in one `get_many` call (one round trip per batch) and checks every record;
@@ -70,17 +66,17 @@ fn read_many<R: RemoteStore + ?Sized>(
     keys: &[DataKey],
 ) -> anyhow::Result<Vec<Arc<PagableData>>> {
     let records = remote.get_many(keys)?;
+    let described = remote.describe();
     if records.len() != keys.len() {
         return Err(anyhow::anyhow!(
-            "the remote store {} returned {} records for {} keys",
-            remote.describe(),
+            "the remote store {described} returned {} records for {} keys",
             records.len(),
             keys.len()
         ));
     }
     keys.iter()
         .zip(records)
-        .map(|(key, record)| check(remote, *key, record).map(Arc::new))
+        .map(|(key, record)| check(&described, *key, record).map(Arc::new))
         .collect()
 }
 
@@ -145,12 +141,13 @@ impl<R: RemoteStore> NodeStore for RemoteNodeStore<R> {
         visit: &mut dyn FnMut(DataKey, anyhow::Result<PagableData>) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         let batch_keys = self.remote.limits().max_keys.max(1);
+        let described = self.remote.describe();
         let mut pending = Vec::with_capacity(batch_keys);
         let mut read_batch = |pending: &mut Vec<DataKey>| -> anyhow::Result<()> {
             let records = self.remote.get_many(pending)?;
             for (key, record) in pending.drain(..).zip(records) {
                 if record.is_some() {
-                    visit(key, check(&*self.remote, key, record))?;
+                    visit(key, check(&described, key, record))?;
                 }
             }
             Ok(())

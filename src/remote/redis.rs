@@ -587,11 +587,11 @@ impl RedisStore {
 
     /// The Redis key of `key`'s record (see the module docs for the layout).
     pub fn record_key(&self, key: &DataKey) -> String {
-        let hex = key.to_string();
         if self.options.hash_tags {
+            let hex = key.to_string();
             format!("{}:n:{{{}}}{}", self.options.prefix, &hex[..2], &hex[2..])
         } else {
-            format!("{}:n:{hex}", self.options.prefix)
+            format!("{}:n:{key}", self.options.prefix)
         }
     }
 
@@ -769,7 +769,7 @@ impl RemoteStore for RedisStore {
                 .iter()
                 .map(|key| {
                     let name = self.record_key(key);
-                    Request::keyed(redis::cmd("EXISTS").arg(&name).clone(), &name)
+                    Request::keyed(redis::cmd("EXISTS").arg(&name).take(), &name)
                 })
                 .collect();
             self.with_conn("check which records it holds", |conn, trips| {
@@ -793,7 +793,7 @@ impl RemoteStore for RedisStore {
             self.with_conn("read records", |conn, trips| {
                 let replies = if matches!(conn, Conn::Single(_)) {
                     // MGET: one command and one reply array for the whole batch.
-                    let mget = Request::any(redis::cmd("MGET").arg(&names).clone());
+                    let mget = Request::any(redis::cmd("MGET").arg(&names).take());
                     match conn.run_one(mget, trips)? {
                         Value::Array(values) => values,
                         other => return Err(unexpected("MGET", &other)),
@@ -803,7 +803,7 @@ impl RemoteStore for RedisStore {
                     // share sent at once.
                     let gets: Vec<Request> = names
                         .iter()
-                        .map(|name| Request::keyed(redis::cmd("GET").arg(name).clone(), name))
+                        .map(|name| Request::keyed(redis::cmd("GET").arg(name).take(), name))
                         .collect();
                     conn.run(&gets, trips)?
                 };
@@ -829,7 +829,7 @@ impl RemoteStore for RedisStore {
                 .iter()
                 .map(|(key, record)| {
                     let name = self.record_key(key);
-                    Request::keyed(redis::cmd("SET").arg(&name).arg(*record).clone(), &name)
+                    Request::keyed(redis::cmd("SET").arg(&name).arg(*record).take(), &name)
                 })
                 .collect();
             self.with_conn("store records", |conn, trips| {
@@ -847,7 +847,7 @@ impl RemoteStore for RedisStore {
             .arg(&roots)
             .arg(name)
             .arg(key.to_string())
-            .clone();
+            .take();
         self.with_conn("set a root", |conn, trips| {
             match conn.run_one(Request::keyed(cmd, &roots), trips)? {
                 Value::Int(_) => Ok(()),
@@ -858,7 +858,7 @@ impl RemoteStore for RedisStore {
 
     fn root(&self, name: &str) -> anyhow::Result<Option<DataKey>> {
         let roots = self.roots_key();
-        let cmd = redis::cmd("HGET").arg(&roots).arg(name).clone();
+        let cmd = redis::cmd("HGET").arg(&roots).arg(name).take();
         self.with_conn("read a root", |conn, trips| {
             match conn.run_one(Request::keyed(cmd, &roots), trips)? {
                 Value::Nil => Ok(None),
@@ -870,7 +870,7 @@ impl RemoteStore for RedisStore {
 
     fn roots(&self) -> anyhow::Result<Vec<(String, DataKey)>> {
         let roots_key = self.roots_key();
-        let cmd = redis::cmd("HGETALL").arg(&roots_key).clone();
+        let cmd = redis::cmd("HGETALL").arg(&roots_key).take();
         self.with_conn("list its roots", |conn, trips| {
             let pairs: Vec<(Value, Value)> =
                 match conn.run_one(Request::keyed(cmd, &roots_key), trips)? {
@@ -902,7 +902,7 @@ impl RemoteStore for RedisStore {
 
     fn remove_root(&self, name: &str) -> anyhow::Result<bool> {
         let roots = self.roots_key();
-        let cmd = redis::cmd("HDEL").arg(&roots).arg(name).clone();
+        let cmd = redis::cmd("HDEL").arg(&roots).arg(name).take();
         self.with_conn("remove a root", |conn, trips| {
             match conn.run_one(Request::keyed(cmd, &roots), trips)? {
                 Value::Int(n) => Ok(n > 0),
