@@ -88,13 +88,18 @@ impl SqliteOptions {
     /// process cannot write in the directory (a read-only open can still read it);
     /// [`Error::Sqlite`](crate::Error::Sqlite) when SQLite cannot open or set up the database.
     pub fn open(self, dir: impl AsRef<Path>) -> anyhow::Result<SqliteBackedPagableStorage> {
-        let (budget, grace) = (self.memory_budget_bytes(), self.gc_grace_period());
-        let store = self.open_node_store(dir)?;
-        let storage = WithRuntime::attach(store).memory_budget(budget);
-        Ok(match grace {
+        let runtime = self.clone();
+        Ok(runtime.attach_runtime(self.open_node_store(dir)?))
+    }
+
+    /// `store` with the runtime attached, set up with these options' memory budget and
+    /// collection grace.
+    fn attach_runtime<S: crate::NodeStore>(&self, store: S) -> WithRuntime<S> {
+        let storage = WithRuntime::attach(store).memory_budget(self.memory_budget_bytes());
+        match self.gc_grace_period() {
             Some(grace) => storage.gc_grace(grace),
             None => storage,
-        })
+        }
     }
 }
 
@@ -148,14 +153,7 @@ impl TieredOptions {
         dir: impl AsRef<Path>,
         remote: impl RemoteStore,
     ) -> anyhow::Result<TieredStorage> {
-        let (budget, grace) = (
-            self.sqlite.memory_budget_bytes(),
-            self.sqlite.gc_grace_period(),
-        );
-        let storage = WithRuntime::attach(self.open_node_store(dir, remote)?).memory_budget(budget);
-        Ok(match grace {
-            Some(grace) => storage.gc_grace(grace),
-            None => storage,
-        })
+        let runtime = self.sqlite.clone();
+        Ok(runtime.attach_runtime(self.open_node_store(dir, remote)?))
     }
 }
