@@ -8,7 +8,7 @@
 //! The remote is not trusted: [`get_many`](RemoteStore::get_many) returns bytes, and the
 //! caller checks that they decode and hash to the key they were asked for before using them.
 
-use crate::codec::{self, RecordRef};
+use crate::codec::RecordRef;
 use crate::error::Error;
 use crate::key::DataKey;
 
@@ -142,16 +142,13 @@ pub(crate) fn verified<'a>(
     key: DataKey,
     record: &'a [u8],
 ) -> Result<RecordRef<'a>, Error> {
-    let corrupt = |what: String| Error::Corrupt {
-        key,
-        reason: format!("the record read from the remote store {remote} {what}"),
-    };
-    let view = codec::parse(record).map_err(|e| corrupt(format!("does not decode: {e}")))?;
-    let actual = view.compute_key();
-    if actual != key {
-        return Err(corrupt(format!("hashes to {actual}, not to its key")));
-    }
-    Ok(view)
+    crate::store::checked_record(&key, record).map_err(|e| match e {
+        Error::Corrupt { key, reason } => Error::Corrupt {
+            key,
+            reason: format!("the record read from the remote store {remote} is damaged: {reason}"),
+        },
+        other => other,
+    })
 }
 
 impl<R: RemoteStore + ?Sized> RemoteStore for std::sync::Arc<R> {

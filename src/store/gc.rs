@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicU64, Ordering, fence};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use crate::codec::{self, RecordRef};
 use crate::error::Error;
 use crate::key::{DataKey, KeyHasherBuilder};
 
@@ -496,7 +495,9 @@ impl Pass<'_> {
         record: &[u8],
         again: &mut Vec<(i64, DataKey)>,
     ) -> anyhow::Result<()> {
-        let view = checked(key, record)?;
+        // Checked: a damaged record could name the wrong children, and its real ones would
+        // then be swept.
+        let view = super::checked_record(key, record)?;
         for child in view.arcs() {
             if self.marks.insert(&child) {
                 match self.passed.remove(&Marks::prefix(&child)) {
@@ -533,18 +534,6 @@ fn unmarked(marks: &Marks, keys: &[StoredKey]) -> Vec<StoredKey> {
         .filter(|(key, _)| !marks.contains(key))
         .copied()
         .collect()
-}
-
-/// Parses the record stored under `key` and checks that it hashes to `key`: a damaged
-/// record could name the wrong children, and its real ones would then be swept.
-pub(crate) fn checked<'r>(key: &DataKey, record: &'r [u8]) -> Result<RecordRef<'r>, Error> {
-    let corrupt = |reason: String| Error::Corrupt { key: *key, reason };
-    let view = codec::parse(record).map_err(|e| corrupt(e.to_string()))?;
-    let actual = view.compute_key();
-    if actual != *key {
-        return Err(corrupt(format!("its content hashes to {actual}")));
-    }
-    Ok(view)
 }
 
 /// Runs one garbage collection on `target` (see the module docs).

@@ -7,7 +7,9 @@
 
 use std::sync::Arc;
 
+use crate::codec::{self, RecordRef};
 use crate::data::PagableData;
+use crate::error::Error;
 use crate::key::DataKey;
 
 pub(crate) mod gc;
@@ -18,6 +20,18 @@ pub(crate) mod stats;
 
 pub use gc::{GcOptions, GcPhase, GcProgress, GcReport, LiveKeys};
 pub use stats::StoreStats;
+
+/// Parses the record stored under `key` and checks that it hashes to `key`; anything else is
+/// [`Error::Corrupt`] naming the key. Every check of a record against its key is this one.
+pub(crate) fn checked_record<'r>(key: &DataKey, record: &'r [u8]) -> Result<RecordRef<'r>, Error> {
+    let corrupt = |reason: String| Error::Corrupt { key: *key, reason };
+    let view = codec::parse(record).map_err(|e| corrupt(e.to_string()))?;
+    let actual = view.compute_key();
+    if actual != *key {
+        return Err(corrupt(format!("its content hashes to {actual}")));
+    }
+    Ok(view)
+}
 
 /// A content-addressed store of [`PagableData`] nodes: the contract a backend keeps.
 ///

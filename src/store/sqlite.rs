@@ -219,14 +219,10 @@ fn checked<'a>(
     let corrupt = |reason: String| Error::Corrupt { key: *key, reason };
     let record =
         value.map_err(|sql_type| corrupt(format!("the stored value is {sql_type}, not a BLOB")))?;
-    let view = codec::parse(record).map_err(|e| corrupt(e.to_string()))?;
     if verify {
-        let actual = view.compute_key();
-        if actual != *key {
-            return Err(corrupt(format!("its content hashes to {actual}")));
-        }
+        return crate::store::checked_record(key, record);
     }
-    Ok(view)
+    codec::parse(record).map_err(|e| corrupt(e.to_string()))
 }
 
 /// The node of the value stored under `key`, [`checked`].
@@ -526,11 +522,11 @@ impl SqliteNodeStore {
             .filter(|key| !self.inner.buffer.contains(key))
             .collect();
         let bytes: Vec<[u8; 16]> = unbuffered.iter().map(DataKey::as_bytes).collect();
-        let found = self.inner.pool.read_each(&bytes, |_, _| ())?;
+        let found = self.inner.pool.contains_each(&bytes)?;
         Ok(unbuffered
             .into_iter()
             .zip(found)
-            .filter_map(|(key, found)| found.is_none().then_some(key))
+            .filter_map(|(key, found)| (!found).then_some(key))
             .collect())
     }
 
@@ -703,7 +699,7 @@ impl NodeStore for SqliteNodeStore {
     async fn get_many_async(&self, keys: &[DataKey]) -> anyhow::Result<Vec<Arc<PagableData>>> {
         #[cfg(feature = "tokio")]
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            if keys.iter().all(|key| self.inner.buffer.contains(key)) {
+            if keys.iter().all(|key| self.inner.buffer.is_pending(key)) {
                 return self.inner.fetch_many(keys);
             }
             let _permit = self
@@ -725,7 +721,7 @@ impl NodeStore for SqliteNodeStore {
         if self.inner.buffer.contains(key) {
             return Ok(true);
         }
-        Ok(self.inner.pool.contains(&key.as_bytes())?)
+        Ok(self.inner.pool.contains_each(&[key.as_bytes()])?[0])
     }
 
     /// Read-only: nothing to commit, `Ok`.
@@ -893,7 +889,7 @@ impl Collector<'_> {
             found(None);
             return Ok(());
         };
-        let view = gc::checked(key, record)?;
+        let view = super::checked_record(key, record)?;
         found(Some(&mut view.arcs()));
         Ok(())
     }

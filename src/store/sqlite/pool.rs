@@ -175,6 +175,16 @@ impl ReaderPool {
         on_row: impl FnOnce(Result<&[u8], Type>) -> R,
     ) -> Result<Option<R>, Error> {
         let mut reader = self.ready_reader()?;
+        self.read_on(&mut reader, key, on_row)
+    }
+
+    /// [`read`](Self::read) on a reader already acquired.
+    fn read_on<R>(
+        &self,
+        reader: &mut Reader,
+        key: &[u8; 16],
+        on_row: impl FnOnce(Result<&[u8], Type>) -> R,
+    ) -> Result<Option<R>, Error> {
         let mut len = None;
         let result = self.select(&reader.conn, key, |value| {
             len = Some(value.map_or(0, <[u8]>::len));
@@ -199,21 +209,10 @@ impl ReaderPool {
         mut on_row: impl FnMut(usize, Result<&[u8], Type>) -> R,
     ) -> Result<Vec<Option<R>>, Error> {
         let mut reader = self.ready_reader()?;
-        let mut results = Vec::with_capacity(keys.len());
-        for (i, key) in keys.iter().enumerate() {
-            let mut len = None;
-            let result = self.select(&reader.conn, key, |value| {
-                len = Some(value.map_or(0, <[u8]>::len));
-                on_row(i, value)
-            });
-            match (&result, len) {
-                (Err(_), _) => reader.end_transaction(),
-                (Ok(_), Some(len)) => reader.note_record(len, self.mmap_bytes),
-                (Ok(_), None) => {}
-            }
-            results.push(result.map_err(Error::sqlite("read a record from", &self.path))?);
-        }
-        Ok(results)
+        keys.iter()
+            .enumerate()
+            .map(|(i, key)| self.read_on(&mut reader, key, |value| on_row(i, value)))
+            .collect()
     }
 
     /// Runs `query` on a reader connection, under the same protocol as [`read`](Self::read)
@@ -250,9 +249,15 @@ impl ReaderPool {
         Ok(reader)
     }
 
-    /// Whether a record is stored under `key` (committed; the caller checks what is pending).
-    pub(super) fn contains(&self, key: &[u8; 16]) -> Result<bool, Error> {
-        Ok(self.read(key, |_| ())?.is_some())
+    /// Whether a record is stored under each of `keys` (committed; the caller checks what
+    /// is pending), on one reader, without reading the records.
+    pub(super) fn contains_each(&self, keys: &[[u8; 16]]) -> Result<Vec<bool>, Error> {
+        self.query(|conn| {
+            keys.iter()
+                .map(|key| self.table.exists(conn, key))
+                .collect::<rusqlite::Result<_>>()
+                .map_err(Error::sqlite("look a record up in", &self.path))
+        })
     }
 
     fn select<R>(

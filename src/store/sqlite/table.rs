@@ -176,9 +176,22 @@ impl Table {
         }
     }
 
-    /// Whether a row holds `key`.
+    /// Whether a row holds `key`, without reading its value (in `Rowid`, from the key index
+    /// alone).
     pub(super) fn exists(&self, conn: &Connection, key: &[u8; 16]) -> rusqlite::Result<bool> {
-        Ok(self.read(conn, key, |_| ())?.is_some())
+        if !self.integer_key() {
+            return conn
+                .prepare_cached("SELECT 1 FROM pagable_data WHERE key = ?1")?
+                .exists([&key[..]]);
+        }
+        let in_main = conn
+            .prepare_cached("SELECT 1 FROM pagable_data WHERE key_head = ?1 AND key_tail = ?2")?
+            .exists(rusqlite::params![self.head(key), self.tail(key)])?;
+        // Not in its head's row: the key may have overflowed.
+        Ok(in_main
+            || conn
+                .prepare_cached("SELECT 1 FROM pagestore_overflow WHERE key = ?1")?
+                .exists([&key[..]])?)
     }
 
     /// Deletes the rows of `keys`, wherever they are; returns how many rows went.
