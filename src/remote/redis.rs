@@ -720,25 +720,10 @@ impl RedisStore {
                 .arg(SCAN_COUNT);
             let route = node.map_or(Route::Any, |addr| Route::Node(addr.clone()));
             let reply = conn.run_one(Request { cmd, route }, trips)?;
-            let Value::Array(parts) = reply else {
-                return Err(unexpected("SCAN", &reply));
-            };
-            let [next, Value::Array(names)] = parts.as_slice() else {
-                return Err(unexpected("SCAN", &Value::Array(parts)));
-            };
-            let next = match next {
-                Value::BulkString(b) => std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()),
-                Value::SimpleString(s) => s.parse().ok(),
-                Value::Int(n) => u64::try_from(*n).ok(),
-                _ => None,
-            }
-            .ok_or_else(|| unexpected("SCAN", next))?;
+            let (next, names): (u64, Vec<Vec<u8>>) = redis::from_redis_value(reply)?;
             let keys = names
                 .iter()
-                .filter_map(|name| match name {
-                    Value::BulkString(b) => self.parse_record_key(b),
-                    _ => None,
-                })
+                .filter_map(|name| self.parse_record_key(name))
                 .collect();
             Ok((next, keys))
         })
@@ -872,28 +857,12 @@ impl RemoteStore for RedisStore {
         let roots_key = self.roots_key();
         let cmd = redis::cmd("HGETALL").arg(&roots_key).take();
         self.with_conn("list its roots", |conn, trips| {
-            let pairs: Vec<(Value, Value)> =
-                match conn.run_one(Request::keyed(cmd, &roots_key), trips)? {
-                    Value::Map(pairs) => pairs,
-                    Value::Array(flat) => {
-                        if flat.len() % 2 != 0 {
-                            return Err("HGETALL returned an odd number of items".into());
-                        }
-                        let mut items = flat.into_iter();
-                        std::iter::from_fn(|| Some((items.next()?, items.next()?))).collect()
-                    }
-                    other => return Err(unexpected("HGETALL", &other)),
-                };
+            // A RESP2 flat array or a RESP3 map alike.
+            let pairs: Vec<(String, Vec<u8>)> =
+                redis::from_redis_value(conn.run_one(Request::keyed(cmd, &roots_key), trips)?)?;
             let mut roots = pairs
                 .into_iter()
-                .map(|pair| match pair {
-                    (Value::BulkString(name), Value::BulkString(hex)) => {
-                        let name = String::from_utf8(name)
-                            .map_err(|_| Failure::from("a root name that is not UTF-8"))?;
-                        Ok((name, parse_root_key(&hex)?))
-                    }
-                    (name, _) => Err(unexpected("HGETALL", &name)),
-                })
+                .map(|(name, hex)| Ok((name, parse_root_key(&hex)?)))
                 .collect::<Result<Vec<_>, Failure>>()?;
             roots.sort_by(|a, b| a.0.cmp(&b.0));
             Ok(roots)
