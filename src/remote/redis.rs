@@ -21,6 +21,7 @@
 //! docs/remote.md says which server settings a store needs (`maxmemory-policy noeviction`
 //! for one that must keep every child) and what happens under an evicting one.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::error::Error as StdError;
 use std::sync::Mutex;
@@ -335,11 +336,16 @@ impl ClusterConn {
                 Ok((conn, slots))
             });
             match attempt {
-                Ok((_, (owner, masters))) => {
+                Ok((conn, (owner, masters))) => {
+                    // The seed is usually a master too: its connection serves it from now on.
+                    let mut nodes = HashMap::new();
+                    if let ConnectionAddr::Tcp(host, port) = seed.addr() {
+                        nodes.insert((host.clone(), *port), conn);
+                    }
                     return Ok(ClusterConn {
                         owner,
                         masters,
-                        nodes: HashMap::new(),
+                        nodes,
                         template: seed.clone(),
                         connect_timeout: connect,
                         io_timeout: io,
@@ -353,17 +359,16 @@ impl ClusterConn {
 
     /// The connection to `addr`, opened if needed.
     fn node(&mut self, addr: &NodeAddr) -> Result<&mut redis::Connection, Failure> {
-        if !self.nodes.contains_key(addr) {
-            let info = self
-                .template
-                .clone()
-                .set_addr(ConnectionAddr::Tcp(addr.0.clone(), addr.1));
-            let conn = open(&info, self.connect_timeout, self.io_timeout)?;
-            self.nodes.insert(addr.clone(), conn);
-        }
-        self.nodes
-            .get_mut(addr)
-            .ok_or_else(|| format!("no connection to {}:{}", addr.0, addr.1).into())
+        Ok(match self.nodes.entry(addr.clone()) {
+            Entry::Occupied(open_already) => open_already.into_mut(),
+            Entry::Vacant(slot) => {
+                let info = self
+                    .template
+                    .clone()
+                    .set_addr(ConnectionAddr::Tcp(addr.0.clone(), addr.1));
+                slot.insert(open(&info, self.connect_timeout, self.io_timeout)?)
+            }
+        })
     }
 
     fn target(&self, route: &Route) -> Result<NodeAddr, Failure> {
