@@ -672,18 +672,17 @@ impl Committer<'_> {
         pool: &ReaderPool,
         op: Maintenance,
     ) -> Result<u64, Error> {
-        if let Maintenance::Delete(keys) = &op {
-            pool.begin_write();
-            let result = delete(&mut self.conn, self.table, keys)
-                .map_err(Error::sqlite("delete unreachable records from", self.path));
-            if result.is_ok() {
-                buffer.forget_deleted(keys);
-            }
-            pool.end_write();
-            return result;
-        }
         pool.begin_write();
+        let shrinks_the_file = !matches!(op, Maintenance::Delete(_));
         let result = match op {
+            Maintenance::Delete(keys) => {
+                let deleted = delete(&mut self.conn, self.table, &keys)
+                    .map_err(Error::sqlite("delete unreachable records from", self.path));
+                if deleted.is_ok() {
+                    buffer.forget_deleted(&keys);
+                }
+                deleted
+            }
             Maintenance::ReleaseFreePages => conn::release_free_pages(&self.conn)
                 .map_err(Error::sqlite("release the free pages of", self.path)),
             Maintenance::Compact => self
@@ -691,14 +690,14 @@ impl Committer<'_> {
                 .execute_batch("VACUUM;")
                 .map(|()| 0)
                 .map_err(Error::sqlite("compact (VACUUM)", self.path)),
+            // The truncation below is the whole of it.
             Maintenance::Checkpoint => Ok(0),
-            Maintenance::Delete(_) => unreachable!("handled above"),
         };
-        if result.is_ok() {
+        if shrinks_the_file && result.is_ok() {
             // In WAL mode the file shrinks only when the log is checkpointed: do it now if
             // no other process reads (our readers were released above), without waiting
             // for one that does (then the next checkpoint shrinks it). Nothing in other
-            // journal modes.
+            // journal modes. (A chunk of a collection's deletions is not worth one.)
             self.truncate_log();
         }
         pool.end_write();
