@@ -842,21 +842,25 @@ fn insert_by_head(
         [],
         |row| row.get(0),
     )?;
-    let mut many = tx.prepare_cached(&insert_head_sql(ROWS_PER_INSERT))?;
-    let mut one = tx.prepare_cached(&insert_head_sql(1))?;
-    if overflow_used {
+    // A key already in the overflow table is stored: its row must not go to the main table
+    // too (its head's slot may be free again). The rest go in chunks as usual.
+    let not_overflowed;
+    let rows = if overflow_used {
         let mut in_overflow =
             tx.prepare_cached("SELECT 1 FROM pagestore_overflow WHERE key = ?1")?;
+        let mut kept = Vec::with_capacity(rows.len());
         for row in rows {
-            if in_overflow.exists([&row.0[..]])? {
-                continue;
-            }
-            if insert_one_by_head(&mut one, table, row)? == 0 {
-                settle_collision(tx, table, row)?;
+            if !in_overflow.exists([&row.0[..]])? {
+                kept.push(*row);
             }
         }
-        return Ok(());
-    }
+        not_overflowed = kept;
+        &not_overflowed[..]
+    } else {
+        rows
+    };
+    let mut many = tx.prepare_cached(&insert_head_sql(ROWS_PER_INSERT))?;
+    let mut one = tx.prepare_cached(&insert_head_sql(1))?;
     let mut chunks = rows.chunks_exact(ROWS_PER_INSERT);
     for (n, chunk) in (&mut chunks).enumerate() {
         touch_ahead(rows, n);
