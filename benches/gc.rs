@@ -8,9 +8,9 @@
 //! live heap is sampled every millisecond from a counting allocator (Rust allocations
 //! only; SQLite's page cache is in the RSS figure).
 //!
-//! `GC_BENCH_LAYOUT=rowid` (or `without-rowid`) builds the store in that table layout
-//! instead of the default `IntegerKey` (the collection reads by key there; a `Rowid` table is
-//! marked in one pass, newest row first), to compare the two.
+//! `GC_BENCH_LAYOUT=integer-key` (or `without-rowid`, `rowid`) builds the store in that table
+//! layout instead of the default (`Rowid`, marked in one pass, newest row first; the
+//! collection reads by key in the others), to compare them.
 //!
 //! Prints one Markdown table. The figures are for the machine it runs on; compare runs
 //! made one after the other.
@@ -65,9 +65,10 @@ fn node(graph: u64, i: u64, earlier: &[pagestore::DataKey]) -> PagableData {
 /// The table layout `GC_BENCH_LAYOUT` names; the default layout without it.
 fn layout() -> TableLayout {
     match std::env::var("GC_BENCH_LAYOUT").as_deref() {
+        Err(_) => TableLayout::default(),
         Ok("rowid") => TableLayout::Rowid,
         Ok("without-rowid") => TableLayout::WithoutRowid,
-        Ok("integer-key") | Err(_) => TableLayout::IntegerKey,
+        Ok("integer-key") => TableLayout::IntegerKey,
         Ok(other) => panic!("GC_BENCH_LAYOUT={other}: rowid, without-rowid or integer-key"),
     }
 }
